@@ -1,0 +1,34 @@
+# gptpipe set-up: both targets create .venv on first use and reuse it after.
+#   make pipeline   install, then run the whole pipeline on the builtin corpus (dvc repro)
+#   make test       install with test tools, then ruff and the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: pipeline test lint install clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+pipeline: install
+	test -d .git || git init --quiet
+	dvc repro
+	@$(BIN)/python -m pipeline.report
+
+lint: install
+	ruff check .
+
+test: install
+	ruff check .
+	python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

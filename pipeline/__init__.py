@@ -1,0 +1,1 @@
+"""gptpipe: a reproducible DVC pipeline from raw text to a pretrained and RLHF-tuned GPT."""

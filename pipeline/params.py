@@ -1,0 +1,275 @@
+"""The params.yaml schema: one frozen dataclass per section, validated once, early.
+
+``load_params(path)`` parses the YAML, rejects unknown sections and keys, checks each
+value's type against the dataclass annotation and each range in ``validate()``, and
+returns a :class:`Params`. Every problem is a :class:`GptpipeError` whose one line names
+the file, the dotted key, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import GptpipeError
+
+
+class _Section:
+    """Base for one params.yaml section; subclasses add fields and ``validate``."""
+
+    _where: str = "params.yaml"
+    _name: str = ""
+
+    def validate(self) -> None:
+        """Range checks that a type annotation cannot express."""
+
+    def fail(self, key: str, found: Any, allowed: str) -> GptpipeError:
+        return GptpipeError(f"{self._where}: {self._name}.{key} = {found!r}; allowed: {allowed}")
+
+    def require_positive(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value <= 0:
+                raise self.fail(key, value, "a number > 0")
+
+    def require_non_negative(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value < 0:
+                raise self.fail(key, value, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class DataParams(_Section):
+    """``data``: which corpus to ingest and how to read it."""
+
+    # A file or a directory. The builtin corpora are the small pointer files in
+    # data/builtin/ (wikipedia-en, wikipedia-fr, wikipedia-es). dvc.yaml declares this
+    # path as the ingest stage's dependency, so editing the corpus re-runs the pipeline.
+    corpus: str = "data/builtin/wikipedia-en.corpus"
+    # Which files of a directory corpus to read, as a glob relative to it.
+    include: str = "**/*"
+    # The JSON/JSONL field or CSV/Parquet column that holds a document's text.
+    text_field: str = "text"
+    # .txt/.md files: one document per file, or one per blank-line-separated paragraph.
+    txt_unit: Literal["file", "paragraph"] = "file"
+
+    def validate(self) -> None:
+        if not self.corpus.strip():
+            raise self.fail("corpus", self.corpus, "a path to a file or a directory")
+        if not self.include.strip():
+            raise self.fail("include", self.include, "a glob such as '**/*' or '*.txt'")
+        if not self.text_field.strip():
+            raise self.fail("text_field", self.text_field, "a non-empty field name")
+
+
+@dataclass(frozen=True)
+class CleanParams(_Section):
+    """``clean``: normalization, filters and deduplication."""
+
+    normalization: Literal["NFC", "NFKC"] = "NFKC"
+    # Documents shorter than this many characters after cleaning are dropped.
+    min_chars: int = 64
+    # Drop exact duplicates of the normalized text (the first occurrence is kept).
+    dedup: bool = True
+    # MinHash near-duplicate removal: off when 0, else the Jaccard threshold in (0, 1].
+    near_dup_threshold: float = 0.0
+    near_dup_num_perm: int = 128
+    # Shingles are word n-grams of this length.
+    near_dup_ngram: int = 5
+    # Worker processes for normalization; 0 means one per CPU core.
+    workers: int = 0
+
+    def validate(self) -> None:
+        self.require_non_negative("min_chars", "workers")
+        self.require_positive("near_dup_num_perm", "near_dup_ngram")
+        if not 0.0 <= self.near_dup_threshold <= 1.0:
+            raise self.fail(
+                "near_dup_threshold", self.near_dup_threshold, "0 (off) or a number in (0, 1]"
+            )
+
+
+@dataclass(frozen=True)
+class SplitParams(_Section):
+    """``split``: train/val/test fractions by document, and the hashing seed."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 1337
+
+    def validate(self) -> None:
+        for key in ("train", "val", "test"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise self.fail(key, value, "a fraction in (0, 1)")
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            raise GptpipeError(
+                f"{self._where}: split.train + split.val + split.test = {total:g}; "
+                "allowed: fractions that sum to 1"
+            )
+
+
+@dataclass(frozen=True)
+class VocabParams(_Section):
+    """``vocab``: the tokenizer, learned from the train split only."""
+
+    kind: Literal["bpe", "word", "char"] = "bpe"
+    # bpe: the total vocabulary size, special tokens and the 256 bytes included.
+    vocab_size: int = 8192
+    # word and char: tokens seen fewer times are left out (they become <unk>).
+    min_freq: int = 2
+    # word and char: the most tokens to keep, special tokens included.
+    max_size: int = 50000
+    # word: lowercase before splitting, as the classic basic_english tokenizer does.
+    lowercase: bool = False
+
+    def validate(self) -> None:
+        self.require_positive("min_freq", "max_size")
+        if self.vocab_size < 4 + 256 + 1:
+            raise self.fail(
+                "vocab_size", self.vocab_size, "an integer >= 261 (4 special + 256 bytes + 1 merge)"
+            )
+        if self.vocab_size > 2**31 - 1:
+            raise self.fail("vocab_size", self.vocab_size, "an integer < 2**31")
+        if self.max_size < 5:
+            raise self.fail("max_size", self.max_size, "an integer >= 5 (4 special tokens + 1)")
+
+
+@dataclass(frozen=True)
+class TokenizeParams(_Section):
+    """``tokenize``: how token ids are written to Parquet shards."""
+
+    # The most tokens one shard file holds.
+    shard_tokens: int = 1_000_000
+    # Documents encoded per batch (bounds memory; larger batches parallelize better).
+    batch_documents: int = 2048
+
+    def validate(self) -> None:
+        self.require_positive("shard_tokens", "batch_documents")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    data: DataParams = field(default_factory=DataParams)
+    clean: CleanParams = field(default_factory=CleanParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    vocab: VocabParams = field(default_factory=VocabParams)
+    tokenize: TokenizeParams = field(default_factory=TokenizeParams)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against ``annotation``; ints are accepted where floats are asked."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value in get_args(annotation):
+            return value
+        raise GptpipeError(f"{where} = {value!r}; allowed: {_type_name(annotation)}")
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(annotation):
+            try:
+                return _coerce(value, option, where)
+            except GptpipeError:
+                continue
+        allowed = " or ".join(_type_name(a) for a in get_args(annotation))
+        raise GptpipeError(f"{where} = {value!r}; allowed: {allowed}")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_type,) = get_args(annotation)
+        if isinstance(value, list):
+            return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported annotation {annotation!r}")
+    raise GptpipeError(
+        f"{where} = {value!r} ({type(value).__name__}); allowed: {_type_name(annotation)}"
+    )
+
+
+def _build(cls: type, raw: Any, where: str, file: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise GptpipeError(f"{file}: {where} is a {type(raw).__name__}; allowed: a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise GptpipeError(
+            f"{file}: unknown key '{prefix}{unknown[0]}'; allowed: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        dotted = f"{where}.{name}" if where else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _build(annotation, value, dotted, file)
+        else:
+            values[name] = _coerce(value, annotation, f"{file}: {dotted}")
+    obj = cls(**values)
+    if isinstance(obj, _Section):
+        object.__setattr__(obj, "_where", file)
+        object.__setattr__(obj, "_name", where)
+        obj.validate()
+    return obj
+
+
+def parse_params(raw: Any, file: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping (missing keys take their defaults)."""
+    params = _build(Params, raw, "", file)
+    for section in dataclasses.fields(Params):
+        obj = getattr(params, section.name)
+        if isinstance(obj, _Section) and not obj._name:
+            # A section absent from the file still gets validated defaults and a name.
+            object.__setattr__(obj, "_where", file)
+            object.__setattr__(obj, "_name", section.name)
+            obj.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; any problem is one GptpipeError line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GptpipeError(f"{path}: params file not found") from None
+    except UnicodeDecodeError as err:
+        raise GptpipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise GptpipeError(f"{path}: invalid YAML{at}: {getattr(err, 'problem', err)}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,1 @@
+"""One module per DVC stage; each defines ``main`` (a click command) and ``run``."""
