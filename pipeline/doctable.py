@@ -87,22 +87,34 @@ def table_path(directory: str | Path) -> Path:
     return path
 
 
+def open_table(directory: str | Path) -> pq.ParquetFile:
+    """Open a document table; a corrupt file is a one-line error naming it."""
+    path = table_path(directory)
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise GptpipeError(f"{path}: not a readable Parquet file ({err})") from None
+
+
 def count_documents(directory: str | Path) -> int:
-    return pq.ParquetFile(table_path(directory)).metadata.num_rows
+    return open_table(directory).metadata.num_rows
 
 
 def iter_batches(
     directory: str | Path, columns: Sequence[str] = ("id", "source", "text"), batch_size: int = 1024
 ) -> Iterator[pa.RecordBatch]:
     """Stream a document table as record batches of at most ``batch_size`` rows."""
+    parquet = open_table(directory)
     path = table_path(directory)
-    parquet = pq.ParquetFile(path)
     missing = [c for c in columns if c not in parquet.schema_arrow.names]
     if missing:
         raise GptpipeError(
             f"{path}: column '{missing[0]}' missing; found: {', '.join(parquet.schema_arrow.names)}"
         )
-    yield from parquet.iter_batches(batch_size=batch_size, columns=list(columns))
+    try:
+        yield from parquet.iter_batches(batch_size=batch_size, columns=list(columns))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise GptpipeError(f"{path}: not a readable Parquet file ({err})") from None
 
 
 def iter_texts(directory: str | Path, batch_size: int = 1024) -> Iterator[list[str]]:

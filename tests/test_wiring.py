@@ -1,0 +1,124 @@
+"""The pipeline's own wiring: dvc.yaml, params.yaml, the CLI and the stage modules agree."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import COMMANDS, cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+STAGES: dict = DVC_YAML["stages"]
+
+# Library modules that never change what a stage computes (error types, params parsing,
+# atomic writes, progress bars): a stage need not list them among its deps.
+INFRASTRUCTURE = {"pipeline/errors.py", "pipeline/params.py", "pipeline/io.py",
+                  "pipeline/progress.py", "pipeline/cli.py"}
+
+
+def _interpolate(text: str) -> str:
+    def lookup(match: re.Match) -> str:
+        value = PARAMS
+        for part in match.group(1).split("."):
+            value = value[part]
+        return str(value)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def _entries(stage: dict, key: str) -> list[str]:
+    names = []
+    for entry in stage.get(key, []) or []:
+        names.extend(entry.keys() if isinstance(entry, dict) else [entry])
+    return [_interpolate(n) for n in names]
+
+
+def _stage_module(name: str) -> Path:
+    return REPO_ROOT / "pipeline" / "stages" / f"{name}.py"
+
+
+def _stage_name(stage_key: str, stage: dict) -> str:
+    return stage["cmd"].split()[1] if stage["cmd"].startswith("gptpipe ") else stage_key
+
+
+@pytest.mark.parametrize("stage_key", list(STAGES))
+def test_every_param_named_in_dvc_yaml_exists_in_params_yaml(stage_key):
+    for dotted in _entries(STAGES[stage_key], "params"):
+        value = PARAMS
+        for part in dotted.split("."):
+            assert isinstance(value, dict) and part in value, (
+                f"stage {stage_key}: param {dotted} is not in params.yaml"
+            )
+            value = value[part]
+
+
+@pytest.mark.parametrize("stage_key", list(STAGES))
+def test_every_stage_lists_its_module_and_its_library_modules_in_deps(stage_key):
+    stage = STAGES[stage_key]
+    name = _stage_name(stage_key, stage)
+    module = _stage_module(name)
+    assert module.is_file(), f"stage {stage_key} runs gptpipe {name} but {module} is missing"
+    deps = set(_entries(stage, "deps"))
+    assert f"pipeline/stages/{name}.py" in deps
+    tree = ast.parse(module.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            path = node.module.replace(".", "/") + ".py"
+            assert not node.module.startswith("pipeline.stages"), (
+                f"{module.name} imports another stage ({node.module})"
+            )
+            if path not in INFRASTRUCTURE and (REPO_ROOT / path).is_file():
+                assert path in deps, f"stage {stage_key} uses {path} but does not list it in deps"
+
+
+@pytest.mark.parametrize("stage_key", list(STAGES))
+def test_every_stage_module_has_a_docstring_naming_inputs_params_and_outputs(stage_key):
+    name = _stage_name(stage_key, STAGES[stage_key])
+    doc = ast.get_docstring(ast.parse(_stage_module(name).read_text())) or ""
+    assert len(doc) > 80, f"{name}.py needs a docstring naming its inputs, params and outputs"
+    for section in _entries(STAGES[stage_key], "params"):
+        assert section.split(".")[0] in doc, f"{name}.py docstring does not name params {section}"
+
+
+@pytest.mark.parametrize("stage_key", list(STAGES))
+def test_every_path_the_command_writes_is_a_declared_output(stage_key):
+    stage = STAGES[stage_key]
+    declared = set(_entries(stage, "outs")) | set(_entries(stage, "metrics"))
+    declared |= set(_entries(stage, "plots"))
+    written = re.findall(r"--(?:out|metrics|plots|checkpoint)\S*\s+(\S+)", stage["cmd"])
+    assert written, f"stage {stage_key} names no output on its command line"
+    for path in written:
+        assert path in declared, f"stage {stage_key} writes {path} but does not declare it"
+    read = re.findall(r"--(?:input|tokenizer|model)\S*\s+(\S+)", stage["cmd"])
+    deps = set(_entries(stage, "deps"))
+    for path in read:
+        assert path in deps, f"stage {stage_key} reads {path} but does not list it in deps"
+
+
+def test_every_stage_module_is_a_cli_command_and_a_dvc_stage():
+    modules = {p.stem for p in (REPO_ROOT / "pipeline" / "stages").glob("*.py")} - {"__init__"}
+    in_dvc = {_stage_name(k, s) for k, s in STAGES.items()}
+    assert modules <= set(COMMANDS), f"stage modules without a CLI command: {modules - set(COMMANDS)}"
+    assert modules <= in_dvc, f"stage modules missing from dvc.yaml: {modules - in_dvc}"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_has_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert len(result.output.splitlines()) > 3
+
+
+def test_top_level_help_lists_every_stage():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
