@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "split": "pipeline.stages.split",
     "vocab": "pipeline.stages.vocab",
     "tokenize": "pipeline.stages.tokenize",
+    "pretrain": "pipeline.stages.pretrain",
 }
 
 _SHORT_HELP = {
@@ -26,6 +27,7 @@ _SHORT_HELP = {
     "split": "Assign each document to train/val/test by a hash of its text.",
     "vocab": "Learn a bpe, word or char tokenizer from the train split.",
     "tokenize": "Encode each split into Parquet token shards.",
+    "pretrain": "Train the GPT on the token shards (CPU/GPU, torchrun, resumable).",
 }
 
 

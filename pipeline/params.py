@@ -158,6 +158,87 @@ class TokenizeParams(_Section):
 
 
 @dataclass(frozen=True)
+class ModelParams(_Section):
+    """``model``: the GPT's shape (the vocabulary size comes from the tokenizer)."""
+
+    context: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    positions: Literal["rotary", "learned"] = "rotary"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    bias: bool = False
+
+    def validate(self) -> None:
+        self.require_positive("context", "n_layer", "n_head", "n_embd")
+        if self.n_embd % self.n_head:
+            raise self.fail("n_embd", self.n_embd, f"a multiple of model.n_head ({self.n_head})")
+        if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise self.fail(
+                "n_embd", self.n_embd, "n_embd / n_head even (rotary rotates pairs of dimensions)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise self.fail("dropout", self.dropout, "a probability in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams(_Section):
+    """``train``: optimizer, schedule, budget, evaluation and checkpoint cadence, device."""
+
+    # auto picks cuda, then mps, then cpu; or name one (cuda:1 for a given GPU).
+    device: str = "auto"
+    # auto: bfloat16 autocast on GPUs that support it (float16 + grad scaler otherwise),
+    # float32 on CPU, where bfloat16 matmuls run far slower on most processors.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool = False
+    # CPU threads for torch; 0 = every core.
+    threads: int = 0
+    seed: int = 1337
+    # Sequences per optimizer step per process = batch_size * grad_accum.
+    batch_size: int = 16
+    grad_accum: int = 1
+    # The budget: a number of optimizer steps, or (when > 0) a number of training tokens.
+    steps: int = 2000
+    tokens: int = 0
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # Val loss on eval_windows fixed windows every eval_every steps (and at the end).
+    eval_every: int = 250
+    eval_windows: int = 64
+    # A resumable checkpoint every checkpoint_every steps.
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def validate(self) -> None:
+        self.require_positive(
+            "batch_size", "grad_accum", "eval_every", "eval_windows", "checkpoint_every",
+            "log_every", "lr",
+        )
+        self.require_non_negative(
+            "steps", "tokens", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "threads"
+        )
+        if self.steps == 0 and self.tokens == 0:
+            raise self.fail("steps", self.steps, "a budget: train.steps > 0 or train.tokens > 0")
+        if self.min_lr > self.lr:
+            raise self.fail("min_lr", self.min_lr, f"at most train.lr ({self.lr})")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise self.fail(key, getattr(self, key), "a number in [0, 1)")
+        device = self.device
+        if device not in ("auto", "cpu", "cuda", "mps") and not (
+            device.startswith("cuda:") and device[5:].isdigit()
+        ):
+            raise self.fail("device", device, "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml."""
 
@@ -166,6 +247,8 @@ class Params:
     split: SplitParams = field(default_factory=SplitParams)
     vocab: VocabParams = field(default_factory=VocabParams)
     tokenize: TokenizeParams = field(default_factory=TokenizeParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
 
 
 def _type_name(annotation: Any) -> str:

@@ -1,0 +1,80 @@
+"""Training batches: random windows of the token stream, drawn with an explicit generator.
+
+Each optimizer step draws ``world_size * batch_size`` window offsets from one
+``torch.Generator`` seeded from params; every rank draws the same offsets and keeps its
+own slice. So a run on N processes sees exactly the batches of a one-process run with the
+same global batch, and the generator's state (saved in checkpoints) is the whole data
+position: a resumed run continues with the very next batch.
+
+Random windows (rather than epochs of shuffled chunks) because a budget rarely covers
+whole epochs here, and every offset stays equally likely to be seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.errors import GptpipeError
+
+
+class WindowSampler:
+    """Draws (x, y) pairs of shape (batch_size, context) from a 1-D token tensor."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor | np.ndarray,
+        context: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.tokens = torch.as_tensor(np.asarray(tokens).astype(np.int64, copy=False))
+        self.context = context
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+        if len(self.tokens) < context + 1:
+            raise GptpipeError(
+                f"model.context = {context} needs at least {context + 1} training tokens; "
+                f"the train split has {len(self.tokens)}; allowed: a smaller model.context "
+                "or a larger corpus"
+            )
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        high = len(self.tokens) - self.context  # x = tokens[i : i + T], y shifted by one
+        offsets = torch.randint(
+            high, (self.world_size * self.batch_size,), generator=self.generator
+        )
+        mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        index = mine[:, None] + torch.arange(self.context + 1)  # (B, T + 1)
+        window = self.tokens[index]
+        self.batches_drawn += 1
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def eval_windows(tokens: np.ndarray, context: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping (N, context + 1) windows covering the stream (or ``limit`` of them,
+    evenly spaced), for a val loss that is the same every time it is measured."""
+    tokens = np.asarray(tokens).astype(np.int64, copy=False)
+    count = (len(tokens) - 1) // context
+    if count < 1:
+        raise GptpipeError(
+            f"model.context = {context} needs at least {context + 1} tokens in the evaluated "
+            f"split; it has {len(tokens)}; allowed: a smaller model.context or a larger corpus"
+        )
+    starts = np.arange(count) * context
+    if limit is not None and limit < count:
+        starts = starts[np.linspace(0, count - 1, limit).round().astype(np.int64)]
+    index = starts[:, None] + np.arange(context + 1)
+    return torch.from_numpy(tokens[index])

@@ -1,0 +1,288 @@
+"""A decoder-only GPT, plus the scalar head that reward and value models put on top.
+
+Design (each choice measured on the builtin corpus; see bench/README.md, "model choices"):
+- Rotary position embeddings (RoPE) by default: no learned table to train, and better
+  loss per step than learned positions at this scale. ``positions: learned`` is kept.
+- Pre-norm blocks with RMSNorm (cheaper than LayerNorm, same quality); LayerNorm kept.
+- SwiGLU MLP with hidden size 8/3 * d (the same parameter count as a 4d GELU MLP);
+  GELU kept.
+- Causal attention through ``F.scaled_dot_product_attention``, which picks the fastest
+  kernel available (flash / memory-efficient on CUDA, a fused kernel on CPU).
+- Tied input/output embeddings; residual output projections initialized with std
+  0.02 / sqrt(2 * n_layer) (GPT-2), so the residual stream does not grow with depth.
+- An optional key/value cache makes generation cost one position per new token.
+
+Shapes: B batch, T time (tokens), C = n_embd, H = n_head, D = C // H.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Everything needed to rebuild the network; saved as JSON beside its weights."""
+
+    vocab_size: int
+    context: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    positions: Literal["rotary", "learned"] = "rotary"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    bias: bool = False
+    rope_base: float = 10000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key {unknown[0]!r}")
+        return cls(**raw)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, head_dim // 2), for rotating query/key pairs."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position; cos/sin are (T, D/2). Halves, not interleaved."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Per-layer keys and values of the positions seen so far, for incremental decoding."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    def layer_length(self, layer: int) -> int:
+        keys = self.keys[layer]
+        return 0 if keys is None else keys.shape[2]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (read before a forward pass updates the layers)."""
+        return self.layer_length(0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = config.dropout
+        self.rotary = config.positions == "rotary"
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if self.rotary:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.layer_length(self.layer)
+            k, v = cache.update(self.layer, k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        elif T == 1:
+            # One new query attends to every cached position: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # T new queries after `past` cached ones: query i sees keys 0 .. past + i.
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            # 8/3 * C keeps the parameter count of a 4 * C GELU MLP; rounded to 64 for speed.
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        else:
+            hidden = 4 * config.n_embd
+            self.gate_up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.down.residual_projection = True
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.gate_up(x), approximate="tanh")
+        return F.dropout(self.down(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = (
+            nn.Embedding(config.context, config.n_embd) if config.positions == "learned" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        cos, sin = rotary_tables(config.head_dim, config.context, config.rope_base)
+        # Buffers are not saved: they are a pure function of the config.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.wte.weight.numel()
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
+        return total
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T."""
+        c = self.config
+        n = self.num_parameters(exclude_embeddings=True) + c.vocab_size * c.n_embd
+        return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context
+
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) final normalized hidden states."""
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context "
+                f"({self.config.context})"
+            )
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        cos = self.rope_cos[start : start + T]
+        sin = self.rope_sin[start : start + T]
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        return self.norm_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        return logits, loss
+
+
+class ScalarHead(nn.Module):
+    """A GPT body with a scalar output per position (reward and value models).
+
+    ``forward`` returns (B, T) scalars; a reward model reads the last real token's value.
+    """
+
+    def __init__(self, body: GPT) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(body.config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body.hidden_states(idx)).squeeze(-1)

@@ -1,0 +1,191 @@
+"""pretrain: train the GPT on the tokenized train split, on CPU or GPU, resumably.
+
+Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json
+Params:  model (the network's shape), train (optimizer, budget, device, cadence)
+Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
+         checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
+         dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
+         metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);
+         metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
+
+Runs unchanged under `torchrun --nproc_per_node=N` (DDP: nccl on GPU, gloo on CPU); only
+rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline.batching import eval_windows
+from pipeline.checkpoint import load_model
+from pipeline.device import setup_runtime, teardown
+from pipeline.errors import GptpipeError
+from pipeline.io import remove_stale_temps, sha256_file, write_json
+from pipeline.params import load_params
+from pipeline.progress import progress
+from pipeline.shards import read_meta, read_tokens
+from pipeline.training import StepLog, Trainer, mean_loss
+
+
+def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
+    if not tokenizer_path.is_file():
+        raise GptpipeError(f"{tokenizer_path}: tokenizer not found (run dvc repro vocab)")
+    tokenizer_sha = sha256_file(tokenizer_path)
+    if meta.get("tokenizer_sha256") != tokenizer_sha:
+        raise GptpipeError(
+            f"{tokens_dir}/meta.json was made with another tokenizer than {tokenizer_path} "
+            f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]} vs {tokenizer_sha[:12]}); "
+            "allowed: shards and tokenizer from the same run (dvc repro tokenize)"
+        )
+    for split in ("train", "val"):
+        if split not in meta.get("splits", {}):
+            raise GptpipeError(
+                f"{tokens_dir}/meta.json has no '{split}' split; allowed: train, val and test"
+            )
+    return tokenizer_sha
+
+
+def _start_live(live_dir: Path, resumed_from: int | None):
+    from dvclive import Live
+
+    if resumed_from is None:
+        shutil.rmtree(live_dir, ignore_errors=True)
+    else:
+        _truncate_live(live_dir, resumed_from)
+    # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
+    return Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
+                save_dvc_exp=False, report=None)
+
+
+def _truncate_live(live_dir: Path, step: int) -> None:
+    """Drop rows logged after the snapshot we resume from, so no step appears twice."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        header, rows = lines[0], lines[1:]
+        column = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[column]) <= step]
+        tsv.write_text("\n".join([header, *kept]) + "\n")
+
+
+def run(params_path: Path, tokens_dir: Path, tokenizer_path: Path, out: Path,
+        checkpoint: Path, live_dir: Path, metrics: Path, speed: Path) -> dict:
+    params = load_params(params_path)
+    runtime = setup_runtime(params.train.device, params.train.dtype, params.train.threads)
+    try:
+        meta = read_meta(tokens_dir)
+        tokenizer_sha = _check_data(meta, tokens_dir, tokenizer_path)
+        train_tokens = read_tokens(tokens_dir / "train")
+        val_tokens = read_tokens(tokens_dir / "val")
+        data = {"tokenizer_sha256": tokenizer_sha, "train_tokens": len(train_tokens),
+                "val_tokens": len(val_tokens)}
+        provenance = {"tokenizer_sha256": tokenizer_sha, "vocab_kind": meta.get("kind")}
+        if runtime.is_main:
+            print(f"pretrain: device {runtime.describe()}", flush=True)
+            remove_stale_temps(out)
+        trainer = Trainer(params.model, params.train, runtime, train_tokens, val_tokens,
+                          int(meta["vocab_size"]), data, checkpoint, provenance)
+        return _train_and_report(trainer, params, meta, tokenizer_path, out, live_dir,
+                                 metrics, speed)
+    finally:
+        teardown(runtime)
+
+
+def _train_and_report(trainer: Trainer, params, meta, tokenizer_path, out, live_dir,
+                      metrics, speed) -> dict:
+    runtime = trainer.runtime
+    live = _start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
+    if runtime.is_main:
+        n = trainer.model.num_parameters()
+        print(f"pretrain: {n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
+              f"{trainer.tokens_per_step} tokens", flush=True)
+    bar = progress(total=trainer.total_steps, desc="pretrain", unit="step",
+                   initial=trainer.step) if runtime.is_main else None
+    started, start_step = time.perf_counter(), trainer.step
+
+    def on_log(log: StepLog) -> None:
+        if live is None:
+            return
+        live.step = log.step
+        live.log_metric("train/loss", log.train_loss)
+        live.log_metric("lr", log.lr)
+        live.log_metric("tokens_per_second", round(log.tokens_per_second, 1))
+        bar.set_postfix(loss=f"{log.train_loss:.3f}", tok_s=f"{log.tokens_per_second:,.0f}")
+
+    def on_eval(step: int, val_loss: float) -> None:
+        if live is None:
+            return
+        live.step = step
+        live.log_metric("val/loss", val_loss)
+        bar.write(f"pretrain: step {step}: val loss {val_loss:.4f}")
+
+    trainer.fit(on_log, on_eval, bar)
+    wall = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    trainer.finish(out, tokenizer_path)
+    if not runtime.is_main:
+        return {}
+    live.end()
+    return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step)
+
+
+def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step) -> dict:
+    runtime = trainer.runtime
+    # The best checkpoint, scored on every val token (the periodic evals use a subset).
+    best, _ = load_model(out / "best", runtime.device)
+    windows = eval_windows(trainer.val_tokens, trainer.config.context)
+    val_loss = mean_loss(best, windows, runtime, trainer.train.batch_size)
+    val = meta["splits"]["val"]
+    bits_per_byte = val_loss / math.log(2) * val["tokens"] / val["bytes"]
+    steps_run = trainer.step - start_step
+    tokens_run = steps_run * trainer.tokens_per_step
+    tokens_per_second = tokens_run / wall if wall > 0 else 0.0
+    result = {
+        "best_val_loss": round(trainer.best_val_loss, 6),
+        "best_step": trainer.best_step,
+        "val_loss": round(val_loss, 6),
+        "val_bpb": round(bits_per_byte, 6),
+        "steps": trainer.step,
+        "tokens_seen": trainer.step * trainer.tokens_per_step,
+        "parameters": trainer.model.num_parameters(),
+    }
+    write_json(metrics, result)
+    write_json(speed, {
+        "device": runtime.describe(),
+        "wall_seconds": round(wall, 2),
+        "tokens_per_second": round(tokens_per_second, 1),
+        "gflops_per_second": round(trainer.model.flops_per_token() * tokens_per_second / 1e9, 2),
+        "world_size": runtime.world_size,
+    })
+    print(f"pretrain: val loss {val_loss:.4f} nats/token, {bits_per_byte:.4f} bits/byte "
+          f"(best step {trainer.best_step}); {tokens_per_second:,.0f} tokens/s", flush=True)
+    return result
+
+
+@click.command("pretrain")
+@click.option("--params", "params_path", required=True, type=click.Path(path_type=Path),
+              help="params.yaml (reads the model and train sections).")
+@click.option("--tokens", "tokens_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory of token shards written by `gptpipe tokenize`.")
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path),
+              help="tokenizer.json the shards were encoded with.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write (best/ and last/ checkpoints).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Resumable training-state directory (kept between runs).")
+@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
+              help="dvclive directory for per-step plots.")
+@click.option("--metrics", required=True, type=click.Path(path_type=Path),
+              help="Final metrics JSON (deterministic values).")
+@click.option("--speed", required=True, type=click.Path(path_type=Path),
+              help="Speed metrics JSON (wall time, tokens/s, GFLOP/s).")
+def main(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed):
+    """Pretrain the GPT; resumes from --checkpoint after an interruption."""
+    torch.set_float32_matmul_precision("high")
+    run(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed)

@@ -1,0 +1,106 @@
+"""The GPT: shapes, causality, the key/value cache, learning, and init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.model import GPT, GPTConfig, KVCache, ScalarHead
+
+
+def tiny(**overrides) -> GPTConfig:
+    base = dict(vocab_size=50, context=16, n_layer=2, n_head=2, n_embd=32)
+    return GPTConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"positions": "learned"},
+        {"norm": "layernorm", "mlp": "gelu", "bias": True},
+    ],
+)
+def test_logits_have_shape_batch_time_vocab(options):
+    torch.manual_seed(0)
+    model = GPT(tiny(**options))
+    idx = torch.randint(0, 50, (3, 11))
+    targets = torch.randint(0, 50, (3, 11))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 11, 50)
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    # An untrained model is close to uniform: loss near ln(vocab).
+    assert abs(loss.item() - math.log(50)) < 0.5
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_changing_a_later_token_never_changes_earlier_logits(positions):
+    torch.manual_seed(0)
+    model = GPT(tiny(positions=positions)).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    changed = idx.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 50
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 50, (2, 14))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(model.config.n_layer)
+        parts = [model(idx[:, :5], cache=cache)[0]]
+        parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 14)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_a_tiny_model_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 50, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+def test_embeddings_are_tied_and_residual_projections_scaled():
+    torch.manual_seed(0)
+    config = tiny(n_layer=8, n_embd=64)
+    model = GPT(config)
+    assert model.lm_head.weight is model.wte.weight
+    proj_std = model.blocks[0].attn.proj.weight.std().item()
+    qkv_std = model.blocks[0].attn.qkv.weight.std().item()
+    assert proj_std == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.15)
+    assert qkv_std == pytest.approx(0.02, rel=0.15)
+
+
+def test_scalar_head_gives_one_value_per_position():
+    torch.manual_seed(0)
+    head = ScalarHead(GPT(tiny()))
+    values = head(torch.randint(0, 50, (3, 9)))
+    assert values.shape == (3, 9)
+
+
+def test_flops_per_token_counts_the_tied_output_matrix_once():
+    model = GPT(tiny())
+    c = model.config
+    non_embedding = model.num_parameters(exclude_embeddings=True)
+    expected = 6 * (non_embedding + c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_embd * c.context
+    assert model.flops_per_token() == expected
