@@ -161,7 +161,7 @@ class TokenizeParams(_Section):
 class ModelParams(_Section):
     """``model``: the GPT's shape (the vocabulary size comes from the tokenizer)."""
 
-    context: int = 256
+    context: int = 128
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
@@ -193,24 +193,27 @@ class TrainParams(_Section):
     # float32 on CPU, where bfloat16 matmuls run far slower on most processors.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
-    # CPU threads for torch; 0 = every core.
+    # CPU threads for torch; 0 = every core (shared out among local processes).
     threads: int = 0
+    # Processes on this machine: > 1 re-launches the stage under torchrun (DDP), one per
+    # GPU (or CPU processes with gloo). Several machines: see the README.
+    nproc_per_node: int = 1
     seed: int = 1337
     # Sequences per optimizer step per process = batch_size * grad_accum.
     batch_size: int = 16
     grad_accum: int = 1
     # The budget: a number of optimizer steps, or (when > 0) a number of training tokens.
-    steps: int = 2000
+    steps: int = 800
     tokens: int = 0
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     # Val loss on eval_windows fixed windows every eval_every steps (and at the end).
-    eval_every: int = 250
+    eval_every: int = 200
     eval_windows: int = 64
     # A resumable checkpoint every checkpoint_every steps.
     checkpoint_every: int = 100
@@ -219,7 +222,7 @@ class TrainParams(_Section):
     def validate(self) -> None:
         self.require_positive(
             "batch_size", "grad_accum", "eval_every", "eval_windows", "checkpoint_every",
-            "log_every", "lr",
+            "log_every", "lr", "nproc_per_node",
         )
         self.require_non_negative(
             "steps", "tokens", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "threads"

@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 # Never let DVC phone home from a test run.
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - one readable block of words
     "the a river city music history king war science ocean language people north south "
     "ancient modern empire small large island mountain known first early later famous "
     "was is are has had built founded written played called located between during after "

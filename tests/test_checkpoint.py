@@ -43,7 +43,7 @@ def test_a_pickle_where_the_weights_should_be_is_refused(tmp_path):
     save_model(tmp_path / "ckpt", model, model.config, {})
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(pickle.dumps(model.state_dict()))
-    with pytest.raises(GptpipeError, match="not a readable safetensors file.*never loads pickles"):
+    with pytest.raises(GptpipeError, match=r"not a readable safetensors file.*never loads pickles"):
         load_model(tmp_path / "ckpt")
 
 
@@ -51,7 +51,7 @@ def test_missing_checkpoint_and_config_are_clear_errors(tmp_path):
     with pytest.raises(GptpipeError, match="checkpoint directory not found"):
         load_model(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GptpipeError, match="config.json: missing"):
+    with pytest.raises(GptpipeError, match=r"config\.json: missing"):
         load_model(tmp_path / "empty")
 
 

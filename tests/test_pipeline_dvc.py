@@ -7,7 +7,6 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
@@ -27,7 +26,7 @@ def _ran(output: str) -> list[str]:
 
 
 def _repro(repo) -> list[str]:
-    return _ran(run_cmd(["dvc", "repro"] + DATA_STAGES_TARGETS, repo).stdout)
+    return _ran(run_cmd(["dvc", "repro", *DATA_STAGES_TARGETS], repo).stdout)
 
 
 # Later issues add training stages; this test covers the data half of the pipeline.

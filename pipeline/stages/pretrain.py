@@ -15,7 +15,9 @@ rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -187,5 +189,21 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step) -> dict
               help="Speed metrics JSON (wall time, tokens/s, GFLOP/s).")
 def main(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed):
     """Pretrain the GPT; resumes from --checkpoint after an interruption."""
+    nproc = load_params(params_path).train.nproc_per_node
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _relaunch_under_torchrun(nproc)
+        return
     torch.set_float32_matmul_precision("high")
     run(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed)
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """train.nproc_per_node > 1: run this same command as nproc DDP processes."""
+    from torch.distributed.run import main as torchrun
+
+    argv = sys.argv[sys.argv.index("pretrain"):]
+    print(f"pretrain: launching {nproc} processes with torchrun", flush=True)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
+    except Exception as err:  # torchrun reports which rank failed and why
+        raise GptpipeError(f"pretrain: a torchrun worker failed ({type(err).__name__})") from None

@@ -1,0 +1,39 @@
+"""Print a short summary after `make pipeline`: headline metrics and where outputs are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HEADLINES = {
+    "metrics/tokenize.json": ("train.tokens", "val.tokens"),
+    "metrics/vocab.json": ("kind", "vocab_size", "val_bytes_per_token"),
+    "metrics/pretrain.json": ("val_bpb", "val_loss", "best_step", "tokens_seen"),
+    "metrics/pretrain_speed.json": ("tokens_per_second", "wall_seconds", "device"),
+}
+
+
+def _lookup(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def main(root: Path = Path(".")) -> None:
+    print("\ngptpipe: pipeline complete")
+    for name, keys in HEADLINES.items():
+        path = root / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        shown = ", ".join(f"{k} {_lookup(data, k)}" for k in keys if _lookup(data, k) is not None)
+        print(f"  {name}: {shown}")
+    print("  metrics:  metrics/*.json        (dvc metrics show)")
+    print("  plots:    dvclive/pretrain/     (dvc plots show, then open dvc_plots/index.html)")
+    print("  model:    models/pretrain/best  (model.safetensors, config.json, tokenizer.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The pretrain stage: outputs, resume after a crash or a kill, DDP, and its guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import BIN, synthetic_documents
+
+from pipeline.device import Runtime
+from pipeline.params import parse_params
+from pipeline.shards import read_meta, read_tokens
+from pipeline.training import NonFiniteLoss, Trainer
+
+TINY_MODEL = {"context": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
+TINY_TRAIN = {
+    "device": "cpu", "batch_size": 4, "steps": 24, "warmup_steps": 4, "lr": 3e-3,
+    "min_lr": 3e-4, "eval_every": 6, "eval_windows": 8, "checkpoint_every": 6, "log_every": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> Path:
+    """Real data stages on a small corpus with a char vocabulary: tokens + tokenizer."""
+    from pipeline.stages import clean, ingest, split, tokenize, vocab
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as handle:
+        for text in synthetic_documents(300, seed=3):
+            handle.write(json.dumps({"text": text}) + "\n")
+    params = parse_params({
+        "data": {"corpus": str(corpus)},
+        "clean": {"min_chars": 10, "workers": 1},
+        "vocab": {"kind": "char", "min_freq": 1},
+    })
+    ingest.run(params.data, root / "raw", root / "m-ingest.json")
+    clean.run(params.clean, root / "raw", root / "clean", root / "m-clean.json")
+    split.run(params.split, root / "clean", root / "split", root / "m-split.json")
+    vocab.run(params.vocab, root / "split", root / "tokenizer.json", root / "m-vocab.json")
+    tokenize.run(params.tokenize, root / "split", root / "tokenizer.json", root / "tokens",
+                 root / "m-tokenize.json")
+    return root
+
+
+def _write_params(path: Path, model: dict | None = None, train: dict | None = None) -> Path:
+    raw = {"model": {**TINY_MODEL, **(model or {})}, "train": {**TINY_TRAIN, **(train or {})}}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli_args(data: Path, work: Path, params: Path) -> list[str]:
+    return [
+        "pretrain", "--params", str(params), "--tokens", str(data / "tokens"),
+        "--tokenizer", str(data / "tokenizer.json"), "--out", str(work / "models"),
+        "--checkpoint", str(work / "ckpt"), "--live", str(work / "live"),
+        "--metrics", str(work / "metrics.json"), "--speed", str(work / "speed.json"),
+    ]
+
+
+def _gptpipe(
+    args: list[str], cwd: Path, check: bool = True, **popen
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([str(BIN / "gptpipe"), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, **popen)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _losses(work: Path) -> list[tuple[int, float]]:
+    rows = (work / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    return [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows]
+
+
+def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
+    params = _write_params(tmp_path / "params.yaml")
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
+    assert "pretrain: device cpu" in result.stdout
+    for which in ("best", "last"):
+        files = sorted(p.name for p in (tmp_path / "models" / which).iterdir())
+        assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 24
+    assert metrics["tokens_seen"] == 24 * 4 * 32
+    assert metrics["best_val_loss"] < math.log(read_meta(token_data / "tokens")["vocab_size"])
+    meta = read_meta(token_data / "tokens")
+    val = meta["splits"]["val"]
+    # bits per byte = nats/token / ln 2 * tokens / bytes
+    assert metrics["val_bpb"] == pytest.approx(
+        metrics["val_loss"] / math.log(2) * val["tokens"] / val["bytes"], rel=1e-5
+    )
+    speed = json.loads((tmp_path / "speed.json").read_text())
+    assert speed["tokens_per_second"] > 0 and speed["gflops_per_second"] > 0
+    losses = _losses(tmp_path)
+    assert [s for s, _ in losses] == list(range(1, 25))
+    assert losses[-1][1] < losses[0][1]
+    val_rows = (tmp_path / "live/plots/metrics/val/loss.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in val_rows] == [6, 12, 18, 24]
+
+
+def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
+    params = parse_params({"model": TINY_MODEL, "train": {**TINY_TRAIN, **train}})
+    meta = read_meta(data / "tokens")
+    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+                   read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
+                   meta["vocab_size"], {"test": 1}, state_dir, {})
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(token_data, tmp_path):
+    straight: dict[int, float] = {}
+    _trainer(token_data, tmp_path / "a").fit(
+        lambda log: straight.__setitem__(log.step, log.train_loss), lambda s, v: None)
+
+    resumed: dict[int, float] = {}
+
+    def crash_at_15(log):
+        resumed[log.step] = log.train_loss
+        if log.step == 15:
+            raise _Crash  # dies between the snapshots at steps 12 and 18
+
+    with pytest.raises(_Crash):
+        _trainer(token_data, tmp_path / "b").fit(crash_at_15, lambda s, v: None)
+    second = _trainer(token_data, tmp_path / "b")
+    assert second.resumed_from == 12
+    second.fit(lambda log: resumed.__setitem__(log.step, log.train_loss), lambda s, v: None)
+    assert sorted(resumed) == list(range(1, 25))
+    # Bit-for-bit the same loss at every step, including the three steps run twice.
+    assert resumed == straight
+
+
+def test_a_snapshot_of_other_params_is_not_resumed(token_data, tmp_path):
+    first = _trainer(token_data, tmp_path / "s", steps=12)
+    first.fit(lambda log: None, lambda s, v: None)
+    assert _trainer(token_data, tmp_path / "s", steps=24).resumed_from is None
+    assert _trainer(token_data, tmp_path / "s", lr=1e-3).resumed_from is None
+
+
+def test_killed_stage_resumes_from_its_last_snapshot(token_data, tmp_path):
+    train = {"steps": 400, "checkpoint_every": 20, "eval_every": 100}
+    model = {"n_embd": 64}
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    _gptpipe(_cli_args(token_data, straight, _write_params(straight / "p.yaml", model, train)),
+             straight)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    args = _cli_args(token_data, killed, _write_params(killed / "p.yaml", model, train))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen([str(BIN / "gptpipe"), *args], cwd=killed, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "ckpt/snapshot/state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 60:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "models").exists()
+    step_at_kill = json.loads(state.read_text())["step"]
+    assert 60 <= step_at_kill < 400
+
+    result = _gptpipe(args, killed)
+    assert f"resuming from step {step_at_kill}" in result.stdout
+    assert _losses(killed) == _losses(straight)
+    assert (killed / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+    a = (killed / "models/best/model.safetensors").read_bytes()
+    assert a == (straight / "models/best/model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_the_one_process_loss_curve(token_data, tmp_path):
+    """torchrun with 2 CPU processes of batch 4 against 1 process of batch 8.
+
+    Both see the same 8 windows per step (WindowSampler draws the global batch and each
+    rank keeps its slice), so the curves differ only by floating-point summation order:
+    DDP averages two half-batch gradients where one process averages the whole batch,
+    and 1 vs 2 threads change MKL's reduction order. Those differences are ~1e-7
+    relative per step; Adam's normalization can amplify them, but over 16 steps they stay
+    far below 1e-3, while a real sampling or averaging bug moves the loss by 1e-2 or more.
+    """
+    train = {"steps": 16, "eval_every": 8, "checkpoint_every": 8}
+    one = tmp_path / "one"
+    one.mkdir()
+    _gptpipe(_cli_args(token_data, one,
+                       _write_params(one / "p.yaml", train={**train, "batch_size": 8})), one)
+    two = tmp_path / "two"
+    two.mkdir()
+    args = _cli_args(token_data, two,
+                     _write_params(two / "p.yaml", train={**train, "batch_size": 4}))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli",
+         *args], cwd=two, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 0 of 2" in result.stdout
+    ones, twos = _losses(one), _losses(two)
+    assert [s for s, _ in ones] == [s for s, _ in twos] == list(range(1, 17))
+    np.testing.assert_allclose([v for _, v in twos], [v for _, v in ones], rtol=1e-3)
+    # Not trivially equal because nothing trained: the loss did fall.
+    assert ones[-1][1] < ones[0][1] - 0.3
+    speed = json.loads((two / "speed.json").read_text())
+    assert speed["world_size"] == 2
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_snapshot(token_data, tmp_path):
+    params = _write_params(tmp_path / "p.yaml", train={
+        "lr": 1e6, "min_lr": 0.0, "warmup_steps": 0, "grad_clip": 0.0, "checkpoint_every": 1,
+        "steps": 50})
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path, check=False)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "the training loss is" in message and "at step" in message
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    info = json.loads((tmp_path / "ckpt/snapshot/state.json").read_text())
+    assert info["step"] == bad_step - 1
+    assert not (tmp_path / "models").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_nan_guard_in_process(token_data, tmp_path):
+    trainer = _trainer(token_data, tmp_path / "n")
+    with torch.no_grad():
+        trainer.model.blocks[0].mlp.down.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="at step 1"):
+        trainer.fit(lambda log: None, lambda s, v: None)
+
+
+@pytest.mark.parametrize(
+    ("model", "train", "needle"),
+    [
+        ({"context": 100_000}, {}, "model.context = 100000 needs at least 100001"),
+        ({}, {"device": "cuda"}, "no CUDA GPU"),
+        ({}, {"device": "tpu"}, "train.device = 'tpu'"),
+        ({}, {"batch_size": 2**40}, "do not fit in cpu memory"),
+        ({}, {"dtype": "bfloat16"}, "train.dtype = 'bfloat16' on cpu"),
+    ],
+)
+def test_bad_settings_give_one_clear_line(token_data, tmp_path, model, train, needle):
+    if train.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    params = _write_params(tmp_path / "p.yaml", model, train)
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path, check=False)
+    assert result.returncode != 0
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_shards_from_another_tokenizer_are_refused(token_data, tmp_path):
+    other = tmp_path / "other-tokenizer.json"
+    text = (token_data / "tokenizer.json").read_text()
+    other.write_text(text.replace('"version"', '"version" ', 1))
+    params = _write_params(tmp_path / "p.yaml")
+    args = _cli_args(token_data, tmp_path, params)
+    args[args.index("--tokenizer") + 1] = str(other)
+    result = _gptpipe(args, tmp_path, check=False)
+    assert result.returncode != 0
+    assert "made with another tokenizer" in result.stderr
+    assert "other-tokenizer.json" in result.stderr
+
+
+def test_missing_val_split_is_refused(token_data, tmp_path):
+    import shutil
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(token_data / "tokens", tokens)
+    meta = json.loads((tokens / "meta.json").read_text())
+    del meta["splits"]["val"]
+    (tokens / "meta.json").write_text(json.dumps(meta))
+    params = _write_params(tmp_path / "p.yaml")
+    args = _cli_args(token_data, tmp_path, params)
+    args[args.index("--tokens") + 1] = str(tokens)
+    result = _gptpipe(args, tmp_path, check=False)
+    assert result.returncode != 0
+    assert "val" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
