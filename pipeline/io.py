@@ -8,11 +8,14 @@ disk never leaves a half-written file for a later stage to read or for DVC to ca
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,15 +75,56 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _remove(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if path.exists() and _exchange(tmp, path):
+            # One atomic step swapped old and new; tmp now holds the old version.
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _replace_dir(tmp, path)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_failed(path, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported.
+
+    A directory cannot be replaced by rename() while it exists, and deleting it first
+    leaves a moment with no directory at all: a kill then would lose the previous
+    output (for a training snapshot, the whole run so far). Swapping avoids that moment.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+@functools.cache
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2  # noqa: B018 - present in glibc >= 2.28 and musl
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Fallback without an atomic swap: move the old version aside, then delete it."""
+    aside = path.with_name(f".{path.name}{_TMP_MARK}old-{os.getpid()}")
+    if path.exists() or path.is_symlink():
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if aside.exists():
+        _remove(aside)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ class VocabParams(_Section):
 
     def validate(self) -> None:
         self.require_positive("min_freq", "max_size")
-        if self.vocab_size < 4 + 256 + 1:
+        if self.kind == "bpe" and self.vocab_size < 4 + 256 + 1:
             raise self.fail(
                 "vocab_size", self.vocab_size, "an integer >= 261 (4 special + 256 bytes + 1 merge)"
             )
@@ -203,7 +204,7 @@ class TrainParams(_Section):
     batch_size: int = 16
     grad_accum: int = 1
     # The budget: a number of optimizer steps, or (when > 0) a number of training tokens.
-    steps: int = 800
+    steps: int = 900
     tokens: int = 0
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -217,7 +218,7 @@ class TrainParams(_Section):
     eval_windows: int = 64
     # A resumable checkpoint every checkpoint_every steps.
     checkpoint_every: int = 100
-    log_every: int = 10
+    log_every: int = 1
 
     def validate(self) -> None:
         self.require_positive(
@@ -254,6 +255,9 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " | ".join(repr(a) for a in get_args(annotation))
@@ -286,6 +290,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML (YAML 1.1) reads 6e-4 as a string; DVC's YAML 1.2 reads it as a number.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):

@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -171,6 +174,7 @@ class Trainer:
             train.batch_size * train.grad_accum * runtime.world_size * self.config.context
         )
         self.resumed_from: int | None = None
+        self._check_memory()
         self._maybe_resume()
         self.network: nn.Module = self.model
         if train.compile:
@@ -178,6 +182,30 @@ class Trainer:
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.network, device_ids=ids)
+
+    def _check_memory(self) -> None:
+        """Refuse, before training, a CPU batch whose activations cannot fit in RAM.
+
+        On a CPU an oversized batch is not an exception: the kernel's OOM killer ends the
+        process. So estimate instead: per token, about 20 * n_embd floats per layer are
+        kept for the backward pass, plus 3 * vocab_size floats for the logits, their
+        log-softmax and gradient (a measured upper bound for these models, rounded up).
+        GPUs raise a catchable out-of-memory error, handled in fit().
+        """
+        if self.runtime.device.type != "cpu":
+            return
+        c = self.config
+        per_token = 4 * (20 * c.n_layer * c.n_embd + 3 * c.vocab_size)
+        needed = self.train.batch_size * c.context * per_token
+        available = psutil.virtual_memory().available
+        if needed > available:
+            raise GptpipeError(
+                f"train.batch_size = {self.train.batch_size} sequences of model.context = "
+                f"{c.context} tokens need about {needed / 2**30:.1f} GiB of activations; "
+                f"this machine has {available / 2**30:.1f} GiB free, so they do not fit in cpu "
+                "memory; allowed: a smaller train.batch_size (raise train.grad_accum to keep "
+                "the same tokens per step)"
+            )
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> None:
@@ -281,9 +309,35 @@ class Trainer:
                 save_model(self.state_dir / BEST_DIR, self.model, self.config,
                            {**self.provenance, "step": self.step, "val_loss": val_loss})
 
+    def _interrupt_requested(self) -> bool:
+        flag = torch.tensor(float(self._interrupted))
+        if self.runtime.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
     def fit(self, on_log: Callable[[StepLog], None], on_eval: Callable[[int, float], None],
             progress: Any = None) -> None:
-        """Train to the budget; call on_log every log_every steps and on_eval after evals."""
+        """Train to the budget; call on_log every log_every steps and on_eval after evals.
+
+        Ctrl-C (SIGINT) does not interrupt a step half-way: the step in hand finishes,
+        a snapshot is saved and a GptpipeError says where. A second Ctrl-C aborts at once.
+        """
+        self._interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            self._loop(on_log, on_eval, progress)
+            return
+
+        def request_stop(signum, frame):
+            self._interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            self._loop(on_log, on_eval, progress)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _loop(self, on_log, on_eval, progress) -> None:
         train = self.train
         self.model.train()
         window_tokens, window_start = 0, time.perf_counter()
@@ -292,7 +346,6 @@ class Trainer:
                        warmup_steps=train.warmup_steps, total_steps=self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            rng, sampler_state = _rng_state(self.runtime), self.sampler.state_dict()
             try:
                 loss = self._train_step()
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -303,13 +356,6 @@ class Trainer:
                     f"{self.config.context} tokens do not fit in {self.runtime.device} memory; "
                     "allowed: a smaller train.batch_size (raise train.grad_accum to keep the "
                     "same tokens per step)"
-                ) from None
-            except KeyboardInterrupt:
-                # Ctrl-C: keep everything up to the last finished step, then stop cleanly.
-                self.save_state(rng, sampler_state)
-                raise GptpipeError(
-                    f"pretrain: interrupted at step {self.step}; a checkpoint was saved in "
-                    f"{self.state_dir}; run dvc repro again to resume"
                 ) from None
             self.step += 1
             window_tokens += self.tokens_per_step
@@ -329,6 +375,13 @@ class Trainer:
                 window_start += time.perf_counter() - started  # eval time is not training
             if self.step % train.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save_state(_rng_state(self.runtime), self.sampler.state_dict())
+            elif self._interrupt_requested():
+                # Ctrl-C: finish the step in hand, snapshot at this step boundary, stop.
+                self.save_state(_rng_state(self.runtime), self.sampler.state_dict())
+                raise GptpipeError(
+                    f"pretrain: interrupted at step {self.step}; a checkpoint was saved in "
+                    f"{self.state_dir}; run dvc repro again to resume"
+                )
 
     def finish(self, out_dir: Path, tokenizer_path: Path) -> None:
         """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints."""

@@ -41,6 +41,16 @@ def test_missing_sections_take_defaults():
         ({"clean": {"dedup": 1}}, "clean.dedup = 1 (int); allowed: bool"),
         ({"clean": {"near_dup_threshold": 1.5}}, "clean.near_dup_threshold = 1.5"),
         ({"vocab": ["kind"]}, "vocab is a list"),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "model.n_embd = 100; allowed: a multiple of"),
+        ({"model": {"n_embd": 36, "n_head": 4}}, "n_embd / n_head even"),
+        ({"model": {"positions": "alibi"}}, "model.positions = 'alibi'"),
+        ({"model": {"dropout": 1.0}}, "model.dropout = 1.0"),
+        ({"train": {"min_lr": 0.1, "lr": 0.01}}, "train.min_lr = 0.1; allowed: at most"),
+        ({"train": {"steps": 0, "tokens": 0}}, "train.steps = 0; allowed: a budget"),
+        ({"train": {"beta2": 1.0}}, "train.beta2 = 1.0"),
+        ({"train": {"device": "gpu"}}, "train.device = 'gpu'"),
+        ({"train": {"batch_size": 0}}, "train.batch_size = 0"),
+        ({"train": {"nproc_per_node": 0}}, "train.nproc_per_node = 0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(raw, needle):
@@ -73,3 +83,15 @@ def test_round_trip_of_every_default_through_yaml(tmp_path):
     params = load_params(path)
     assert params.vocab.kind == "char"
     assert params.vocab.max_size == 300
+
+
+def test_exponent_floats_that_pyyaml_reads_as_strings_are_numbers(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 6e-4\n  min_lr: 6e-5\n")
+    params = load_params(path)
+    assert params.train.lr == pytest.approx(6e-4)
+    assert params.train.min_lr == pytest.approx(6e-5)
+
+
+def test_vocab_size_is_only_bounded_for_bpe():
+    assert parse_params({"vocab": {"kind": "word", "vocab_size": 100}}).vocab.kind == "word"

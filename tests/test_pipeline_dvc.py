@@ -1,4 +1,4 @@
-"""End to end: real `dvc repro` of the data stages in a throwaway git repository."""
+"""End to end: real `dvc repro` of the whole pipeline in a throwaway git repository."""
 
 from __future__ import annotations
 
@@ -11,35 +11,45 @@ from conftest import make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
 
-DATA_STAGES = ["ingest", "clean", "split", "vocab", "tokenize"]
+ALL_STAGES = ["ingest", "clean", "split", "vocab", "tokenize", "pretrain"]
 TINY = {
     "data.corpus": "corpus",
     "clean.min_chars": 20,
     "clean.workers": 1,
     "vocab.vocab_size": 400,
     "tokenize.shard_tokens": 2000,
+    "model.context": 32,
+    "model.n_layer": 1,
+    "model.n_head": 2,
+    "model.n_embd": 32,
+    "train.steps": 6,
+    "train.batch_size": 4,
+    "train.warmup_steps": 2,
+    "train.eval_every": 3,
+    "train.eval_windows": 4,
+    "train.checkpoint_every": 3,
 }
 
 
-def _ran(output: str) -> list[str]:
+def _repro(repo) -> list[str]:
+    output = run_cmd(["dvc", "repro"], repo).stdout
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def _repro(repo) -> list[str]:
-    return _ran(run_cmd(["dvc", "repro", *DATA_STAGES_TARGETS], repo).stdout)
+def _set_param(repo, old: str, new: str) -> None:
+    params = repo / "params.yaml"
+    text = params.read_text()
+    assert old in text
+    params.write_text(text.replace(old, new))
 
 
-# Later issues add training stages; this test covers the data half of the pipeline.
-DATA_STAGES_TARGETS = ["tokenize"]
-
-
-def test_dvc_repro_builds_shards_then_reruns_only_what_changed(tmp_path, tiny_corpus):
+def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tiny_corpus):
     repo = make_dvc_repo(tmp_path / "repo", TINY)
     tiny_corpus.rename(repo / "corpus")
 
-    assert _repro(repo) == DATA_STAGES
+    assert _repro(repo) == ALL_STAGES
 
-    # The shards decode back to the corpus: every document ends in <eos> (id 3).
+    # The shards hold every document, each ended by <eos> (id 3), within the shard bound.
     meta = json.loads((repo / "data/tokens/meta.json").read_text())
     total_docs = 0
     for split in ("train", "val", "test"):
@@ -52,17 +62,28 @@ def test_dvc_repro_builds_shards_then_reruns_only_what_changed(tmp_path, tiny_co
         assert ids.count(3) == meta["splits"][split]["documents"]
         total_docs += meta["splits"][split]["documents"]
     assert total_docs == 240
-    lock_before = (repo / "dvc.lock").read_text()
+    assert (repo / "models/pretrain/best/model.safetensors").is_file()
+    assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 6
+    lock = (repo / "dvc.lock").read_text()
+    assert "models/pretrain" in lock and "checkpoints/pretrain" in lock
 
     # Nothing changed: nothing runs, and dvc.lock is untouched.
     assert _repro(repo) == []
-    assert (repo / "dvc.lock").read_text() == lock_before
+    assert (repo / "dvc.lock").read_text() == lock
 
-    # Only the vocabulary size changed: only vocab and tokenize run again.
-    params = (repo / "params.yaml").read_text().replace("vocab_size: 400", "vocab_size: 450")
-    (repo / "params.yaml").write_text(params)
-    assert _repro(repo) == ["vocab", "tokenize"]
+    # Only the vocabulary size changed: vocab, tokenize and what depends on them.
+    _set_param(repo, "vocab_size: 400", "vocab_size: 450")
+    assert _repro(repo) == ["vocab", "tokenize", "pretrain"]
+
+    # Only a training param changed: only pretrain runs.
+    _set_param(repo, "lr: 0.003", "lr: 0.002")
+    assert _repro(repo) == ["pretrain"]
 
     # Editing the corpus re-runs the pipeline from ingest.
     (repo / "corpus" / "doc0000.txt").write_text("A brand new first document about rivers.\n")
+    assert _repro(repo)[0] == "ingest"
+
+    # Pointing data.corpus elsewhere re-runs it too.
+    (repo / "corpus").rename(repo / "corpus2")
+    _set_param(repo, "corpus: corpus", "corpus: corpus2")
     assert _repro(repo)[0] == "ingest"

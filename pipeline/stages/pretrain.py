@@ -54,14 +54,26 @@ def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
 
 
 def _start_live(live_dir: Path, resumed_from: int | None):
+    from scmrepo.exceptions import SCMError
+
     from dvclive import Live
+
+    class _Live(Live):
+        def _init_dvc(self) -> None:
+            # dvclive reads the git revision to name experiments; a repository with no
+            # commit yet has none, and gptpipe logs plots only, so carry on without it.
+            try:
+                super()._init_dvc()
+            except SCMError:
+                self._dvc_repo = None
+                self._dvc_file = "dvc.yaml"
 
     if resumed_from is None:
         shutil.rmtree(live_dir, ignore_errors=True)
     else:
         _truncate_live(live_dir, resumed_from)
     # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
-    return Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
+    return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
                 save_dvc_exp=False, report=None)
 
 
@@ -201,6 +213,10 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     """train.nproc_per_node > 1: run this same command as nproc DDP processes."""
     from torch.distributed.run import main as torchrun
 
+    if "pretrain" not in sys.argv:
+        raise GptpipeError(
+            "train.nproc_per_node > 1 needs the stage started as `gptpipe pretrain ...`"
+        )
     argv = sys.argv[sys.argv.index("pretrain"):]
     print(f"pretrain: launching {nproc} processes with torchrun", flush=True)
     try:
