@@ -30,7 +30,8 @@ class WindowSampler:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.tokens = torch.as_tensor(np.asarray(tokens).astype(np.int64, copy=False))
+        # Kept in its stored dtype (uint16 for most vocabularies): only a batch is widened.
+        self.tokens = np.asarray(tokens)
         self.context = context
         self.batch_size = batch_size
         self.rank = rank
@@ -51,7 +52,7 @@ class WindowSampler:
         )
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         index = mine[:, None] + torch.arange(self.context + 1)  # (B, T + 1)
-        window = self.tokens[index]
+        window = torch.from_numpy(self.tokens[index.numpy()].astype(np.int64))
         self.batches_drawn += 1
         return window[:, :-1], window[:, 1:]
 

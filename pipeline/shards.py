@@ -191,7 +191,7 @@ def check_matches(meta: dict[str, Any], tokenizer: TextTokenizer, tokens_dir: st
     if ours != theirs:
         raise GptpipeError(
             f"{meta_path} was written with another tokenizer than {tokenizer.path} "
-            f"(sha256 {ours[0][:12]} vocab_size {ours[1]} vs sha256 {theirs[0][:12]} "
-            f"vocab_size {theirs[1]}); allowed: the tokenizer the shards were made with "
-            "(re-run gptpipe tokenize)"
+            f"(shards made with another tokenizer: sha256 {ours[0][:12]} vocab_size {ours[1]}; "
+            f"this one: sha256 {theirs[0][:12]} vocab_size {theirs[1]}); allowed: the "
+            "tokenizer the shards were made with (re-run gptpipe tokenize)"
         )

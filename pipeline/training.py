@@ -310,9 +310,10 @@ class Trainer:
                            {**self.provenance, "step": self.step, "val_loss": val_loss})
 
     def _interrupt_requested(self) -> bool:
-        flag = torch.tensor(float(self._interrupted))
-        if self.runtime.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if not self.runtime.distributed:
+            return self._interrupted
+        flag = torch.tensor(float(self._interrupted), device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
 
     def fit(self, on_log: Callable[[StepLog], None], on_eval: Callable[[int, float], None],

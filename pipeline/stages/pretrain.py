@@ -28,29 +28,23 @@ from pipeline.batching import eval_windows
 from pipeline.checkpoint import load_model
 from pipeline.device import setup_runtime, teardown
 from pipeline.errors import GptpipeError
-from pipeline.io import remove_stale_temps, sha256_file, write_json
+from pipeline.io import remove_stale_temps, write_json
 from pipeline.params import load_params
 from pipeline.progress import progress
-from pipeline.shards import read_meta, read_tokens
+from pipeline.shards import check_matches, read_meta, read_tokens
+from pipeline.tokenizer import load_tokenizer
 from pipeline.training import StepLog, Trainer, mean_loss
 
 
 def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
-    if not tokenizer_path.is_file():
-        raise GptpipeError(f"{tokenizer_path}: tokenizer not found (run dvc repro vocab)")
-    tokenizer_sha = sha256_file(tokenizer_path)
-    if meta.get("tokenizer_sha256") != tokenizer_sha:
-        raise GptpipeError(
-            f"{tokens_dir}/meta.json was made with another tokenizer than {tokenizer_path} "
-            f"(sha256 {str(meta.get('tokenizer_sha256'))[:12]} vs {tokenizer_sha[:12]}); "
-            "allowed: shards and tokenizer from the same run (dvc repro tokenize)"
-        )
+    """The tokenizer's sha256, once the shards are known to match it and hold train/val."""
+    check_matches(meta, load_tokenizer(tokenizer_path), tokens_dir)
     for split in ("train", "val"):
-        if split not in meta.get("splits", {}):
+        if split not in meta["splits"]:
             raise GptpipeError(
                 f"{tokens_dir}/meta.json has no '{split}' split; allowed: train, val and test"
             )
-    return tokenizer_sha
+    return meta["tokenizer_sha256"]
 
 
 def _start_live(live_dir: Path, resumed_from: int | None):
