@@ -98,14 +98,13 @@ def run(params_path: Path, tokens_dir: Path, tokenizer_path: Path, out: Path,
             remove_stale_temps(out)
         trainer = Trainer(params.model, params.train, runtime, train_tokens, val_tokens,
                           int(meta["vocab_size"]), data, checkpoint, provenance)
-        return _train_and_report(trainer, params, meta, tokenizer_path, out, live_dir,
-                                 metrics, speed)
+        return _train_and_report(trainer, meta, tokenizer_path, out, live_dir, metrics, speed)
     finally:
         teardown(runtime)
 
 
-def _train_and_report(trainer: Trainer, params, meta, tokenizer_path, out, live_dir,
-                      metrics, speed) -> dict:
+def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: Path,
+                      live_dir: Path, metrics: Path, speed: Path) -> dict:
     runtime = trainer.runtime
     live = _start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
     if runtime.is_main:
