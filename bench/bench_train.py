@@ -71,6 +71,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.device import retain_freed_memory
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import TrainParams
 from pipeline.training import make_optimizer
@@ -361,6 +362,9 @@ def report(args, sizes, peak_rows, results) -> tuple[str, list[str]]:
         f"- reference decoder: {'untied' if args.untied_reference else 'tied'} "
         "to the embedding; every model: make_optimizer's AdamW, grad clip "
         f"{GRAD_CLIP}",
+        "- CPU allocator: " + ("freed memory retained (pipeline.device.retain_freed_memory, "
+                               "as in the pretrain stage), for every model" if args.retained
+                               else "glibc defaults"),
         f"- command: `{' '.join(['python', *sys.argv])}`",
         "",
         f"fp32 matmul peak (torch.mm, best sustained): **{peak:.1f} GFLOP/s**",
@@ -427,6 +431,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time torch.compile'd models (compile time reported apart)")
     parser.add_argument("--untied-reference", action="store_true",
                         help="untie the reference's decoder from its embedding (as the tutorial)")
+    parser.add_argument("--glibc-default-malloc", action="store_true",
+                        help="keep glibc's default allocator settings (the stage changes them "
+                        "with pipeline.device.retain_freed_memory; by default so does this)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the Markdown report to this file")
     parser.add_argument("--append", action="store_true", help="append to --out instead")
@@ -437,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    args.retained = False if args.glibc_default_malloc else retain_freed_memory()
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

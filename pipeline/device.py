@@ -9,7 +9,9 @@ slower than float32, so "auto" never picks it there).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,12 +105,48 @@ def pick_dtype(requested: str, device: torch.device, key: str = "train.dtype") -
     return getattr(torch, requested)
 
 
+# glibc mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_retained = False
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed CPU memory in the process instead of handing it back to the kernel.
+
+    A training step allocates and frees the same large buffers (logits, activations) every
+    step. glibc serves each buffer over its mmap threshold with fresh pages and returns
+    them on free, so every step page-faults them in again: about 170,000 faults per step
+    on the 6 x 384 benchmark model. With the heap never trimmed and large blocks served
+    from it, faults drop 15-30x and a CPU step is 5-10% faster (bench/README.md). The
+    cost is that the process keeps its peak memory until it exits, which a training run
+    does anyway. Returns whether the setting took (glibc on Linux only).
+    """
+    global _retained
+    if _retained:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): keep its defaults
+        return False
+    _retained = all((
+        mallopt(_M_MMAP_THRESHOLD, 2**31 - 1),  # serve large blocks from the heap
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1),  # never shrink the heap
+        mallopt(_M_TOP_PAD, 2**28),  # grow it in 256 MiB steps
+    ))
+    return _retained
+
+
 def setup_runtime(device: str, dtype: str, threads: int = 0) -> Runtime:
     """Read torchrun's environment, join the process group if any, and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
+    if chosen.type == "cpu":
+        retain_freed_memory()
     if chosen.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
     elif chosen.type == "cpu" and world_size > 1:

@@ -114,8 +114,16 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
     bar = progress(total=trainer.total_steps, desc="pretrain", unit="step",
                    initial=trainer.step) if runtime.is_main else None
     started, start_step = time.perf_counter(), trainer.step
+    # Steady-state throughput: every logged window except the one holding this run's first
+    # step, whose time is dominated by warm-up (torch.compile, CUDA kernel selection).
+    timed = {"tokens": 0.0, "seconds": 0.0, "last_step": start_step}
 
     def on_log(log: StepLog) -> None:
+        window_tokens = (log.step - timed["last_step"]) * trainer.tokens_per_step
+        if timed["last_step"] > start_step and log.tokens_per_second > 0:
+            timed["tokens"] += window_tokens
+            timed["seconds"] += window_tokens / log.tokens_per_second
+        timed["last_step"] = log.step
         if live is None:
             return
         live.step = log.step
@@ -139,10 +147,11 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
     if not runtime.is_main:
         return {}
     live.end()
-    return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step)
+    steady = timed["tokens"] / timed["seconds"] if timed["seconds"] > 0 else None
+    return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
 
 
-def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step) -> dict:
+def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady) -> dict:
     runtime = trainer.runtime
     # The best checkpoint, scored on every val token (the periodic evals use a subset).
     best, _ = load_model(out / "best", runtime.device)
@@ -152,7 +161,8 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step) -> dict
     bits_per_byte = val_loss / math.log(2) * val["tokens"] / val["bytes"]
     steps_run = trainer.step - start_step
     tokens_run = steps_run * trainer.tokens_per_step
-    tokens_per_second = tokens_run / wall if wall > 0 else 0.0
+    # Evals and the first step's warm-up excluded when there were enough steps to tell.
+    tokens_per_second = steady or (tokens_run / wall if wall > 0 else 0.0)
     result = {
         "best_val_loss": round(trainer.best_val_loss, 6),
         "best_step": trainer.best_step,
