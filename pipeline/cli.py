@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "vocab": "pipeline.stages.vocab",
     "tokenize": "pipeline.stages.tokenize",
     "pretrain": "pipeline.stages.pretrain",
+    "evaluate": "pipeline.stages.evaluate",
+    "generate": "pipeline.generate",
 }
 
 _SHORT_HELP = {
@@ -28,6 +30,8 @@ _SHORT_HELP = {
     "vocab": "Learn a bpe, word or char tokenizer from the train split.",
     "tokenize": "Encode each split into Parquet token shards.",
     "pretrain": "Train the GPT on the token shards (CPU/GPU, torchrun, resumable).",
+    "evaluate": "Score a model on every val/test token, with baselines; sample it.",
+    "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
 }
 
 

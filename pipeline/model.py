@@ -96,15 +96,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Per-layer keys and values of the positions seen so far, for incremental decoding."""
+    """Per-layer keys and values of the positions seen so far, for incremental decoding.
 
-    def __init__(self, n_layer: int) -> None:
+    With ``capacity`` (the model's context, say) each layer's buffers are allocated once,
+    (B, H, capacity, D), and new positions are written in place, so a new token costs one
+    position's copy; without it every update concatenates (a copy of the whole cache).
+    """
+
+    def __init__(self, n_layer: int, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_layer
 
     def layer_length(self, layer: int) -> int:
-        keys = self.keys[layer]
-        return 0 if keys is None else keys.shape[2]
+        return self.lengths[layer]
 
     @property
     def length(self) -> int:
@@ -112,11 +118,25 @@ class KVCache:
         return self.layer_length(0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append (B, H, T, D) keys and values; return all cached ones, (B, H, length, D)."""
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if self.capacity is None:
+            if self.keys[layer] is not None:
+                k = torch.cat((self.keys[layer], k), dim=2)
+                v = torch.cat((self.values[layer], v), dim=2)
+            self.keys[layer], self.values[layer] = k, v
+            self.lengths[layer] = end
+            return k, v
+        if end > self.capacity:
+            raise ValueError(f"KVCache holds {self.capacity} positions; asked for {end}")
+        if self.keys[layer] is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):

@@ -235,11 +235,49 @@ class TrainParams(_Section):
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise self.fail(key, getattr(self, key), "a number in [0, 1)")
-        device = self.device
-        if device not in ("auto", "cpu", "cuda", "mps") and not (
-            device.startswith("cuda:") and device[5:].isdigit()
-        ):
-            raise self.fail("device", device, "auto, cpu, cuda, cuda:N or mps")
+        _check_device(self, self.device)
+
+
+@dataclass(frozen=True)
+class EvaluateParams(_Section):
+    """``evaluate``: scoring the model on val and test, and the fixed sample prompts."""
+
+    # Windows of model.context tokens per forward pass while scoring.
+    batch_size: int = 32
+    # Where to score and sample: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
+    device: str = "auto"
+    # Prompts completed into the samples file; empty: the openings of the first
+    # num_prompts test documents, prompt_words words each.
+    prompts: list[str] = field(default_factory=list)
+    num_prompts: int = 4
+    prompt_words: int = 6
+    # Every prompt is completed once per temperature (0 = greedy), seeded by seed + index.
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    seed: int = 1234
+    top_k: int = 0
+    top_p: float = 0.95
+    max_new_tokens: int = 48
+
+    def validate(self) -> None:
+        self.require_positive("batch_size", "prompt_words", "max_new_tokens")
+        self.require_non_negative("num_prompts", "top_k")
+        if not self.temperatures:
+            raise self.fail("temperatures", self.temperatures, "a non-empty list of numbers >= 0")
+        for value in self.temperatures:
+            if value < 0:
+                raise self.fail("temperatures", self.temperatures, "numbers >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise self.fail("top_p", self.top_p, "a number in (0, 1]")
+        if any(not p.strip() for p in self.prompts):
+            raise self.fail("prompts", self.prompts, "non-empty strings")
+        _check_device(self, self.device)
+
+
+def _check_device(section: _Section, device: str) -> None:
+    if device not in ("auto", "cpu", "cuda", "mps") and not (
+        device.startswith("cuda:") and device[5:].isdigit()
+    ):
+        raise section.fail("device", device, "auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclass(frozen=True)
@@ -253,6 +291,7 @@ class Params:
     tokenize: TokenizeParams = field(default_factory=TokenizeParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -2,15 +2,16 @@
 
 Layout written by the ``tokenize`` stage::
 
-    <tokens>/meta.json                 tokenizer sha256, kind, vocab_size, dtype, eos_id,
+    <tokens>/meta.json                 tokenizer sha256, kind, vocab_size, dtype, bos_id, eos_id,
                                        shard_tokens and per split: documents, tokens, bytes,
                                        shards
     <tokens>/<split>/shard-00000.parquet   one column ``ids`` (uint16, or uint32 when the
     <tokens>/<split>/shard-00001.parquet   vocabulary needs it), at most shard_tokens rows
 
-Every document's ids are followed by ``<eos>``, so the stream can be cut into training
-windows anywhere. Shards are zstd-compressed with fixed settings and no timestamps, so the
-same tokens give the same bytes.
+Every document is stored as ``<bos> ids <eos>``, so the stream can be cut into training
+windows anywhere and a window still shows where documents start and end. Shards are
+zstd-compressed with fixed settings and no timestamps, so the same tokens give the same
+bytes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ COLUMN = "ids"
 # Row groups of at most this many tokens keep a reader's decode buffer small.
 _ROW_GROUP_TOKENS = 1 << 20
 
-_META_KEYS = ("tokenizer_sha256", "kind", "vocab_size", "dtype", "eos_id", "splits")
+_META_KEYS = ("tokenizer_sha256", "kind", "vocab_size", "dtype", "bos_id", "eos_id", "splits")
 _SPLIT_KEYS = ("documents", "tokens", "bytes", "shards")
 
 

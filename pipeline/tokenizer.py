@@ -297,9 +297,15 @@ class TextTokenizer:
         return [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
 
     def encode_documents(self, texts: Sequence[str], dtype: np.dtype | type) -> np.ndarray:
-        """One flat array of the texts' ids, each document followed by ``<eos>``."""
+        """One flat array of the texts' ids, each document as ``<bos> ids <eos>``.
+
+        ``<bos>`` gives the model a learned "a document starts here" state, so generation
+        from an empty prompt (just ``<bos>``) or a prompt read as a document's opening is
+        in distribution; ``<eos>`` teaches it where documents end, so sampling can stop.
+        """
         flat: list[int] = []
         for ids in self.encode_batch(texts):
+            flat.append(BOS_ID)
             flat += ids
             flat.append(EOS_ID)
         return np.array(flat, dtype=dtype)

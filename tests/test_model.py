@@ -49,16 +49,29 @@ def test_changing_a_later_token_never_changes_earlier_logits(positions):
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
-def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+@pytest.mark.parametrize("capacity", [None, 16], ids=["growing", "preallocated"])
+def test_kv_cache_gives_the_same_logits_as_a_full_pass(capacity):
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
     idx = torch.randint(0, 50, (2, 14))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = KVCache(model.config.n_layer)
+        cache = KVCache(model.config.n_layer, capacity)
         parts = [model(idx[:, :5], cache=cache)[0]]
-        parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 14)]
+        parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 9)]
+        parts += [model(idx[:, 9:12], cache=cache)[0]]  # several new positions at once
+        parts += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(12, 14)]
+    assert cache.length == 14
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_preallocated_cache_refuses_more_positions():
+    model = GPT(tiny()).eval()
+    cache = KVCache(model.config.n_layer, capacity=4)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="holds 4 positions"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
 def test_sequence_longer_than_context_is_refused():

@@ -11,7 +11,7 @@ from conftest import make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["ingest", "clean", "split", "vocab", "tokenize", "pretrain"]
+ALL_STAGES = ["ingest", "clean", "split", "vocab", "tokenize", "pretrain", "evaluate"]
 TINY = {
     "data.corpus": "corpus",
     "clean.min_chars": 20,
@@ -28,6 +28,9 @@ TINY = {
     "train.eval_every": 3,
     "train.eval_windows": 4,
     "train.checkpoint_every": 3,
+    "evaluate.num_prompts": 2,
+    "evaluate.temperatures": [0.0, 1.0],
+    "evaluate.max_new_tokens": 8,
 }
 
 
@@ -59,7 +62,8 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
         assert all(len(pq.read_table(s)) <= TINY["tokenize.shard_tokens"] for s in shards)
         assert len(ids) == meta["splits"][split]["tokens"]
         assert ids[-1] == meta["eos_id"] == 3
-        assert ids.count(3) == meta["splits"][split]["documents"]
+        assert ids[0] == 2  # <bos>
+        assert ids.count(3) == ids.count(2) == meta["splits"][split]["documents"]
         total_docs += meta["splits"][split]["documents"]
     assert total_docs == 240
     assert (repo / "models/pretrain/best/model.safetensors").is_file()
@@ -73,11 +77,15 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
 
     # Only the vocabulary size changed: vocab, tokenize and what depends on them.
     _set_param(repo, "vocab_size: 400", "vocab_size: 450")
-    assert _repro(repo) == ["vocab", "tokenize", "pretrain"]
+    assert _repro(repo) == ["vocab", "tokenize", "pretrain", "evaluate"]
 
     # Only a training param changed: only pretrain runs.
     _set_param(repo, "lr: 0.003", "lr: 0.002")
-    assert _repro(repo) == ["pretrain"]
+    assert _repro(repo) == ["pretrain", "evaluate"]
+
+    # Only a sampling param changed: only evaluate runs.
+    _set_param(repo, "max_new_tokens: 8", "max_new_tokens: 9")
+    assert _repro(repo) == ["evaluate"]
 
     # Editing the corpus re-runs the pipeline from ingest.
     (repo / "corpus" / "doc0000.txt").write_text("A brand new first document about rivers.\n")

@@ -43,6 +43,7 @@ def meta(**overrides: object) -> dict:
         "kind": "bpe",
         "vocab_size": 512,
         "dtype": "uint16",
+        "bos_id": 2,
         "eos_id": 3,
         "shard_tokens": 100,
         "splits": {"train": {"documents": 1, "tokens": 2, "bytes": 3, "shards": 1}},

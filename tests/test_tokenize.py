@@ -15,7 +15,7 @@ from pipeline.doctable import DocumentWriter
 from pipeline.params import TokenizeParams, parse_params
 from pipeline.shards import check_matches, iter_shards, read_meta, read_tokens, shard_paths
 from pipeline.stages.tokenize import run
-from pipeline.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
+from pipeline.tokenizer import BOS_ID, EOS_ID, load_tokenizer, train_tokenizer
 
 UNICODE = [
     "Crème brûlée à Paris, naïve café — «déjà vu».",
@@ -59,10 +59,11 @@ def tokenize_params(**values: object) -> TokenizeParams:
 
 
 def documents_of(stream: np.ndarray) -> list[np.ndarray]:
-    """Cut a token stream at its <eos> ids (the stream ends with one)."""
+    """Cut a token stream into its `<bos> ids <eos>` documents (it ends with <eos>)."""
     assert stream[-1] == EOS_ID
     pieces = np.split(stream, np.flatnonzero(stream == EOS_ID) + 1)[:-1]
-    return [piece[:-1] for piece in pieces]
+    assert all(piece[0] == BOS_ID for piece in pieces)
+    return [piece[1:-1] for piece in pieces]
 
 
 @pytest.fixture
@@ -94,7 +95,8 @@ def test_counts_shards_and_meta_add_up(tmp_path: Path, setup: tuple) -> None:
         assert counts["tokens"] == len(stream) == sum(sizes)
         assert counts["documents"] == len(texts) == int((stream == EOS_ID).sum())
         assert counts["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
-        expected = sum(len(ids) + 1 for ids in tok.encode_batch(texts))
+        assert counts["documents"] == int((stream == BOS_ID).sum())
+        expected = sum(len(ids) + 2 for ids in tok.encode_batch(texts))
         assert counts["tokens"] == expected
         assert metrics[name] == {
             "documents": counts["documents"],

@@ -92,7 +92,8 @@ def test_every_path_the_command_writes_is_a_declared_output(stage_key):
     stage = STAGES[stage_key]
     declared = set(_entries(stage, "outs")) | set(_entries(stage, "metrics"))
     declared |= set(_entries(stage, "plots"))
-    written = re.findall(r"--(?:out|metrics|plots|checkpoint|live|speed)\S*\s+(\S+)", stage["cmd"])
+    writes = r"--(?:out|metrics|plots|checkpoint|live|speed|samples)\S*\s+(\S+)"
+    written = re.findall(writes, stage["cmd"])
     assert written, f"stage {stage_key} names no output on its command line"
     for path in written:
         inside = [d for d in declared if d == path or d.startswith(path + "/")]

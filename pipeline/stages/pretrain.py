@@ -14,7 +14,6 @@ rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -24,16 +23,16 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.batching import eval_windows
 from pipeline.checkpoint import load_model
 from pipeline.device import setup_runtime, teardown
 from pipeline.errors import GptpipeError
+from pipeline.evaluation import evaluate_split
 from pipeline.io import remove_stale_temps, write_json
 from pipeline.params import load_params
 from pipeline.progress import progress
 from pipeline.shards import check_matches, read_meta, read_tokens
 from pipeline.tokenizer import load_tokenizer
-from pipeline.training import StepLog, Trainer, mean_loss
+from pipeline.training import StepLog, Trainer
 
 
 def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
@@ -155,10 +154,10 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
     runtime = trainer.runtime
     # The best checkpoint, scored on every val token (the periodic evals use a subset).
     best, _ = load_model(out / "best", runtime.device)
-    windows = eval_windows(trainer.val_tokens, trainer.config.context)
-    val_loss = mean_loss(best, windows, runtime, trainer.train.batch_size)
-    val = meta["splits"]["val"]
-    bits_per_byte = val_loss / math.log(2) * val["tokens"] / val["bytes"]
+    scores = evaluate_split(best, trainer.val_tokens, meta["splits"]["val"]["bytes"],
+                            trainer.config.context, trainer.train.batch_size, runtime.device,
+                            runtime.autocast)
+    val_loss, bits_per_byte = scores["loss"], scores["bpb"]
     steps_run = trainer.step - start_step
     tokens_run = steps_run * trainer.tokens_per_step
     # Evals and the first step's warm-up excluded when there were enough steps to tell.

@@ -4,9 +4,9 @@ Reads:  the split document tables (``--input``, data/split/{train,val,test}) and
         tokenizer (``--tokenizer``, data/vocab/tokenizer.json).
 Params: the ``tokenize`` section of params.yaml (:class:`pipeline.params.TokenizeParams`).
 Writes: ``--out`` (data/tokens): ``<split>/shard-NNNNN.parquet`` files holding each
-        split's token stream (every document followed by ``<eos>``, at most
+        split's token stream (every document as ``<bos> ids <eos>``, at most
         ``shard_tokens`` per file) and ``meta.json`` (tokenizer sha256, kind, vocab_size,
-        dtype, eos_id and per split: documents, tokens, UTF-8 bytes, shards); and flat JSON
+        dtype, bos_id, eos_id and per split: documents, tokens, UTF-8 bytes, shards); and flat JSON
         metrics (``--metrics``, metrics/tokenize.json) with, per split, documents, tokens,
         bytes and bytes_per_token.
 
@@ -73,6 +73,7 @@ def run(
                 "kind": tokenizer.kind,
                 "vocab_size": tokenizer.vocab_size,
                 "dtype": dtype.name,
+                "bos_id": tokenizer.bos_id,
                 "eos_id": tokenizer.eos_id,
                 "shard_tokens": params.shard_tokens,
                 "splits": counts,

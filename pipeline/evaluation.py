@@ -1,0 +1,337 @@
+"""Scoring a language model on a held-out split, and the baselines it must beat.
+
+Every number here is over the same quantity: the negative log-likelihood, in nats, of
+each token of a split's stream given the tokens before it, with the first token of the
+stream the only one not predicted (it has no history). The GPT, the unigram and the
+bigram baselines all follow that convention, so their bits per byte compare directly.
+
+- ``score_tokens`` predicts every token exactly once (not a sample of windows), so the
+  number is the same every time it is measured and covers the whole split.
+- ``UnigramModel`` and ``BigramModel`` are fitted on the train split's ids of the same
+  tokenizer. A GPT that does not beat the bigram has learned no more than which token
+  tends to follow which; one that does not beat the unigram has learned nothing at all.
+- ``corpus_fingerprint`` names the exact data a metric was measured on.
+
+Bits per byte vs perplexity: perplexity is exp(nats per token), and what a token is
+depends on the tokenizer: a character-level model predicts many easy tokens, a BPE model
+few hard ones, so their per-token losses (and perplexities) differ even for the same
+knowledge of the text. Bits per byte divides the total information, in bits, by the
+UTF-8 byte count of the split's text, which no tokenizer changes: so it compares models
+with different vocabularies on the same text. Two caveats: ``<bos>``/``<eos>`` tokens
+cost nats but have no bytes (a small per-document cost, the price of knowing where a
+document ends), and a tokenizer that maps text to ``<unk>`` discards information it then
+gets to predict cheaply, so its bits per byte looks better than it deserves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import GptpipeError
+from pipeline.io import sha256_file
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
+    """Total information of ``tokens`` predicted tokens in bits, per byte of their text.
+
+    Tokenizer-independent (see the module docstring), so models with different
+    vocabularies are compared by this number.
+    """
+    if text_bytes <= 0:
+        raise ValueError(f"text_bytes must be > 0, got {text_bytes}")
+    return loss_nats_per_token * tokens / text_bytes / math.log(2)
+
+
+def perplexity(loss_nats_per_token: float) -> float:
+    """exp(mean nats per token): the effective number of equally likely next tokens.
+
+    Per token, so it only compares models that share a tokenizer.
+    """
+    return math.exp(loss_nats_per_token)
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """How well a model predicted every token of a stream but the first."""
+
+    tokens: int  # predicted tokens: len(stream) - 1
+    loss: float  # mean negative log-likelihood, nats per token
+    correct: int  # tokens that were the model's top-1 prediction
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+
+def _window_starts(length: int, context: int) -> tuple[np.ndarray, int]:
+    """Starts of the full (context + 1)-token windows, stride ``context``, and the start of
+    the shorter last window (``length`` when the full windows already reach the end).
+
+    Window k feeds tokens [k*context, (k+1)*context) and predicts the next ``context``
+    tokens, so consecutive windows share one token and each token after the first is a
+    target exactly once.
+    """
+    full = (length - 1) // context
+    starts = np.arange(full, dtype=np.int64) * context
+    tail = full * context
+    return starts, (tail if tail < length - 1 else length)
+
+
+def score_tokens(
+    model: nn.Module,
+    tokens: np.ndarray,
+    context: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> TokenScores:
+    """Mean cross-entropy and top-1 accuracy of ``model`` on every token of ``tokens``.
+
+    Non-overlapping windows of context + 1 tokens (stride context) plus one shorter window
+    for the tail, so no token is skipped and none is counted twice; a token early in its
+    window sees less history than one late in it, as in ``training.mean_loss``. The sum
+    is accumulated in float64: millions of float32 additions would drift. ``autocast`` is
+    a callable returning a context manager (``runtime.autocast``). The model's train/eval
+    mode is restored afterwards.
+    """
+    tokens = np.asarray(tokens)
+    if len(tokens) < 2:
+        raise GptpipeError(
+            f"the evaluated split has {len(tokens)} token(s); at least 2 are needed to "
+            "predict one; allowed: a larger corpus or a larger val/test fraction"
+        )
+    if context < 1 or batch_size < 1:
+        raise ValueError(f"context and batch_size must be >= 1, got {context}, {batch_size}")
+    starts, tail = _window_starts(len(tokens), context)
+    offsets = np.arange(context + 1)
+    total_nats, correct = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for first in range(0, len(starts), batch_size):
+                index = starts[first : first + batch_size, None] + offsets  # (B, T + 1)
+                nats, hits = _score_windows(model, tokens[index], device, autocast)
+                total_nats += nats
+                correct += hits
+            if tail < len(tokens):
+                nats, hits = _score_windows(model, tokens[None, tail:], device, autocast)
+                total_nats += nats
+                correct += hits
+    finally:
+        model.train(was_training)
+    predicted = len(tokens) - 1
+    return TokenScores(tokens=predicted, loss=total_nats / predicted, correct=correct)
+
+
+def _score_windows(model, windows: np.ndarray, device, autocast) -> tuple[float, int]:
+    """Summed nats and top-1 hits over the targets of (B, T + 1) windows."""
+    batch = torch.from_numpy(windows.astype(np.int64)).to(device)
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    with autocast():
+        logits, _ = model(inputs)  # (B, T, V)
+    logits = logits.float()
+    nats = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none")  # (B*T,)
+    hits = (logits.argmax(dim=-1) == targets).sum()
+    # float64 on the CPU: MPS has no float64, and B*T floats are a small copy.
+    return nats.cpu().double().sum().item(), int(hits.item())
+
+
+def evaluate_split(
+    model: nn.Module,
+    tokens: np.ndarray,
+    split_bytes: int,
+    context: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, float]:
+    """The GPT's metrics on one split: loss (nats/token), ppl, bpb, acc and the number
+    of predicted tokens. ``split_bytes`` is meta["splits"][split]["bytes"]."""
+    scores = score_tokens(model, tokens, context, batch_size, device, autocast)
+    return {
+        "loss": scores.loss,
+        "ppl": scores.perplexity,
+        "bpb": bits_per_byte(scores.loss, scores.tokens, split_bytes),
+        "acc": scores.accuracy,
+        "tokens": scores.tokens,
+    }
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"token ids must be 1-D, got shape {ids.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids.astype(np.int64, copy=False)
+
+
+class TokenBaseline(Protocol):
+    def nll(self, ids: np.ndarray) -> tuple[float, int]: ...
+
+
+def _total_nats(probabilities: np.ndarray) -> tuple[float, int]:
+    return float(-np.log(probabilities).sum(dtype=np.float64)), len(probabilities)
+
+
+@dataclass(frozen=True, eq=False)
+class UnigramModel:
+    """P(w) = (c(w) + alpha) / (N + alpha * V): token frequencies with add-alpha smoothing,
+    so a token never seen in train still gets a nonzero probability."""
+
+    probabilities: np.ndarray  # (V,) float64, sums to 1
+
+    @classmethod
+    def fit(cls, train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0) -> UnigramModel:
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (every token needs a probability), got {alpha}")
+        ids = _check_ids(train_ids, vocab_size)
+        counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)  # (V,)
+        return cls((counts + alpha) / (len(ids) + alpha * vocab_size))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.probabilities)
+
+    def token_probabilities(self, ids: np.ndarray) -> np.ndarray:
+        """P(ids[i]) for i >= 1: (len(ids) - 1,) float64 (the first token is not predicted)."""
+        ids = _check_ids(ids, self.vocab_size)
+        return self.probabilities[ids[1:]]
+
+    def nll(self, ids: np.ndarray) -> tuple[float, int]:
+        """(total nats, predicted tokens) over every token of ``ids`` but the first."""
+        return _total_nats(self.token_probabilities(ids))
+
+
+@dataclass(frozen=True, eq=False)
+class BigramModel:
+    """P(w | h), the bigram estimate interpolated with the add-alpha unigram, Witten-Bell:
+
+        P(w | h) = lambda(h) * c(h, w) / c(h) + (1 - lambda(h)) * P_uni(w)
+        lambda(h) = c(h) / (c(h) + T(h))       T(h) = distinct tokens seen after h
+
+    = (c(h, w) + T(h) * P_uni(w)) / (c(h) + T(h)). Witten-Bell needs no tuning: a context
+    followed by many different tokens (large T) trusts its counts less. An unseen context
+    (c(h) = 0) falls back to the unigram, and every (h, w) gets a nonzero probability.
+
+    Counts are sparse: only the pairs seen, as sorted codes h * V + w looked up with
+    ``np.searchsorted``, so memory grows with the train stream, never with V * V (2.5e9
+    cells at V = 50k). Fitting sorts one int64 per train token.
+    """
+
+    unigram: UnigramModel
+    pair_codes: np.ndarray  # (P,) int64, sorted: h * V + w of every pair seen in train
+    pair_counts: np.ndarray  # (P,) int64: c(h, w)
+    context_counts: np.ndarray  # (V,) int64: c(h), times h is followed by some token
+    distinct_followers: np.ndarray  # (V,) int64: T(h)
+
+    @classmethod
+    def fit(cls, train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0) -> BigramModel:
+        ids = _check_ids(train_ids, vocab_size)
+        codes = ids[:-1] * vocab_size + ids[1:]  # (N - 1,)
+        pair_codes, pair_counts = np.unique(codes, return_counts=True)
+        del codes
+        return cls(
+            unigram=UnigramModel.fit(ids, vocab_size, alpha),
+            pair_codes=pair_codes,
+            pair_counts=pair_counts.astype(np.int64),
+            context_counts=np.bincount(ids[:-1], minlength=vocab_size).astype(np.int64),
+            distinct_followers=np.bincount(
+                pair_codes // vocab_size, minlength=vocab_size
+            ).astype(np.int64),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unigram.vocab_size
+
+    def pair_count(self, previous: np.ndarray, following: np.ndarray) -> np.ndarray:
+        """c(h, w) for aligned arrays of h and w (0 for pairs never seen)."""
+        codes = previous * self.vocab_size + following
+        if not len(self.pair_codes):
+            return np.zeros(len(codes), np.int64)
+        where = np.searchsorted(self.pair_codes, codes).clip(max=len(self.pair_codes) - 1)
+        return np.where(self.pair_codes[where] == codes, self.pair_counts[where], 0)
+
+    def token_probabilities(self, ids: np.ndarray) -> np.ndarray:
+        """P(ids[i] | ids[i - 1]) for i >= 1: (len(ids) - 1,) float64."""
+        ids = _check_ids(ids, self.vocab_size)
+        previous, following = ids[:-1], ids[1:]
+        seen = self.context_counts[previous]  # c(h)
+        followers = self.distinct_followers[previous]  # T(h)
+        backoff = self.unigram.probabilities[following]  # P_uni(w)
+        numerator = self.pair_count(previous, following) + followers * backoff
+        denominator = seen + followers
+        # An unseen context has c(h) = T(h) = 0: the unigram alone.
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), backoff)
+
+    def nll(self, ids: np.ndarray) -> tuple[float, int]:
+        """(total nats, predicted tokens) over every token of ``ids`` but the first."""
+        return _total_nats(self.token_probabilities(ids))
+
+
+def baseline_bpb(model_obj: TokenBaseline, ids: np.ndarray, split_bytes: int) -> float:
+    """Bits per byte of a baseline on a split's ids (``split_bytes``: its text's bytes)."""
+    total, count = model_obj.nll(ids)
+    return bits_per_byte(total / count if count else 0.0, count, split_bytes)
+
+
+def fit_baselines(
+    train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0
+) -> dict[str, TokenBaseline]:
+    """{"unigram": ..., "bigram": ...} fitted once on the train split, to score every split."""
+    return {
+        "unigram": UnigramModel.fit(train_ids, vocab_size, alpha),
+        "bigram": BigramModel.fit(train_ids, vocab_size, alpha),
+    }
+
+
+def baseline_metrics(
+    baselines: dict[str, TokenBaseline], ids: np.ndarray, split_bytes: int
+) -> dict[str, float]:
+    """{"unigram_bpb": ..., "bigram_bpb": ...} on one split, beside evaluate_split's keys."""
+    return {f"{name}_bpb": baseline_bpb(m, ids, split_bytes) for name, m in baselines.items()}
+
+
+def _fingerprint_entries(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) pairs: a file under its own name, a directory's files as
+    ``<dir name>/<relative path>``, so the fingerprint does not depend on where the
+    checkout lives."""
+    if path.is_file():
+        return [(path.name, path)]
+    if path.is_dir():
+        return [
+            ((Path(path.name) / file.relative_to(path)).as_posix(), file)
+            for file in path.rglob("*")
+            if file.is_file()
+        ]
+    raise GptpipeError(f"{path}: not found; cannot fingerprint the evaluated data")
+
+
+def corpus_fingerprint(paths: Iterable[Path]) -> str:
+    """sha256 over each file's name and sha256, in sorted name order.
+
+    Metrics carry it so two numbers are known to come from the very same data: any changed
+    byte, added, removed or renamed file changes it; re-reading or re-listing does not.
+    """
+    entries = sorted(entry for path in paths for entry in _fingerprint_entries(Path(path)))
+    digest = hashlib.sha256()
+    for name, file in entries:
+        digest.update(f"{name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
