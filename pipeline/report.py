@@ -10,10 +10,14 @@ HEADLINES = {
     "metrics/vocab.json": ("kind", "vocab_size", "val_bytes_per_token"),
     "metrics/pretrain.json": ("val_bpb", "val_loss", "best_step", "tokens_seen"),
     "metrics/pretrain_speed.json": ("tokens_per_second", "wall_seconds", "device"),
+    "metrics/evaluate.json": ("test.bpb", "test.bigram_bpb", "test.unigram_bpb", "test.ppl",
+                              "test.acc"),
 }
 
 
 def _lookup(data: dict, dotted: str):
+    if dotted in data:  # flat keys such as "test.bpb"
+        return data[dotted]
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
             return None
@@ -33,6 +37,9 @@ def main(root: Path = Path(".")) -> None:
     print("  metrics:  metrics/*.json        (dvc metrics show)")
     print("  plots:    dvclive/pretrain/     (dvc plots show, then open dvc_plots/index.html)")
     print("  model:    models/pretrain/best  (model.safetensors, config.json, tokenizer.json)")
+    print("  samples:  evaluation/samples.json")
+    print("sample from the model:")
+    print("  .venv/bin/gptpipe generate --model models/pretrain/best \"The river\"")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,6 @@ def test_experiment_then_compare_two_commits(tmp_path, tiny_corpus):
     # Both loss curves on one HTML page.
     run_cmd(["dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", "compare"], repo)
     page = (repo / "compare" / "index.html").read_text()
-    assert "Pretraining loss" in page
+    assert "Pretraining: train and val cross-entropy" in page
     assert "HEAD~1" in page and "HEAD" in page
     assert page.count("train/loss.tsv") >= 1 and "val/loss.tsv" in page
