@@ -20,6 +20,9 @@ COMMANDS: dict[str, str] = {
     "tokenize": "pipeline.stages.tokenize",
     "pretrain": "pipeline.stages.pretrain",
     "evaluate": "pipeline.stages.evaluate",
+    "preferences": "pipeline.stages.preferences",
+    "reward": "pipeline.stages.reward",
+    "rlhf": "pipeline.stages.rlhf",
     "generate": "pipeline.generate",
 }
 
@@ -31,6 +34,9 @@ _SHORT_HELP = {
     "tokenize": "Encode each split into Parquet token shards.",
     "pretrain": "Train the GPT on the token shards (CPU/GPU, torchrun, resumable).",
     "evaluate": "Score a model on every val/test token, with baselines; sample it.",
+    "preferences": "Build (prompt, chosen, rejected) pairs: a JSONL file or the gold judge.",
+    "reward": "Train the GPT reward model (Bradley-Terry) and a scikit-learn baseline.",
+    "rlhf": "Tune the pretrained policy: PPO with a KL penalty, DPO or REINFORCE.",
     "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
 }
 

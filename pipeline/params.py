@@ -273,6 +273,151 @@ class EvaluateParams(_Section):
         _check_device(self, self.device)
 
 
+@dataclass(frozen=True)
+class GoldParams(_Section):
+    """``gold``: the rule-based judge that stands in for human labelers (builtin preferences)
+    and scores policies in evaluation. A completion's score is the weighted sum below."""
+
+    # Penalty per repeated word n-gram (a repeated n-gram counts each time it recurs).
+    repeat_ngram: int = 3
+    repetition_weight: float = -1.0
+    # Reward for ending on a complete sentence (. ! ? optionally followed by a quote).
+    complete_sentence_weight: float = 1.0
+    # Penalty per <unk> in the completion.
+    unk_weight: float = -1.0
+    # Penalty per word outside [min_words, max_words].
+    min_words: int = 8
+    max_words: int = 40
+    length_weight: float = -0.1
+    # Reward per distinct content word (3+ letters) shared with the prompt, capped.
+    overlap_weight: float = 0.5
+    overlap_cap: int = 4
+    # Bradley-Terry noise: P(prefer a) = sigmoid((score_a - score_b) / noise); 0 = always
+    # the higher score (ties broken by a seeded coin).
+    noise: float = 0.0
+
+    def validate(self) -> None:
+        self.require_positive("repeat_ngram", "min_words", "max_words")
+        self.require_non_negative("overlap_cap", "noise")
+        if self.min_words > self.max_words:
+            raise self.fail("min_words", self.min_words,
+                            f"at most gold.max_words ({self.max_words})")
+
+
+@dataclass(frozen=True)
+class PreferencesParams(_Section):
+    """``preferences``: where (prompt, chosen, rejected) pairs come from."""
+
+    # builtin: sample completions from the pretrained model on val prompts and label them
+    # with the gold judge; file: read `file`, JSONL lines with prompt, chosen, rejected.
+    source: Literal["builtin", "file"] = "builtin"
+    # A dependency of the stage either way (so DVC tracks its content); the default is a
+    # small example of the format.
+    file: str = "data/builtin/example-preferences.jsonl"
+    num_prompts: int = 384
+    # builtin prompts: the first prompt_tokens tokens of val documents (after <bos>).
+    prompt_tokens: int = 8
+    completions_per_prompt: int = 4
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 7
+    # Fraction of pairs held out for reward-model accuracy (chosen by a hash of the prompt).
+    heldout_fraction: float = 0.2
+    # Fewer pairs than this (after dropping ties) is an error.
+    min_pairs: int = 32
+    device: str = "auto"
+
+    def validate(self) -> None:
+        self.require_positive("num_prompts", "prompt_tokens", "max_new_tokens", "min_pairs")
+        if self.completions_per_prompt < 2:
+            raise self.fail("completions_per_prompt", self.completions_per_prompt, "2 or more")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise self.fail("heldout_fraction", self.heldout_fraction, "a number in (0, 1)")
+        if self.temperature <= 0:
+            raise self.fail("temperature", self.temperature, "a number > 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise self.fail("top_p", self.top_p, "a number in (0, 1]")
+        self.require_non_negative("top_k")
+        _check_device(self, self.device)
+
+
+@dataclass(frozen=True)
+class RewardParams(_Section):
+    """``reward``: the GPT reward model (Bradley-Terry) and its scikit-learn baseline."""
+
+    epochs: int = 4
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 11
+    device: str = "auto"
+    # Baseline: TF-IDF of prompt + completion, logistic regression on the pair difference.
+    baseline_max_features: int = 20000
+    baseline_c: float = 1.0
+
+    def validate(self) -> None:
+        self.require_positive("epochs", "batch_size", "lr", "baseline_max_features",
+                              "baseline_c")
+        self.require_non_negative("weight_decay", "grad_clip")
+        _check_device(self, self.device)
+
+
+@dataclass(frozen=True)
+class RlhfParams(_Section):
+    """``rlhf``: tuning the pretrained policy against the reward model."""
+
+    algo: Literal["ppo", "dpo", "reinforce"] = "ppo"
+    # Policy updates: PPO/REINFORCE: rollout batches; DPO: minibatches of pairs.
+    steps: int = 60
+    # Prompts per rollout batch (PPO/REINFORCE) or pairs per step (DPO).
+    batch_size: int = 16
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # KL penalty to the reference: reward - kl_coef * KL per token. adaptive: the
+    # coefficient is adjusted so that the KL tracks target_kl (Ziegler et al.).
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    # PPO
+    ppo_epochs: int = 4
+    minibatch_size: int = 8
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    entropy_coef: float = 0.0
+    # DPO
+    dpo_beta: float = 0.1
+    # Evaluation of fresh samples on held-out prompts, and the best checkpoint by it.
+    eval_every: int = 10
+    eval_prompts: int = 32
+    # Stop with an error when the policy's KL to the reference exceeds this (nats/sequence).
+    kl_ceiling: float = 50.0
+    seed: int = 13
+    device: str = "auto"
+
+    def validate(self) -> None:
+        self.require_positive("steps", "batch_size", "max_new_tokens", "temperature", "lr",
+                              "ppo_epochs", "minibatch_size", "eval_every", "eval_prompts",
+                              "kl_ceiling", "dpo_beta", "target_kl")
+        self.require_non_negative("weight_decay", "grad_clip", "kl_coef", "clip_range",
+                                  "value_clip", "value_coef", "entropy_coef")
+        for key in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise self.fail(key, getattr(self, key), "a number in [0, 1]")
+        if self.minibatch_size > self.batch_size:
+            raise self.fail("minibatch_size", self.minibatch_size,
+                            f"at most rlhf.batch_size ({self.batch_size})")
+        _check_device(self, self.device)
+
+
 def _check_device(section: _Section, device: str) -> None:
     if device not in ("auto", "cpu", "cuda", "mps") and not (
         device.startswith("cuda:") and device[5:].isdigit()
@@ -292,6 +437,10 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    gold: GoldParams = field(default_factory=GoldParams)
+    preferences: PreferencesParams = field(default_factory=PreferencesParams)
+    reward: RewardParams = field(default_factory=RewardParams)
+    rlhf: RlhfParams = field(default_factory=RlhfParams)
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -7,7 +7,9 @@ Layers, each usable on its own:
 - :func:`generate_ids`: the decode loop, yielding one new token id at a time. With the
   key/value cache the prompt is run once and each new token costs one position; without
   it the whole window is recomputed per token (the reference the cache is tested against).
-- :func:`generate_batch`: several prompts (RLHF rollouts), as a loop; see its docstring.
+- :func:`generate_batch`: several prompts of any lengths, as a loop; see its docstring.
+- :func:`sample_batch`: equal-length prompts as one batch through one cache (RLHF
+  rollouts), returning new tokens and a mask of the real ones.
 - :class:`StreamDecoder`: turns ids into printable text as they arrive, never printing
   half of a multi-byte character.
 - :func:`encode_prompt` / :func:`sample_text`: the glue the ``generate`` command uses.
@@ -300,3 +302,86 @@ def sample_text(
     decoder = StreamDecoder(tokenizer, prompt_ids)
     pieces = [decoder.feed(t) for t in generate_ids(model, prompt_ids, config, generator)]
     return "".join(pieces) + decoder.flush()
+
+
+# ----------------------------------------------------------------------- batched rollouts
+
+
+def _next_tokens(
+    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """One token id per row from the last position's logits (B, V) -> (B,)."""
+    if config.greedy:
+        # As _next_token: argmax directly, and the generator is not consumed.
+        return logits.argmax(dim=-1)
+    filtered = filter_logits(logits, config.temperature, config.top_k, config.top_p)
+    probs = filtered.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: GPT,
+    prompts: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations of B prompts at once: (new tokens (B, N), mask (B, N) bool).
+
+    ``prompts`` is (B, T0) int64, every row the same length T0 >= 1. The batch runs
+    through ONE :class:`KVCache` of capacity T0 + max_new_tokens; a request longer than
+    the model's context is refused with ``ValueError`` (no window shrinking here: RLHF
+    scores prompt + completion in one forward pass afterwards, so it must fit).
+
+    Why equal-length prompts: the model has no padding mask, and with rotary positions
+    left padding would shift every real token's position, so a padded row would not
+    sample what that prompt alone samples. This is why RLHF prompts are fixed-length
+    token prefixes (:func:`generate_batch` is the loop for prompts of mixed lengths).
+
+    Each step draws every row's token from ``filter_logits`` + ``torch.multinomial`` with
+    ``generator`` (on the model's device), or takes the argmax when temperature is 0, so
+    with greedy decoding a row equals :func:`generate_ids` on that prompt alone. With
+    ``config.stop_at_eos``, a row that wrote ``<eos>`` is finished: the batch keeps
+    stepping for the others, its mask is True up to and including the ``<eos>`` and False
+    after, and its later tokens are returned as ``<pad>`` (so a forgotten mask shows as
+    padding, not as text). The loop stops as soon as every row has finished, so
+    N <= max_new_tokens is the number of steps actually run. Without ``stop_at_eos``
+    ``<eos>`` is an ordinary token: N = max_new_tokens and the mask is all True.
+
+    The model is put in eval mode (no dropout) and given back in the mode it had.
+    """
+    if prompts.dim() != 2 or prompts.shape[1] < 1:
+        raise ValueError(f"prompts has shape {tuple(prompts.shape)}; allowed: (B, T0), T0 >= 1")
+    capacity = prompts.shape[1] + config.max_new_tokens
+    if capacity > model.config.context:
+        raise ValueError(
+            f"prompt ({prompts.shape[1]} tokens) + max_new_tokens ({config.max_new_tokens}) "
+            f"= {capacity} is longer than the model's context ({model.config.context})"
+        )
+    vocab_size = model.config.vocab_size
+    if prompts.numel() and not 0 <= int(prompts.min()) <= int(prompts.max()) < vocab_size:
+        raise ValueError(f"prompts holds an id outside 0 .. {vocab_size - 1}")
+    device = _model_device(model)
+    prompts = prompts.to(device=device, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(model.config.n_layer, capacity=capacity)
+        logits, _ = model(prompts, cache=cache)  # (B, T0, V): the prompt, run once
+        finished = torch.zeros(prompts.shape[0], dtype=torch.bool, device=device)  # (B,)
+        new_tokens: list[torch.Tensor] = []  # N tensors of (B,)
+        live: list[torch.Tensor] = []
+        for step in range(config.max_new_tokens):
+            token = _next_tokens(logits[:, -1, :], config, generator)  # (B,)
+            token = token.masked_fill(finished, PAD_ID)
+            new_tokens.append(token)
+            live.append(~finished)
+            if config.stop_at_eos:
+                finished = finished | (token == EOS_ID)
+                if bool(finished.all()):
+                    break
+            if step + 1 < config.max_new_tokens:  # the last step's logits would go unused
+                logits, _ = model(token.unsqueeze(1), cache=cache)  # (B, 1, V)
+        return torch.stack(new_tokens, dim=1), torch.stack(live, dim=1)
+    finally:
+        model.train(was_training)

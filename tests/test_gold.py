@@ -1,0 +1,231 @@
+"""The gold judge: each rule on hand-made strings with hand-computed scores, and prefer().
+
+Default weights (GoldParams): repetition -1 per recurring trigram, complete sentence +1,
+<unk> -1 each, length -0.1 per word outside [8, 40], overlap +0.5 per shared content word
+(at most 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.gold import RULES, GoldJudge, content_words, words
+from pipeline.params import GoldParams, Params
+
+PROMPT = "The river flows through the ancient city"
+
+
+@pytest.fixture
+def judge() -> GoldJudge:
+    return GoldJudge.from_params(Params().gold)
+
+
+def test_from_params_keeps_the_params():
+    params = GoldParams(noise=0.5)
+    assert GoldJudge.from_params(params).params is params
+
+
+def test_words_keep_unk_and_contractions_whole():
+    assert words("Don't stop, <unk> 3 times!") == ["don't", "stop", "<unk>", "3", "times"]
+    # Alphabetic, 3+ letters: not "is", "3", "<unk>" or "don't"
+    assert content_words("The cat is <unk> 3 don't RUN") == {"the", "cat", "run"}
+
+
+# ---------------------------------------------------------------------------- repetition
+
+
+@pytest.mark.parametrize(
+    ("completion", "recurrences"),
+    [
+        # Trigrams: the cat sat / cat sat on / sat on the / on the cat / the cat sat* /
+        # cat sat on* / sat on the* / on the mat: 3 of the 8 are recurrences.
+        ("the cat sat on the cat sat on the mat", 3),
+        # a a a three times: the 2nd and 3rd are recurrences.
+        ("a a a a a", 2),
+        # Case and punctuation do not hide a repeat: the cat sat / cat sat the /
+        # sat the cat / the cat sat*.
+        ("The cat sat. the cat sat", 1),
+        ("one two three four five", 0),
+        ("too short", 0),  # no trigram at all
+    ],
+)
+def test_repetition_counts_each_recurrence(judge, completion, recurrences):
+    assert judge.features("", completion)["repetition"] == recurrences
+    assert judge.explain("", completion)["repetition"] == -1.0 * recurrences
+
+
+def test_repetition_uses_repeat_ngram():
+    judge = GoldJudge(GoldParams(repeat_ngram=2, repetition_weight=-0.5))
+    # Bigrams: a b / b c / c a / a b* / b c*: 2 recurrences, * -0.5
+    assert judge.explain("", "a b c a b c")["repetition"] == -1.0
+
+
+# --------------------------------------------------------------------- complete sentence
+
+
+@pytest.mark.parametrize(
+    ("completion", "complete"),
+    [
+        ("It rained.", True),
+        ("Did it rain?", True),
+        ("Really?!  \n", True),  # trailing whitespace is stripped first
+        ('He said "stop."', True),  # closing quote after the period
+        ("(See above.)", True),  # closing bracket
+        ("It rained", False),
+        ("It cost 3.5", False),
+        ("The end. <unk>", False),
+        ("", False),
+        ("   ", False),
+    ],
+)
+def test_complete_sentence(judge, completion, complete):
+    assert judge.explain("", completion)["complete_sentence"] == (1.0 if complete else 0.0)
+
+
+# ----------------------------------------------------------------------------------- unk
+
+
+def test_each_unk_costs_its_weight(judge):
+    assert judge.explain("", "a <unk> b <unk> c")["unk"] == -2.0
+    assert judge.explain("", "no unknown words here")["unk"] == 0.0
+    assert GoldJudge(GoldParams(unk_weight=-0.25)).explain("", "<unk><unk><unk>")["unk"] == -0.75
+
+
+# -------------------------------------------------------------------------------- length
+
+
+@pytest.mark.parametrize(
+    ("word_count", "contribution"),
+    [
+        (0, -0.8),  # 8 short
+        (5, -0.3),  # 3 short
+        (8, 0.0),  # min_words
+        (40, 0.0),  # max_words
+        (45, -0.5),  # 5 over
+    ],
+)
+def test_length_penalty_per_word_outside_the_range(judge, word_count, contribution):
+    completion = " ".join(f"w{i}" for i in range(word_count))
+    assert judge.explain("", completion)["length"] == pytest.approx(contribution)
+
+
+def test_unk_counts_as_a_word_for_length(judge):
+    # 7 words + <unk> = 8: inside the range
+    assert judge.explain("", "one two three four five six seven <unk>")["length"] == 0.0
+
+
+# ------------------------------------------------------------------------------- overlap
+
+
+def test_overlap_counts_distinct_shared_content_words(judge):
+    completion = "The city by the river is old and the river is wide"
+    # Prompt content words: the river flows through ancient city. Completion: the city
+    # river old and wide ("by", "is" are too short). Shared: the, city, river -> 3 * 0.5
+    assert judge.features(PROMPT, completion)["overlap"] == 3.0
+    assert judge.explain(PROMPT, completion)["overlap"] == 1.5
+
+
+def test_overlap_is_capped():
+    judge = GoldJudge(GoldParams(overlap_cap=2))
+    # 3 shared words, capped at 2 -> 2 * 0.5
+    assert judge.explain(PROMPT, "the city river")["overlap"] == 1.0
+    assert GoldJudge(GoldParams(overlap_cap=0)).explain(PROMPT, PROMPT)["overlap"] == 0.0
+
+
+def test_overlap_ignores_unk_and_short_words(judge):
+    assert judge.features("<unk> is by 42", "<unk> is by 42")["overlap"] == 0.0
+
+
+# ------------------------------------------------------------------------------ the sum
+
+
+def test_a_clean_completion_scored_by_hand(judge):
+    completion = "The city by the river is old and wide."
+    # 9 words: length 0; no repeated trigram: 0; ends with ".": +1; no <unk>: 0;
+    # shared: the, city, river: 3 * 0.5 = 1.5. Total 2.5
+    assert judge.explain(PROMPT, completion) == {
+        "repetition": 0.0, "complete_sentence": 1.0, "unk": 0.0, "length": 0.0, "overlap": 1.5,
+    }
+    assert judge.score(PROMPT, completion) == 2.5
+
+
+def test_a_degenerate_completion_scored_by_hand(judge):
+    completion = "the river <unk> the river <unk> the river"
+    # 8 words: length 0. Trigrams: (the river <unk>) (river <unk> the) (<unk> the river)
+    # and each again: 3 recurrences: -3. No final punctuation: 0. Two <unk>: -2.
+    # Shared: the, river: 2 * 0.5 = 1. Total -4
+    assert judge.explain(PROMPT, completion) == {
+        "repetition": -3.0, "complete_sentence": 0.0, "unk": -2.0, "length": 0.0, "overlap": 1.0,
+    }
+    assert judge.score(PROMPT, completion) == -4.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["", "It rained.", "the the the the the <unk>", " ".join(["word"] * 50) + "!", PROMPT],
+)
+def test_explain_sums_to_score(judge, completion):
+    explanation = judge.explain(PROMPT, completion)
+    assert tuple(explanation) == RULES
+    assert sum(explanation.values()) == pytest.approx(judge.score(PROMPT, completion))
+
+
+# -------------------------------------------------------------------------------- prefer
+
+# "It rained." : 2 words (6 short: -0.6) + complete (+1) = 0.4
+# "It rained"  : -0.6. Margin 1.0.
+BETTER, WORSE = "It rained.", "It rained"
+
+
+def test_prefer_is_deterministic_with_zero_noise(judge):
+    assert judge.score("", BETTER) == pytest.approx(0.4)
+    assert judge.score("", WORSE) == pytest.approx(-0.6)
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        assert judge.prefer("", BETTER, WORSE, rng) == 0
+        assert judge.prefer("", WORSE, BETTER, rng) == 1
+
+
+def test_an_exact_tie_is_a_seeded_coin(judge):
+    def labels(seed: int) -> list[int]:
+        rng = np.random.default_rng(seed)
+        return [judge.prefer("", BETTER, BETTER, rng) for _ in range(2000)]
+
+    assert labels(3) == labels(3)  # the same seed, the same labels
+    assert 0.45 < np.mean(labels(3)) < 0.55  # a fair coin: expect 1000 +- 22 ones
+    assert judge.preference_probability("", BETTER, BETTER) == 0.5
+
+
+def test_prefer_draws_exactly_one_number_per_call(judge):
+    # Ties and clear wins consume the generator alike, so later labels do not depend on
+    # which earlier pairs tied.
+    rng_tie, rng_win = np.random.default_rng(0), np.random.default_rng(0)
+    judge.prefer("", BETTER, BETTER, rng_tie)
+    judge.prefer("", BETTER, WORSE, rng_win)
+    assert rng_tie.random() == rng_win.random()
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.5])
+def test_noisy_preference_frequency_matches_the_sigmoid(noise):
+    judge = GoldJudge(GoldParams(noise=noise))
+    # Margin 1.0: P(a) = sigmoid(1 / noise): 0.7311 (noise 1), 0.8808 (noise 0.5)
+    expected = 1.0 / (1.0 + math.exp(-1.0 / noise))
+    assert judge.preference_probability("", BETTER, WORSE) == pytest.approx(expected)
+    draws = 20_000
+    rng = np.random.default_rng(42)
+    prefers_better = sum(judge.prefer("", BETTER, WORSE, rng) == 0 for _ in range(draws))
+    # Standard error sqrt(p (1 - p) / n) <= 0.0032; 0.015 is about 5 of them.
+    assert prefers_better / draws == pytest.approx(expected, abs=0.015)
+    # Swapping the order swaps the answer's meaning, not the probability.
+    prefers_better = sum(judge.prefer("", WORSE, BETTER, rng) == 1 for _ in range(draws))
+    assert prefers_better / draws == pytest.approx(expected, abs=0.015)
+
+
+def test_noisy_preference_does_not_overflow_for_huge_margins():
+    judge = GoldJudge(GoldParams(noise=1e-3))
+    long_loop = " ".join(["loop"] * 2000)
+    assert judge.preference_probability("", BETTER, long_loop) == 1.0
+    assert judge.preference_probability("", long_loop, BETTER) == 0.0
