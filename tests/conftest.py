@@ -58,6 +58,7 @@ def make_dvc_repo(root: Path, params_overrides: dict | None = None) -> Path:
     """
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO_ROOT / ".gitignore", root / ".gitignore")  # what a clone ignores
     shutil.copytree(
         REPO_ROOT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
     )
