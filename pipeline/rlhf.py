@@ -11,8 +11,9 @@ The pieces, each usable on its own (the ``rlhf`` stage is glue around :func:`tun
   each, with the health checks below. The maths is in :mod:`pipeline.rl_losses`.
 - :func:`evaluate_policy` and :func:`win_rate`: fresh samples on held-out prompts, scored
   by the reward model and by the gold judge, and head-to-head comparisons.
-- :func:`tune`: the loop: updates, an evaluation every ``rlhf.eval_every`` steps, and the
-  best policy by gold score.
+- :func:`tune` and :class:`Tuner`: the loop: updates, an evaluation every
+  ``rlhf.eval_every`` steps, and the best policy by gold score; given a checkpoint folder,
+  a resumable snapshot at every evaluation (and on Ctrl-C), like pretraining's.
 
 Rewards come from any ``Scorer``: a callable ``(prompt_ids, completion_ids) -> (B,)``
 tensor, prompt ids without the leading ``<bos>`` and completion ids cut before ``<eos>``.
@@ -40,20 +41,40 @@ Health checks (each a one-line ``GptpipeError`` naming the update):
 - the policy's KL to the reference, in nats per sequence, must stay at or below
   ``rlhf.kl_ceiling`` (checked on every rollout and on every evaluation's samples; DPO
   has no rollouts, so there at every evaluation).
+
+Resuming (:class:`Tuner` with a ``state_dir``): a snapshot holds everything the rest of
+the run depends on, so a resumed run is bit-for-bit the uninterrupted one on the same
+device: the policy and value head, the optimizer moments, the KL coefficient, the states
+of the generators that sample rollouts and shuffle batches and minibatches, the indices
+drawn but not yet served, and the evaluations so far (the final metrics need the starting
+policy's samples). The best policy's weights live in a folder of their own, written only
+when a snapshot would otherwise lose them (see :meth:`Tuner.save_state`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.checkpoint import (
+    load_model,
+    load_training_state,
+    read_training_info,
+    save_model,
+    save_training_state,
+)
 from pipeline.errors import GptpipeError
 from pipeline.model import GPT
 from pipeline.params import RlhfParams
@@ -93,6 +114,11 @@ RATIO_TOLERANCE = 1e-4
 
 # Offsets from rlhf.seed for each independent stream of randomness.
 _SAMPLE_SEED, _SHUFFLE_SEED, _EVAL_SEED = 0, 1, 2
+
+# Inside the checkpoint folder: the resumable snapshot, and the best policy so far (apart,
+# so that replacing the snapshot never touches it).
+SNAPSHOT_DIR = "snapshot"
+BEST_DIR = "best"
 
 
 class Judge(Protocol):
@@ -515,6 +541,15 @@ class PolicyEval:
         return {"rm_score": self.rm_score, "gold_score": self.gold_score, "kl": self.kl,
                 "entropy": self.entropy}
 
+    def to_json(self) -> dict[str, Any]:
+        """A snapshot's copy (JSON keeps a float's every bit: it writes repr)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PolicyEval:
+        return cls(float(raw["rm_score"]), float(raw["gold_score"]), float(raw["kl"]),
+                   float(raw["entropy"]), [[int(t) for t in ids] for ids in raw["completions"]])
+
 
 @torch.no_grad()
 def evaluate_policy(
@@ -578,15 +613,28 @@ def win_rate(judge: Judge, prompts: Sequence[str], completions_a: Sequence[str],
 # --------------------------------------------------------------------------------- loop
 
 
-def cycle_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+class BatchCycle:
     """Endless batches of ``batch_size`` indices into ``count`` items: shuffled passes,
-    each item once per pass; a batch may straddle two passes."""
-    pending: list[int] = []
-    while True:
-        while len(pending) < batch_size:
-            pending += torch.randperm(count, generator=generator).tolist()
-        yield pending[:batch_size]
-        pending = pending[batch_size:]
+    each item once per pass; a batch may straddle two passes.
+
+    An iterator object rather than a generator function so that a snapshot can record
+    where it stands: ``pending`` (the current pass's indices not yet served) together with
+    ``generator``'s state says exactly which batches come next.
+    """
+
+    def __init__(self, count: int, batch_size: int, generator: torch.Generator,
+                 pending: Sequence[int] = ()) -> None:
+        self.count, self.batch_size, self.generator = count, batch_size, generator
+        self.pending = list(pending)
+
+    def __iter__(self) -> BatchCycle:
+        return self
+
+    def __next__(self) -> list[int]:
+        while len(self.pending) < self.batch_size:
+            self.pending += torch.randperm(self.count, generator=self.generator).tolist()
+        batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+        return batch
 
 
 @dataclass
@@ -606,11 +654,258 @@ def _cpu_state(gpt: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items()}
 
 
+def _snapshot_module(policy: PolicyWithValue) -> nn.Module:
+    """The policy's parameters (not copies) under the names that
+    ``checkpoint.save_training_state`` handles: the GPT as ``body``, whose tied
+    ``body.lm_head.weight`` it leaves out (safetensors refuses shared storage) and loading
+    re-ties, beside the value head."""
+    return nn.ModuleDict({"body": policy.gpt, "value_head": policy.value_head})
+
+
+class Tuner:
+    """One run of :func:`tune`, resumable when given a checkpoint folder ``state_dir``.
+
+    The constructor builds the run and, with a ``state_dir``, resumes from its snapshot
+    when that is an unfinished snapshot of this very run (same ``fingerprint``: the caller
+    hashes the params and inputs the run depends on). Otherwise it says why, if there was
+    a snapshot, and empties the folder: another run's best weights must never be mixed
+    with this one's. ``resumed_from`` is the step resumed from, or None; ``step`` the
+    number of updates done.
+
+    The frozen reference is copied from ``gpt`` before any snapshot is loaded into it:
+    the KL is always to the starting policy, whatever step the run resumes from.
+    """
+
+    def __init__(
+        self, gpt: GPT, rlhf: RlhfParams, scorer: Scorer, gold: GoldScorer,
+        train_prompts: torch.Tensor, eval_prompts: torch.Tensor,
+        pairs: Sequence[EncodedPair] = (), state_dir: str | Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        if rlhf.algo == "dpo" and not pairs:
+            raise GptpipeError("rlhf: rlhf.algo = 'dpo' needs preference pairs; none were given")
+        self.gpt, self.rlhf, self.scorer, self.gold = gpt, rlhf, scorer, gold
+        self.train_prompts, self.eval_prompts, self.pairs = train_prompts, eval_prompts, pairs
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.fingerprint = fingerprint
+        device = gpt.lm_head.weight.device
+        self.reference = frozen_copy(gpt)
+        self.policy = PolicyWithValue(gpt).to(device).eval()  # eval: no dropout (module doc)
+        self.optimizer = make_optimizer(self.policy, rlhf, device)
+        self.controller = kl_controller(rlhf)
+        self.config = SamplingConfig(temperature=rlhf.temperature,
+                                     max_new_tokens=rlhf.max_new_tokens)
+        self.sample_generator = torch.Generator(device).manual_seed(rlhf.seed + _SAMPLE_SEED)
+        self.shuffle_generator = torch.Generator().manual_seed(rlhf.seed + _SHUFFLE_SEED)
+        source = len(pairs) if rlhf.algo == "dpo" else train_prompts.shape[0]
+        self.batches = BatchCycle(source, rlhf.batch_size, self.shuffle_generator)
+        self.step = 0
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.start: PolicyEval | None = None  # None until the step-0 evaluation
+        self.best: PolicyEval | None = None
+        self.last: PolicyEval | None = None
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.resumed_from: int | None = None
+        self._best_on_disk: int | None = None  # the step whose weights BEST_DIR holds
+        self._log: Callable[[int, dict[str, float]], None] | None = None
+        self._interrupted = False
+        if self.state_dir is not None:
+            self._maybe_resume()
+
+    # ------------------------------------------------------------------------ resume
+
+    def _resume_problem(self, info: Any) -> str | None:
+        """Why the snapshot described by ``info`` cannot be resumed, or None."""
+        if not isinstance(info, dict):
+            return "the checkpoint folder holds an unreadable snapshot"
+        if info.get("fingerprint") != self.fingerprint:
+            return ("the checkpoint folder holds a snapshot of a different run (other rlhf or "
+                    "gold params, another device, or changed inputs)")
+        step, best_step = int(info.get("step", 0)), int(info.get("best_step", 0))
+        if step >= self.rlhf.steps:
+            return "the checkpoint folder holds a finished run"
+        if 0 < best_step < step and self._best_dir_step() != best_step:
+            return (f"the best weights the snapshot needs (step {best_step}) are not in "
+                    f"{self.state_dir / BEST_DIR}")
+        return None
+
+    def _best_dir_step(self) -> int | None:
+        """The step whose weights the best folder holds, when they are from this run."""
+        path = self.state_dir / BEST_DIR / "config.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
+            return None
+        step = meta.get("rlhf_step")
+        return step if isinstance(step, int) else None
+
+    def _maybe_resume(self) -> None:
+        snapshot = self.state_dir / SNAPSHOT_DIR
+        try:
+            info = read_training_info(snapshot)
+            reason = None if info is None else self._resume_problem(info)
+        except GptpipeError:  # a damaged state.json: nothing to resume
+            info, reason = None, "the checkpoint folder holds an unreadable snapshot"
+        if info is None or reason:
+            if reason:
+                print(f"rlhf: {reason}: starting afresh", flush=True)
+            if self.state_dir.exists():
+                shutil.rmtree(self.state_dir)
+            return
+        best_step = int(info["best_step"])
+        best = None
+        if 0 < best_step < int(info["step"]):
+            # Loaded first: building a GPT draws from the global generator, restored below.
+            best, _ = load_model(self.state_dir / BEST_DIR)
+            self._best_on_disk = best_step
+        rng, info = load_training_state(snapshot, _snapshot_module(self.policy), self.optimizer)
+        self.sample_generator.set_state(rng["sample"])
+        self.shuffle_generator.set_state(rng["shuffle"])
+        torch.set_rng_state(rng["torch"])
+        self.batches.pending = [int(index) for index in info["pending"]]
+        self.controller.value = float(info["kl_coef"])
+        self.step = int(info["step"])
+        self.start, self.best, self.last = (PolicyEval.from_json(info[key])
+                                            for key in ("start", "best", "last"))
+        self.best_step = best_step
+        source = self.reference if best_step == 0 else best if best is not None else self.gpt
+        self.best_state = _cpu_state(source)
+        self.history = [(int(step), {name: float(value) for name, value in metrics.items()})
+                        for step, metrics in info["history"]]
+        self.resumed_from = self.step
+        print(f"rlhf: resuming from step {self.step} of {self.rlhf.steps}", flush=True)
+
+    def save_state(self) -> None:
+        """Snapshot the run at this step boundary, atomically (``state_dir``/snapshot).
+
+        The best weights need a folder of their own only when the snapshot cannot stand for
+        them: step 0's are the reference's (the starting policy), and a snapshot taken at
+        the best step holds them as its policy. So the best folder is written just before
+        the first snapshot after the best step, never after it (a kill in between would
+        leave a snapshot naming weights that are nowhere), and it is replaced only while
+        the snapshot on disk is the one taken at the new best step (every evaluation, and
+        so every new best, is snapshotted), which does not need the folder.
+        """
+        if 0 < self.best_step < self.step and self._best_on_disk != self.best_step:
+            with torch.random.fork_rng(devices=[]):  # GPT() draws its initial weights
+                best = GPT(self.gpt.config)
+            best.load_state_dict(self.best_state)
+            save_model(self.state_dir / BEST_DIR, best, best.config,
+                       {"rlhf_step": self.best_step, "fingerprint": self.fingerprint})
+            self._best_on_disk = self.best_step
+        rng = {"sample": self.sample_generator.get_state(),
+               "shuffle": self.shuffle_generator.get_state(), "torch": torch.get_rng_state()}
+        info = {
+            "step": self.step,
+            "steps": self.rlhf.steps,
+            "fingerprint": self.fingerprint,
+            "kl_coef": self.controller.value,
+            "pending": self.batches.pending,
+            "best_step": self.best_step,
+            "start": self.start.to_json(),
+            "best": self.best.to_json(),
+            "last": self.last.to_json(),
+            "history": [[step, metrics] for step, metrics in self.history],
+        }
+        save_training_state(self.state_dir / SNAPSHOT_DIR, _snapshot_module(self.policy),
+                            self.optimizer, rng, info)
+
+    # -------------------------------------------------------------------------- loop
+
+    def run(self, log: Callable[[int, dict[str, float]], None] | None = None,
+            progress: Callable[[int], None] | None = None) -> TuneResult:
+        """Tune to ``rlhf.steps`` updates from where the run stands (see :func:`tune`).
+
+        With a checkpoint folder, Ctrl-C (SIGINT) does not interrupt an update half-way:
+        the step in hand finishes, a snapshot is saved and a one-line GptpipeError says
+        where (as in pretraining). A second Ctrl-C aborts at once.
+        """
+        self._log, self._interrupted = log, False
+        if self.state_dir is None or threading.current_thread() is not threading.main_thread():
+            return self._loop(progress)
+
+        def request_stop(signum, frame) -> None:
+            self._interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            return self._loop(progress)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append((step, metrics))
+        if self._log is not None:
+            self._log(step, metrics)
+
+    def _evaluate(self, step: int) -> PolicyEval:
+        rlhf = self.rlhf
+        result = evaluate_policy(self.gpt, self.reference, self.eval_prompts, self.config,
+                                 rlhf.seed + _EVAL_SEED, self.scorer, self.gold,
+                                 rlhf.batch_size)
+        self._record(step, {f"eval/{k}": v for k, v in result.stats().items()})
+        check_kl(result.kl, rlhf.kl_ceiling, f"on the evaluation samples at step {step}")
+        return result
+
+    def _update(self, step: int) -> dict[str, float]:
+        rlhf = self.rlhf
+        rows = next(self.batches)
+        if rlhf.algo == "dpo":
+            return dpo_update(self.policy, self.reference, self.optimizer,
+                              [self.pairs[i] for i in rows], rlhf, step)
+        rollout = collect_rollout(self.policy, self.reference, self.train_prompts[rows],
+                                  self.config, self.sample_generator, self.scorer,
+                                  self.controller.coef)
+        if rlhf.algo == "ppo":
+            update = ppo_update(self.policy, self.optimizer, rollout, rlhf,
+                                self.shuffle_generator, step)
+        else:
+            update = reinforce_update(self.policy, self.optimizer, rollout, rlhf, step)
+        # The rollout's entropy (of the policy that sampled) over the update's mean.
+        metrics = {**update, **rollout.stats()}
+        self.controller.update(metrics["kl"], 1)
+        return metrics
+
+    def _loop(self, progress: Callable[[int], None] | None) -> TuneResult:
+        rlhf = self.rlhf
+        if self.start is None:
+            self.start = self.best = self.last = self._evaluate(0)
+            self.best_step, self.best_state = 0, _cpu_state(self.gpt)
+        while self.step < rlhf.steps:
+            step = self.step + 1
+            metrics = self._update(step)
+            self.step = step
+            self._record(step, metrics)
+            evaluated = step % rlhf.eval_every == 0 or step == rlhf.steps
+            if evaluated:
+                self.last = self._evaluate(step)
+                if self.last.gold_score > self.best.gold_score:
+                    self.best, self.best_step = self.last, step
+                    self.best_state = _cpu_state(self.gpt)
+            if progress is not None:
+                progress(step)
+            if self.state_dir is not None and (evaluated or self._interrupted):
+                self.save_state()
+                if self._interrupted and step < rlhf.steps:
+                    # Ctrl-C: the step in hand finished and was snapshotted; stop here.
+                    raise GptpipeError(
+                        f"rlhf: interrupted at step {step}; a checkpoint was saved in "
+                        f"{self.state_dir}; run dvc repro again to resume"
+                    )
+        return TuneResult(self.best_state, self.best_step, self.start, self.best, self.last,
+                          rlhf.steps, self.history)
+
+
 def tune(
     gpt: GPT, rlhf: RlhfParams, scorer: Scorer, gold: GoldScorer, train_prompts: torch.Tensor,
     eval_prompts: torch.Tensor, pairs: Sequence[EncodedPair] = (),
     log: Callable[[int, dict[str, float]], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    state_dir: str | Path | None = None, fingerprint: str = "",
 ) -> TuneResult:
     """Tune ``gpt`` in place with ``rlhf.algo`` for ``rlhf.steps`` updates.
 
@@ -628,55 +923,9 @@ def tune(
     entropy, kl_coef; PPO: policy_loss, value_loss, clip_fraction, approx_kl; DPO:
     dpo_loss, reward_accuracy, ...) and, at evaluations, ``eval/rm_score``,
     ``eval/gold_score``, ``eval/kl`` and ``eval/entropy``.
+
+    ``state_dir``: a checkpoint folder, snapshotted at every evaluation and resumed from
+    when it holds an unfinished snapshot with this ``fingerprint`` (:class:`Tuner`).
     """
-    if rlhf.algo == "dpo" and not pairs:
-        raise GptpipeError("rlhf: rlhf.algo = 'dpo' needs preference pairs; none were given")
-    device = gpt.lm_head.weight.device
-    reference = frozen_copy(gpt)
-    policy = PolicyWithValue(gpt).to(device).eval()  # eval: no dropout (module docstring)
-    optimizer = make_optimizer(policy, rlhf, device)
-    controller = kl_controller(rlhf)
-    config = SamplingConfig(temperature=rlhf.temperature, max_new_tokens=rlhf.max_new_tokens)
-    sample_generator = torch.Generator(device).manual_seed(rlhf.seed + _SAMPLE_SEED)
-    shuffle_generator = torch.Generator().manual_seed(rlhf.seed + _SHUFFLE_SEED)
-    source = len(pairs) if rlhf.algo == "dpo" else train_prompts.shape[0]
-    batches = cycle_batches(source, rlhf.batch_size, shuffle_generator)
-    history: list[tuple[int, dict[str, float]]] = []
-
-    def record(step: int, metrics: dict[str, float]) -> None:
-        history.append((step, metrics))
-        if log is not None:
-            log(step, metrics)
-
-    def evaluate(step: int) -> PolicyEval:
-        result = evaluate_policy(gpt, reference, eval_prompts, config,
-                                 rlhf.seed + _EVAL_SEED, scorer, gold, rlhf.batch_size)
-        record(step, {f"eval/{k}": v for k, v in result.stats().items()})
-        check_kl(result.kl, rlhf.kl_ceiling, f"on the evaluation samples at step {step}")
-        return result
-
-    start = best = last = evaluate(0)
-    best_step, best_state = 0, _cpu_state(gpt)
-    for step in range(1, rlhf.steps + 1):
-        rows = next(batches)
-        if rlhf.algo == "dpo":
-            metrics = dpo_update(policy, reference, optimizer, [pairs[i] for i in rows], rlhf,
-                                 step)
-        else:
-            rollout = collect_rollout(policy, reference, train_prompts[rows], config,
-                                      sample_generator, scorer, controller.coef)
-            if rlhf.algo == "ppo":
-                update = ppo_update(policy, optimizer, rollout, rlhf, shuffle_generator, step)
-            else:
-                update = reinforce_update(policy, optimizer, rollout, rlhf, step)
-            # The rollout's entropy (of the policy that sampled) over the update's mean.
-            metrics = {**update, **rollout.stats()}
-            controller.update(metrics["kl"], 1)
-        record(step, metrics)
-        if step % rlhf.eval_every == 0 or step == rlhf.steps:
-            last = evaluate(step)
-            if last.gold_score > best.gold_score:
-                best, best_step, best_state = last, step, _cpu_state(gpt)
-        if progress is not None:
-            progress(step)
-    return TuneResult(best_state, best_step, start, best, last, rlhf.steps, history)
+    return Tuner(gpt, rlhf, scorer, gold, train_prompts, eval_prompts, pairs, state_dir,
+                 fingerprint).run(log, progress)

@@ -320,13 +320,12 @@ def _char_tokenizer(path: Path, extra: str = "") -> Path:
     return path
 
 
-@pytest.fixture
-def stage_inputs(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+def make_stage_inputs(tmp_path: Path, rlhf: dict | None = None,
+                      gold: dict | None = None) -> dict[str, Path]:
     """A tiny pretrained policy, reward model, preference pairs and val tokens, all made
-    with one char tokenizer; the cwd is outside any repository (dvclive looks for one)."""
+    with one char tokenizer, and params.yaml (settings overridden by ``rlhf``, ``gold``)."""
     from pipeline.tokenizer import load_tokenizer
 
-    monkeypatch.chdir(tmp_path)
     tokenizer_path = _char_tokenizer(tmp_path / "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_path)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=1, n_head=2,
@@ -354,15 +353,27 @@ def stage_inputs(tmp_path: Path, monkeypatch) -> dict[str, Path]:
     })
     (tmp_path / "params.yaml").write_text(json.dumps({"rlhf": {
         "algo": "ppo", "steps": 4, "batch_size": 4, "minibatch_size": 2, "max_new_tokens": 8,
-        "eval_every": 2, "eval_prompts": 4, "device": "cpu", "lr": 1e-3}}))
+        "eval_every": 2, "eval_prompts": 4, "device": "cpu", "lr": 1e-3, **(rlhf or {})},
+        "gold": gold or {}}))
     return {"root": tmp_path, "tokenizer": tokenizer_path}
 
 
-def _stage_args(root: Path) -> list[str]:
+@pytest.fixture
+def stage_inputs(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    """:func:`make_stage_inputs` in tmp_path, the cwd, which is outside any repository
+    (dvclive looks for one)."""
+    monkeypatch.chdir(tmp_path)
+    return make_stage_inputs(tmp_path)
+
+
+def stage_args(root: Path, work: Path | None = None) -> list[str]:
+    """The rlhf command on the inputs in ``root``, writing under ``work`` (default root)."""
+    work = root if work is None else work
     return ["rlhf", "--params", str(root / "params.yaml"), "--model", str(root / "pretrain"),
             "--reward", str(root / "reward"), "--pairs", str(root / "prefs"),
-            "--tokens", str(root / "tokens"), "--out", str(root / "out"),
-            "--live", str(root / "live"), "--metrics", str(root / "metrics.json")]
+            "--tokens", str(root / "tokens"), "--out", str(work / "out"),
+            "--checkpoint", str(work / "ckpt"), "--live", str(work / "live"),
+            "--metrics", str(work / "metrics.json")]
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dpo"])
@@ -371,7 +382,7 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
     params = json.loads((root / "params.yaml").read_text())
     params["rlhf"]["algo"] = algo
     (root / "params.yaml").write_text(json.dumps(params))
-    result = CliRunner().invoke(cli, _stage_args(root))
+    result = CliRunner().invoke(cli, stage_args(root))
     assert result.exit_code == 0, result.output
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics) == {
@@ -395,6 +406,9 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
     rows = (plots / "eval/gold_score.tsv").read_text().splitlines()[1:]
     assert [int(r.split("\t")[0]) for r in rows] == [0, 2, 4]
     assert (plots / ("clip_fraction.tsv" if algo == "ppo" else "dpo_loss.tsv")).is_file()
+    # The last evaluation's snapshot: a finished run, which a re-run will not resume.
+    snapshot = json.loads((root / "ckpt/snapshot/state.json").read_text())
+    assert snapshot["step"] == snapshot["steps"] == 4
 
 
 @pytest.mark.parametrize("broken", ["reward", "pairs", "tokens"])
@@ -416,12 +430,12 @@ def test_stage_refuses_inputs_from_another_tokenizer(stage_inputs, broken):
         meta = json.loads((root / "tokens/meta.json").read_text())
         write_json(root / "tokens/meta.json", {**meta, "tokenizer_sha256": other_sha})
         named = root / "tokens/meta.json"
-    result = CliRunner().invoke(cli, _stage_args(root))
+    result = CliRunner().invoke(cli, stage_args(root))
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(named) in lines[0]
     assert "another tokenizer" in lines[0]
-    for output in ("out", "live", "metrics.json"):
+    for output in ("out", "ckpt", "live", "metrics.json"):
         assert not (root / output).exists()
 
 

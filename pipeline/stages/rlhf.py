@@ -10,6 +10,7 @@ Params:  rlhf (algorithm, budget, sampling, optimizer, KL penalty, PPO/DPO setti
          evaluation cadence, seed, device), gold (the judge)
 Writes:  --out (models/rlhf/): best/ and last/, GPT checkpoints (model.safetensors,
          config.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
+         --checkpoint (checkpoints/rlhf/: the resumable state, a DVC `persist` output);
          --live (dvclive/rlhf/): per-step plots; --metrics (metrics/rlhf.json): algo,
          steps, best_step, gold_before, gold_after, rm_before, rm_after, win_rate,
          kl_final, val_bpb_before, val_bpb_after, val_bpb_change_pct.
@@ -33,10 +34,23 @@ sequence); the bits per byte are over every val token, before and after (best po
 Refuses, with one line, exit 2 and nothing written: a reward model, pairs or token
 shards made with another tokenizer than the policy's, and a prompt + completion longer
 than the context. Outputs are written only at the end (dvclive plots as the run goes).
+
+Resume. At every evaluation the run is snapshotted in --checkpoint (``pipeline.rlhf.
+Tuner``). Re-running after a crash, a kill or Ctrl-C resumes from the snapshot when it is
+an unfinished one of this run: same rlhf and gold params, same device type, and the same
+bytes in every file of --model, --reward and --pairs (sha256), so a changed input never
+resumes an old snapshot. The resumed run gives the same models and metrics, bit for bit,
+as an uninterrupted one on the same device; dvclive rows logged after the snapshot are
+dropped, so no step is plotted twice. (--tokens is not in the fingerprint: the val bits
+per byte are recomputed at every start and the end, never carried in the snapshot.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +70,7 @@ from pipeline.params import Params, load_params
 from pipeline.preference_data import Pair, read_pairs_jsonl, visible_text
 from pipeline.progress import progress
 from pipeline.reward_model import load_reward_model
-from pipeline.rlhf import EncodedPair, TuneResult, tune, win_rate
+from pipeline.rlhf import EncodedPair, Tuner, TuneResult, win_rate
 from pipeline.shards import read_meta, read_tokens
 from pipeline.tokenizer import BOS_ID, TextTokenizer, load_tokenizer
 
@@ -152,9 +166,26 @@ def encode_pairs(tokenizer: TextTokenizer, pairs: list[Pair]) -> list[EncodedPai
 # ------------------------------------------------------------------------------- output
 
 
-def _start_live(live_dir: Path):
-    import shutil
+def run_fingerprint(params: Params, device: torch.device, inputs: dict[str, Path]) -> str:
+    """What a snapshot must share with this run to be resumed: every rlhf and gold param
+    (rlhf.device as the device type it resolved to: a generator's state only fits its own
+    device, and float results differ between devices), and the sha256 of every file under
+    each of ``inputs`` (name -> folder). Hashing the bytes, not sizes or dates, means any
+    new policy, reward model or pairs start afresh."""
+    hashes = {}
+    for name, folder in sorted(inputs.items()):
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            hashes[f"{name}/{path.relative_to(folder).as_posix()}"] = sha256_file(path)
+    body = {
+        "rlhf": {k: v for k, v in asdict(params.rlhf).items() if k != "device"},
+        "gold": asdict(params.gold),
+        "device": device.type,
+        "inputs": hashes,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
+
+def _start_live(live_dir: Path, resumed_from: int | None):
     from scmrepo.exceptions import SCMError
 
     from dvclive import Live
@@ -168,9 +199,32 @@ def _start_live(live_dir: Path):
                 self._dvc_repo = None
                 self._dvc_file = "dvc.yaml"
 
-    shutil.rmtree(live_dir, ignore_errors=True)
+    if resumed_from is None:
+        shutil.rmtree(live_dir, ignore_errors=True)
+    else:
+        _truncate_live(live_dir, resumed_from)
     # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
-    return _Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
+                 save_dvc_exp=False, report=None)
+
+
+def _truncate_live(live_dir: Path, step: int) -> None:
+    """Drop rows logged after the snapshot we resume from, so no step appears twice (as
+    pretrain does). A row a kill cut short cannot be trusted either: it goes too."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        columns = header.split("\t")
+        column = columns.index("step")
+        kept = []
+        for row in rows:
+            cells = row.split("\t")
+            if len(cells) == len(columns) and cells[column].isdigit() \
+                    and int(cells[column]) <= step:
+                kept.append(row)
+        tsv.write_text("\n".join([header, *kept]) + "\n")
 
 
 def _val_bpb(model: GPT, val_tokens: np.ndarray, meta: dict, batch: int,
@@ -201,7 +255,8 @@ def _write_models(out: Path, result: TuneResult, last: GPT, model_dir: Path, met
 
 
 def run(params_path: Path, model_dir: Path, reward_dir: Path, pairs_dir: Path,
-        tokens_dir: Path, out: Path, live_dir: Path, metrics_path: Path) -> dict[str, Any]:
+        tokens_dir: Path, out: Path, checkpoint: Path, live_dir: Path,
+        metrics_path: Path) -> dict[str, Any]:
     params = load_params(params_path)
     rlhf = params.rlhf
     device = pick_device(rlhf.device, key="rlhf.device")
@@ -217,6 +272,8 @@ def run(params_path: Path, model_dir: Path, reward_dir: Path, pairs_dir: Path,
         tokenizer, [p.prompt for p in train_pairs], [p.prompt for p in heldout_pairs],
         config.context, rlhf.max_new_tokens, rlhf.eval_prompts)
     val_tokens = read_tokens(tokens_dir / "val")
+    fingerprint = run_fingerprint(params, device, {"model": model_dir, "reward": reward_dir,
+                                                   "pairs": pairs_dir})
 
     torch.manual_seed(rlhf.seed)
     policy, _ = load_model(model_dir, device)
@@ -227,24 +284,28 @@ def run(params_path: Path, model_dir: Path, reward_dir: Path, pairs_dir: Path,
           f"{eval_prompts.shape[0]} held-out prompts of {length} tokens", flush=True)
     return _tune_and_report(params, policy, reward_model, judge, tokenizer, train_pairs,
                             train_prompts, eval_prompts, val_tokens, tokens_meta, raw,
-                            model_dir, out, live_dir, metrics_path)
+                            model_dir, out, checkpoint, fingerprint, live_dir, metrics_path)
 
 
 def _tune_and_report(params: Params, policy: GPT, reward_model, judge: GoldJudge,
                      tokenizer: TextTokenizer, train_pairs, train_prompts, eval_prompts,
-                     val_tokens, tokens_meta, raw, model_dir, out, live_dir,
-                     metrics_path) -> dict[str, Any]:
+                     val_tokens, tokens_meta, raw, model_dir, out, checkpoint: Path,
+                     fingerprint: str, live_dir, metrics_path) -> dict[str, Any]:
     rlhf = params.rlhf
     device = policy.lm_head.weight.device
+    # Before the Tuner exists: resuming loads the snapshot's weights into ``policy``.
     val_bpb_before = _val_bpb(policy, val_tokens, tokens_meta, rlhf.batch_size, device)
 
     def gold(prompt_ids: list[int], completion_ids: list[int]) -> float:
         return judge.score(visible_text(tokenizer, prompt_ids),
                            visible_text(tokenizer, completion_ids))
 
+    pairs = encode_pairs(tokenizer, train_pairs) if rlhf.algo == "dpo" else ()
+    tuner = Tuner(policy, rlhf, reward_model.score_ids, gold, train_prompts, eval_prompts,
+                  pairs, checkpoint, fingerprint)
     remove_stale_temps(out)
-    live = _start_live(live_dir)
-    bar = progress(total=rlhf.steps, desc="rlhf", unit="step")
+    live = _start_live(live_dir, tuner.resumed_from)
+    bar = progress(total=rlhf.steps, desc="rlhf", unit="step", initial=tuner.step)
 
     def log(step: int, metrics: dict[str, float]) -> None:
         live.step = step
@@ -255,10 +316,10 @@ def _tune_and_report(params: Params, policy: GPT, reward_model, judge: GoldJudge
                       f"model {metrics['eval/rm_score']:.3f}, KL {metrics['eval/kl']:.3f} "
                       "nats/sequence on held-out prompts")
 
-    pairs = encode_pairs(tokenizer, train_pairs) if rlhf.algo == "dpo" else ()
-    result = tune(policy, rlhf, reward_model.score_ids, gold, train_prompts, eval_prompts,
-                  pairs, log=log, progress=lambda step: bar.update(1))
-    bar.close()
+    try:
+        result = tuner.run(log=log, progress=lambda step: bar.update(1))
+    finally:
+        bar.close()
     live.end()
     del reward_model
 
@@ -304,10 +365,15 @@ def _tune_and_report(params: Params, policy: GPT, reward_model, judge: GoldJudge
               help="Token shards (the val split scores bits per byte before and after).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Model directory to write (best/ and last/ checkpoints).")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Resumable training-state directory (kept between runs).")
 @click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
               help="dvclive directory for per-step plots.")
 @click.option("--metrics", "metrics_path", required=True, type=click.Path(path_type=Path),
               help="Final metrics JSON.")
-def main(params_path, model_dir, reward_dir, pairs_dir, tokens_dir, out, live_dir, metrics_path):
-    """Tune the pretrained policy (PPO, REINFORCE or DPO); judge it by the gold judge."""
-    run(params_path, model_dir, reward_dir, pairs_dir, tokens_dir, out, live_dir, metrics_path)
+def main(params_path, model_dir, reward_dir, pairs_dir, tokens_dir, out, checkpoint, live_dir,
+         metrics_path):
+    """Tune the pretrained policy (PPO, REINFORCE or DPO); judge it by the gold judge;
+    resumes from --checkpoint after an interruption."""
+    run(params_path, model_dir, reward_dir, pairs_dir, tokens_dir, out, checkpoint, live_dir,
+        metrics_path)

@@ -1,0 +1,222 @@
+"""Resuming RLHF: a crashed, killed or Ctrl-C'd run, re-run, ends exactly as an uninterrupted one.
+
+In process (fast, every algorithm): ``tune`` with a checkpoint folder crashes after a
+snapshot and a new ``Tuner`` resumes from it; the history, the best and the last weights
+must equal those of a run without any checkpoint folder, bit for bit. The gold judge is
+a hash of the completion, so the best step falls strictly before the snapshot resumed
+from, and the best weights must come back from the snapshot's separate best folder.
+
+As a process (the stage, as DVC runs it): SIGKILL once the first snapshot appears, or
+Ctrl-C (SIGINT), then the same command again; metrics, best/last model files and the
+dvclive plots must equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN
+from test_rlhf import make_stage_inputs, rlhf_params, stage_args, tiny_gpt, toy_pairs, toy_prompts
+
+from pipeline.rlhf import Tuner, tune
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread on two shared cores (see test_rlhf.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def hashed_gold(prompt: list[int], completion: list[int]) -> float:
+    """A deterministic score with no trend: which evaluation is best is an accident of
+    the samples, so with these seeds it is neither step 0 nor the last one."""
+    return (sum((i + 1) * t for i, t in enumerate(completion)) * 104729 % 1009) / 1009
+
+
+def toy_scorer(prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([sum(t == 7 for t in c) / max(len(c), 1) for c in completions])
+
+
+ALGOS = [("ppo", 3e-3), ("reinforce", 1e-2), ("dpo", 1e-2)]
+
+
+def _params(algo: str, lr: float):
+    # adaptive_kl: the KL coefficient is state too and must come back.
+    return rlhf_params(algo=algo, lr=lr, steps=12, eval_every=2, batch_size=8,
+                       minibatch_size=4, eval_prompts=8, adaptive_kl=True, target_kl=0.5)
+
+
+def _tuner(params, state_dir: Path | None, fingerprint: str = "run") -> Tuner:
+    train = toy_prompts(16, 1)
+    return Tuner(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
+                 toy_pairs(train, 32, 3), state_dir, fingerprint)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(crash_step: int):
+    """A progress callback that dies once ``crash_step`` is done, before its snapshot."""
+
+    def progress(step: int) -> None:
+        if step == crash_step:
+            raise _Crash
+
+    return progress
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(("algo", "lr"), ALGOS, ids=[a for a, _ in ALGOS])
+def test_a_crashed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, algo, lr):
+    params = _params(algo, lr)
+    straight_tuner = _tuner(params, None)
+    straight = straight_tuner.run()
+    best = straight.best_step
+    resume_at = best + params.eval_every  # the first snapshot after the best step
+    assert best > 0 and resume_at < params.steps, "seeds no longer give a best step inside"
+
+    with pytest.raises(_Crash):
+        _tuner(params, tmp_path).run(progress=_crash_at(resume_at + 1))
+    snapshot = json.loads((tmp_path / "snapshot/state.json").read_text())
+    assert (snapshot["step"], snapshot["best_step"]) == (resume_at, best)
+    # The best weights are not in the snapshot (its policy is step resume_at's): in best/.
+    assert json.loads((tmp_path / "best/config.json").read_text())["rlhf_step"] == best
+
+    tuner = _tuner(params, tmp_path)
+    assert tuner.resumed_from == resume_at
+    logged: list[int] = []
+    resumed = tuner.run(log=lambda step, metrics: logged.append(step))
+    assert logged[0] == resume_at + 1 and logged[-1] == params.steps  # nothing logged twice
+    # Every step's statistics, all evaluations, and both policies: bit for bit.
+    assert resumed.history == straight.history
+    assert (resumed.best_step, resumed.start, resumed.best, resumed.last) == (
+        straight.best_step, straight.start, straight.best, straight.last)
+    _assert_same_state(resumed.best_state, straight.best_state)
+    _assert_same_state(tuner.policy.state_dict(), straight_tuner.policy.state_dict())
+    assert tuner.controller.value == straight_tuner.controller.value
+    if algo != "dpo":  # the adaptive coefficient moved, so restoring it was tested
+        assert tuner.controller.value != params.kl_coef
+
+
+def test_a_finished_or_foreign_snapshot_is_not_resumed(tmp_path, capsys):
+    params = _params("dpo", 1e-2)
+    train = toy_prompts(16, 1)
+    tune(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
+         toy_pairs(train, 32, 3), state_dir=tmp_path, fingerprint="run")
+    assert json.loads((tmp_path / "snapshot/state.json").read_text())["step"] == 12
+    capsys.readouterr()
+    assert _tuner(params, tmp_path).resumed_from is None
+    assert "holds a finished run: starting afresh" in capsys.readouterr().out
+    assert not tmp_path.exists()  # another run's best weights never mix with this one's
+
+    with pytest.raises(_Crash):
+        _tuner(params, tmp_path).run(progress=_crash_at(5))  # unfinished: snapshot at 4
+    assert _tuner(params, tmp_path, fingerprint="other inputs").resumed_from is None
+    assert "snapshot of a different run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- the stage
+
+STEPS = 24
+# A large lr and a gold judge that counts words: the gold score moves within a few steps,
+# so the best policy is neither the pretrained one nor the last.
+STAGE_RLHF = {"steps": STEPS, "eval_every": 4, "lr": 0.03, "max_new_tokens": 16,
+              "adaptive_kl": True, "target_kl": 0.5}
+STAGE_GOLD = {"min_words": 3, "max_words": 3}
+# One thread: the same float results in every run, and no spinning on shared cores.
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+       "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return make_stage_inputs(tmp_path_factory.mktemp("inputs"), STAGE_RLHF, STAGE_GOLD)["root"]
+
+
+def _run_stage(root: Path, work: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "gptpipe"), *stage_args(root, work)], cwd=work,
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight(inputs, tmp_path_factory) -> Path:
+    """An uninterrupted run to compare the interrupted ones against."""
+    work = tmp_path_factory.mktemp("straight")
+    _run_stage(inputs, work)
+    best_step = json.loads((work / "metrics.json").read_text())["best_step"]
+    assert 0 < best_step < STEPS, "the best model would be the pretrained or the last one"
+    return work
+
+
+def _plots(work: Path) -> dict[str, str]:
+    folder = work / "live/plots/metrics"
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*.tsv"))}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straight, tmp_path,
+                                                                  sig):
+    process = subprocess.Popen([str(BIN / "gptpipe"), *stage_args(inputs, tmp_path)],
+                               cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "ckpt/snapshot/state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not state.is_file():
+        time.sleep(0.002)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
+    step = json.loads(state.read_text())["step"]
+    assert 4 <= step < STEPS
+    if sig == signal.SIGINT:
+        # Ctrl-C: the step in hand finishes, a snapshot is saved at it, one clear line.
+        assert (f"rlhf: interrupted at step {step}; a checkpoint was saved in "
+                f"{tmp_path / 'ckpt'}; run dvc repro again to resume") in stderr
+        assert "Traceback" not in stderr
+
+    result = _run_stage(inputs, tmp_path)
+    assert f"rlhf: resuming from step {step} of {STEPS}" in result.stdout
+    assert (tmp_path / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+    for which in ("best", "last"):
+        for name in ("model.safetensors", "config.json"):
+            ours = (tmp_path / "out" / which / name).read_bytes()
+            assert ours == (straight / "out" / which / name).read_bytes(), (which, name)
+    # Every plot: the same rows, so no step twice and none missing, with the same values.
+    plots = _plots(tmp_path)
+    assert plots == _plots(straight)
+    steps = [int(row.split("\t")[0]) for row in plots["kl.tsv"].splitlines()[1:]]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_resuming_drops_plot_rows_after_the_snapshot_and_rows_cut_short(tmp_path):
+    from pipeline.stages.rlhf import _truncate_live
+
+    tsv = tmp_path / "plots/metrics/eval/kl.tsv"
+    tsv.parent.mkdir(parents=True)
+    # The last row was cut short by a kill: "1" of "12\t0.12" would read as step 1.
+    tsv.write_text("step\tkl\n" + "".join(f"{s}\t0.{s}\n" for s in range(12)) + "1")
+    _truncate_live(tmp_path, 4)
+    assert tsv.read_text() == "step\tkl\n" + "".join(f"{s}\t0.{s}\n" for s in range(5))
