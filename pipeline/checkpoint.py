@@ -14,6 +14,7 @@ Both are written under a temporary name and renamed into place when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -62,12 +63,22 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise GptpipeError(f"{path}: not valid JSON ({err})") from None
 
 
+def _save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """save_file, with its write errors as OSError so atomic_dir reports them in one line
+    (safetensors raises its own SafetensorError, e.g. on a full disk)."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        full = "No space" in str(err) or "os error 28" in str(err)
+        raise OSError(errno.ENOSPC if full else errno.EIO, str(err)) from None
+
+
 def write_model_files(
     directory: Path, model: nn.Module, config: GPTConfig, meta: dict[str, Any],
     tokenizer_path: Path | None,
 ) -> None:
     """Write weights, config and tokenizer into an existing (temporary) directory."""
-    save_file(_unique_state(model), directory / WEIGHTS, metadata={"format": "pt"})
+    _save_tensors(_unique_state(model), directory / WEIGHTS, {"format": "pt"})
     body = {"model": config.to_dict(), **meta}
     (directory / CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     if tokenizer_path is not None:
@@ -148,7 +159,7 @@ def save_training_state(
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng.items()})
     with atomic_dir(directory) as tmp:
-        save_file(tensors, tmp / STATE_TENSORS)
+        _save_tensors(tensors, tmp / STATE_TENSORS)
         body = {**info, "optimizer": optim_info}
         (tmp / STATE_JSON).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
