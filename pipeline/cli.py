@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import click
 
@@ -61,11 +62,41 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gptpipe")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """gptpipe: a reproducible pipeline from raw text to a pretrained GPT.
 
     Each subcommand is one stage of dvc.yaml; run the whole pipeline with `dvc repro`.
     """
+    if ctx.invoked_subcommand in COMMANDS and ctx.invoked_subcommand != "generate":
+        from pipeline.io import sweep_dead_temporaries
+
+        sweep_dead_temporaries(output_folders(Path("dvc.yaml")))
+
+
+def output_folders(dvc_yaml: Path) -> list[Path]:
+    """The folders a killed stage may have left a temporary in: each declared output's
+    parent, and the output itself when it is a folder (a training snapshot lives inside
+    its checkpoint folder). Empty without a dvc.yaml (a stage run by hand elsewhere)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    folders: dict[Path, None] = {}
+    for stage in (stages or {}).values():
+        if not isinstance(stage, dict):
+            continue
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                name = next(iter(entry)) if isinstance(entry, dict) else entry
+                if not isinstance(name, str) or "${" in name:
+                    continue  # templated: resolved by DVC only
+                out = dvc_yaml.parent / name
+                folders[out.parent] = None
+                folders[out] = None
+    return list(folders)
 
 
 def main() -> None:

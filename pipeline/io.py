@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,50 @@ def remove_stale_temps(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _temp_owner(name: str) -> int | None:
+    """The pid in a temporary's name (``.<name>.tmp-<pid>`` or ``.tmp-old-<pid>``)."""
+    if not name.startswith(".") or _TMP_MARK not in name:
+        return None
+    tail = name.rsplit(_TMP_MARK, 1)[1].removeprefix("old-")
+    return int(tail) if tail.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
+    """Delete temporaries in ``folders`` whose writer is dead; return what was deleted.
+
+    A stage killed mid-write leaves its temporary behind, and the stage that would clear
+    it (:func:`remove_stale_temps`) may never run again: ``dvc repro`` can restore the
+    outputs of a killed forced re-run from its run cache instead. So every stage start
+    sweeps the folders of all declared outputs. A temporary whose pid is alive belongs to a
+    running writer and stays (a recycled pid only delays the sweep to a later start).
+    """
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            pid = _temp_owner(entry.name)
+            if pid is None or _alive(pid):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -55,6 +99,22 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so that after a power loss the
+    renamed folder never holds empty or partial files (rename orders names, not data)."""
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def _write_failed(path: Path, err: OSError) -> GptpipeError:
@@ -75,6 +135,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.exists() and _exchange(tmp, path):
             # One atomic step swapped old and new; tmp now holds the old version.
             _fsync_dir(path.parent)

@@ -12,6 +12,8 @@ HEADLINES = {
     "metrics/pretrain_speed.json": ("tokens_per_second", "wall_seconds", "device"),
     "metrics/evaluate.json": ("test.bpb", "test.bigram_bpb", "test.unigram_bpb", "test.ppl",
                               "test.acc"),
+    "metrics/reward.json": ("gpt.heldout_accuracy", "baseline.heldout_accuracy"),
+    "metrics/rlhf.json": ("algo", "gold_before", "gold_after", "win_rate", "val_bpb_change_pct"),
 }
 
 
@@ -35,9 +37,11 @@ def main(root: Path = Path(".")) -> None:
         shown = ", ".join(f"{k} {_lookup(data, k)}" for k in keys if _lookup(data, k) is not None)
         print(f"  {name}: {shown}")
     print("  metrics:  metrics/*.json        (dvc metrics show)")
-    print("  plots:    dvclive/pretrain/     (dvc plots show, then open dvc_plots/index.html)")
-    print("  model:    models/pretrain/best  (model.safetensors, config.json, tokenizer.json)")
-    print("  samples:  evaluation/samples.json")
+    print("  plots:    dvclive/pretrain/, dvclive/rlhf/  (dvc plots show, then open "
+          "dvc_plots/index.html)")
+    print("  models:   models/pretrain/best  (model.safetensors, config.json, tokenizer.json);"
+          " RLHF-tuned: models/rlhf/best")
+    print("  samples:  evaluation/samples.json, evaluation/samples_rlhf.json")
     print("sample from the model:")
     print("  .venv/bin/gptpipe generate --model models/pretrain/best \"The river\"")
 

@@ -723,8 +723,6 @@ class Tuner:
             return ("the checkpoint folder holds a snapshot of a different run (other rlhf or "
                     "gold params, another device, or changed inputs)")
         step, best_step = int(info.get("step", 0)), int(info.get("best_step", 0))
-        if step >= self.rlhf.steps:
-            return "the checkpoint folder holds a finished run"
         if 0 < best_step < step and self._best_dir_step() != best_step:
             return (f"the best weights the snapshot needs (step {best_step}) are not in "
                     f"{self.state_dir / BEST_DIR}")
@@ -776,7 +774,11 @@ class Tuner:
         self.history = [(int(step), {name: float(value) for name, value in metrics.items()})
                         for step, metrics in info["history"]]
         self.resumed_from = self.step
-        print(f"rlhf: resuming from step {self.step} of {self.rlhf.steps}", flush=True)
+        if self.step >= self.rlhf.steps:  # killed after the last snapshot: no step left
+            print(f"rlhf: the checkpoint folder holds this run, finished at step {self.step}: "
+                  "writing its outputs", flush=True)
+        else:
+            print(f"rlhf: resuming from step {self.step} of {self.rlhf.steps}", flush=True)
 
     def save_state(self) -> None:
         """Snapshot the run at this step boundary, atomically (``state_dir``/snapshot).

@@ -215,8 +215,6 @@ class Trainer:
             pass
         elif info.get("fingerprint") != self.fingerprint:
             reason = "the checkpoint folder holds a snapshot of a different run"
-        elif info.get("step", 0) >= self.total_steps:
-            reason = "the checkpoint folder holds a finished run"
         if info is None or reason:
             if reason:
                 self._say(f"{reason}: starting afresh")
@@ -235,7 +233,11 @@ class Trainer:
         self.best_val_loss = float(info["best_val_loss"])
         self.best_step = int(info["best_step"])
         self.resumed_from = self.step
-        self._say(f"resuming from step {self.step} of {self.total_steps}")
+        if self.step >= self.total_steps:  # killed after the last snapshot: no step left
+            self._say(f"the checkpoint folder holds this run, finished at step {self.step}: "
+                      "writing its outputs")
+        else:
+            self._say(f"resuming from step {self.step} of {self.total_steps}")
 
     def _say(self, message: str) -> None:
         if self.runtime.is_main:

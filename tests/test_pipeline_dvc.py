@@ -7,7 +7,7 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_dvc_repo, run_cmd
+from conftest import BIN, make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,14 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     assert json.loads((repo / "metrics/pretrain.json").read_text())["steps"] == 6
     lock = (repo / "dvc.lock").read_text()
     assert "models/pretrain" in lock and "checkpoints/pretrain" in lock
+
+    # The summary `make pipeline` prints: headline metrics, where things are, how to sample.
+    summary = run_cmd([str(BIN / "python"), "-m", "pipeline.report"], repo).stdout
+    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert f"metrics/pretrain.json: val_bpb {pretrain['val_bpb']}" in summary
+    assert "metrics/rlhf.json: algo ppo" in summary and "dvc plots show" in summary
+    assert "models/pretrain/best" in summary and "models/rlhf/best" in summary
+    assert 'gptpipe generate --model models/pretrain/best "The river"' in summary
 
     # Nothing changed: nothing runs, and dvc.lock is untouched.
     assert _repro(repo) == []

@@ -151,6 +151,22 @@ def test_a_snapshot_of_other_params_is_not_resumed(token_data, tmp_path):
     assert _trainer(token_data, tmp_path / "s", lr=1e-3).resumed_from is None
 
 
+def test_a_finished_snapshot_is_not_trained_again(token_data, tmp_path, capsys):
+    """Killed after the last snapshot: the re-run only writes the outputs, same weights."""
+    first = _trainer(token_data, tmp_path / "s", steps=12)
+    first.fit(lambda log: None, lambda s, v: None)
+    capsys.readouterr()
+    again = _trainer(token_data, tmp_path / "s", steps=12)
+    assert again.resumed_from == again.step == 12
+    assert "holds this run, finished at step 12: writing its outputs" in capsys.readouterr().out
+    logged = []
+    again.fit(logged.append, lambda s, v: logged.append(s))
+    assert logged == []  # not one step trained
+    assert again.best_step == first.best_step and again.best_val_loss == first.best_val_loss
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, again.model.state_dict()[name]), name
+
+
 LONG_TRAIN = {"steps": 400, "checkpoint_every": 20, "eval_every": 100}
 WIDER = {"n_embd": 64}
 
@@ -307,3 +323,24 @@ def test_missing_val_split_is_refused(token_data, tmp_path):
     assert result.returncode != 0
     assert "has no 'val' split" in result.stderr.splitlines()[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_more_processes_than_gpus_are_refused_before_launching(monkeypatch):
+    from pipeline.errors import GptpipeError
+    from pipeline.stages.pretrain import _check_gpus_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    # As seen on a one-GPU machine, where each rank would otherwise fail on its own.
+    with pytest.raises(GptpipeError, match=r"^train.nproc_per_node = 2 but only 1 GPU\(s\) "
+                                           r"are visible; allowed: 1 \.\. 1"):
+        _check_gpus_for(2, "cuda")
+    with pytest.raises(GptpipeError, match=r"train\.nproc_per_node = 2 but only 1"):
+        _check_gpus_for(2, "auto")
+    with pytest.raises(GptpipeError, match="'cuda:0' names one GPU"):
+        _check_gpus_for(2, "cuda:0")
+    _check_gpus_for(2, "cpu")  # gloo processes on the CPU: allowed
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    _check_gpus_for(4, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _check_gpus_for(2, "auto")  # auto without a GPU means CPU processes

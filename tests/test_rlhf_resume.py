@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -117,16 +118,27 @@ def test_a_crashed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, alg
         assert tuner.controller.value != params.kl_coef
 
 
-def test_a_finished_or_foreign_snapshot_is_not_resumed(tmp_path, capsys):
+def test_a_finished_snapshot_is_not_tuned_again_and_a_foreign_one_not_resumed(tmp_path,
+                                                                                capsys):
     params = _params("dpo", 1e-2)
     train = toy_prompts(16, 1)
-    tune(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
-         toy_pairs(train, 32, 3), state_dir=tmp_path, fingerprint="run")
+    done = tune(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
+                toy_pairs(train, 32, 3), state_dir=tmp_path, fingerprint="run")
     assert json.loads((tmp_path / "snapshot/state.json").read_text())["step"] == 12
     capsys.readouterr()
-    assert _tuner(params, tmp_path).resumed_from is None
-    assert "holds a finished run: starting afresh" in capsys.readouterr().out
-    assert not tmp_path.exists()  # another run's best weights never mix with this one's
+    # Killed after the last snapshot: the re-run only writes the outputs.
+    finished = _tuner(params, tmp_path)
+    assert finished.resumed_from == 12
+    assert "holds this run, finished at step 12: writing its outputs" in capsys.readouterr().out
+    logged = []
+    again = finished.run(log=lambda step, metrics: logged.append(step))
+    assert logged == []  # not one update, not one evaluation
+    assert (again.best_step, again.history) == (done.best_step, done.history)
+    assert (again.best.gold_score, again.last.gold_score) == (done.best.gold_score,
+                                                               done.last.gold_score)
+    for name, tensor in done.best_state.items():
+        assert torch.equal(tensor, again.best_state[name]), name
+    shutil.rmtree(tmp_path)
 
     with pytest.raises(_Crash):
         _tuner(params, tmp_path).run(progress=_crash_at(5))  # unfinished: snapshot at 4
@@ -200,6 +212,9 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straig
     result = _run_stage(inputs, tmp_path)
     assert f"rlhf: resuming from step {step} of {STEPS}" in result.stdout
     assert (tmp_path / "metrics.json").read_text() == (straight / "metrics.json").read_text()
+    # dvclive's summary too, byte for byte (its keys are rewritten in a fixed order).
+    summary = "live/metrics.json"
+    assert (tmp_path / summary).read_bytes() == (straight / summary).read_bytes()
     for which in ("best", "last"):
         for name in ("model.safetensors", "config.json"):
             ours = (tmp_path / "out" / which / name).read_bytes()
@@ -212,11 +227,11 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straig
 
 
 def test_resuming_drops_plot_rows_after_the_snapshot_and_rows_cut_short(tmp_path):
-    from pipeline.stages.rlhf import _truncate_live
+    from pipeline.live import truncate_live
 
     tsv = tmp_path / "plots/metrics/eval/kl.tsv"
     tsv.parent.mkdir(parents=True)
     # The last row was cut short by a kill: "1" of "12\t0.12" would read as step 1.
     tsv.write_text("step\tkl\n" + "".join(f"{s}\t0.{s}\n" for s in range(12)) + "1")
-    _truncate_live(tmp_path, 4)
+    truncate_live(tmp_path, 4)
     assert tsv.read_text() == "step\tkl\n" + "".join(f"{s}\t0.{s}\n" for s in range(5))

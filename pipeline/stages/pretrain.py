@@ -15,7 +15,6 @@ rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pipeline.device import setup_runtime, teardown
 from pipeline.errors import GptpipeError
 from pipeline.evaluation import evaluate_split
 from pipeline.io import remove_stale_temps, write_json
+from pipeline.live import finish_live, start_live
 from pipeline.params import load_params
 from pipeline.progress import progress
 from pipeline.shards import check_matches, read_meta, read_tokens
@@ -44,40 +44,6 @@ def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
                 f"{tokens_dir}/meta.json has no '{split}' split; allowed: train, val and test"
             )
     return meta["tokenizer_sha256"]
-
-
-def _start_live(live_dir: Path, resumed_from: int | None):
-    from scmrepo.exceptions import SCMError
-
-    from dvclive import Live
-
-    class _Live(Live):
-        def _init_dvc(self) -> None:
-            # dvclive reads the git revision to name experiments; a repository with no
-            # commit yet has none, and gptpipe logs plots only, so carry on without it.
-            try:
-                super()._init_dvc()
-            except SCMError:
-                self._dvc_repo = None
-                self._dvc_file = "dvc.yaml"
-
-    if resumed_from is None:
-        shutil.rmtree(live_dir, ignore_errors=True)
-    else:
-        _truncate_live(live_dir, resumed_from)
-    # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
-    return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
-                save_dvc_exp=False, report=None)
-
-
-def _truncate_live(live_dir: Path, step: int) -> None:
-    """Drop rows logged after the snapshot we resume from, so no step appears twice."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        header, rows = lines[0], lines[1:]
-        column = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[column]) <= step]
-        tsv.write_text("\n".join([header, *kept]) + "\n")
 
 
 def run(params_path: Path, tokens_dir: Path, tokenizer_path: Path, out: Path,
@@ -105,7 +71,7 @@ def run(params_path: Path, tokens_dir: Path, tokenizer_path: Path, out: Path,
 def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: Path,
                       live_dir: Path, metrics: Path, speed: Path) -> dict:
     runtime = trainer.runtime
-    live = _start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
+    live = start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
     if runtime.is_main:
         n = trainer.model.num_parameters()
         print(f"pretrain: {n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
@@ -145,7 +111,7 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
     trainer.finish(out, tokenizer_path)
     if not runtime.is_main:
         return {}
-    live.end()
+    finish_live(live)
     steady = timed["tokens"] / timed["seconds"] if timed["seconds"] > 0 else None
     return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
 
@@ -203,12 +169,32 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
               help="Speed metrics JSON (wall time, tokens/s, GFLOP/s).")
 def main(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed):
     """Pretrain the GPT; resumes from --checkpoint after an interruption."""
-    nproc = load_params(params_path).train.nproc_per_node
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _relaunch_under_torchrun(nproc)
+    train = load_params(params_path).train
+    if train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        _check_gpus_for(train.nproc_per_node, train.device)
+        _relaunch_under_torchrun(train.nproc_per_node)
         return
     torch.set_float32_matmul_precision("high")
     run(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed)
+
+
+def _check_gpus_for(nproc: int, device: str) -> None:
+    """One DDP process per GPU: refuse, before launching, more processes than GPUs (NCCL
+    cannot put two ranks on one GPU; each rank would fail with a long traceback)."""
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return  # CPU processes (gloo) share the cores
+    if device.startswith("cuda:"):
+        raise GptpipeError(
+            f"train.device = {device!r} names one GPU but train.nproc_per_node = {nproc}; "
+            "allowed: train.device = cuda (process i uses GPU i) or auto"
+        )
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise GptpipeError(
+            f"train.nproc_per_node = {nproc} but only {count} GPU(s) are visible; allowed: "
+            f"1 .. {count} (one process per GPU), or train.device = cpu for CPU processes"
+        )
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from pipeline.evaluation import evaluate_split
 from pipeline.generate import check_tokenizer
 from pipeline.gold import GoldJudge
 from pipeline.io import atomic_dir, read_json, remove_stale_temps, sha256_file, write_json
+from pipeline.live import finish_live, start_live
 from pipeline.model import GPT
 from pipeline.params import Params, load_params
 from pipeline.preference_data import Pair, read_pairs_jsonl, visible_text
@@ -185,48 +185,6 @@ def run_fingerprint(params: Params, device: torch.device, inputs: dict[str, Path
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _start_live(live_dir: Path, resumed_from: int | None):
-    from scmrepo.exceptions import SCMError
-
-    from dvclive import Live
-
-    class _Live(Live):
-        def _init_dvc(self) -> None:
-            # As in pretrain: a repository with no commit has no revision; plots only.
-            try:
-                super()._init_dvc()
-            except SCMError:
-                self._dvc_repo = None
-                self._dvc_file = "dvc.yaml"
-
-    if resumed_from is None:
-        shutil.rmtree(live_dir, ignore_errors=True)
-    else:
-        _truncate_live(live_dir, resumed_from)
-    # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
-    return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
-                 save_dvc_exp=False, report=None)
-
-
-def _truncate_live(live_dir: Path, step: int) -> None:
-    """Drop rows logged after the snapshot we resume from, so no step appears twice (as
-    pretrain does). A row a kill cut short cannot be trusted either: it goes too."""
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        lines = tsv.read_text().splitlines()
-        if not lines:
-            continue
-        header, rows = lines[0], lines[1:]
-        columns = header.split("\t")
-        column = columns.index("step")
-        kept = []
-        for row in rows:
-            cells = row.split("\t")
-            if len(cells) == len(columns) and cells[column].isdigit() \
-                    and int(cells[column]) <= step:
-                kept.append(row)
-        tsv.write_text("\n".join([header, *kept]) + "\n")
-
-
 def _val_bpb(model: GPT, val_tokens: np.ndarray, meta: dict, batch: int,
              device: torch.device) -> float:
     scores = evaluate_split(model, val_tokens, meta["splits"]["val"]["bytes"],
@@ -304,7 +262,7 @@ def _tune_and_report(params: Params, policy: GPT, reward_model, judge: GoldJudge
     tuner = Tuner(policy, rlhf, reward_model.score_ids, gold, train_prompts, eval_prompts,
                   pairs, checkpoint, fingerprint)
     remove_stale_temps(out)
-    live = _start_live(live_dir, tuner.resumed_from)
+    live = start_live(live_dir, tuner.resumed_from)
     bar = progress(total=rlhf.steps, desc="rlhf", unit="step", initial=tuner.step)
 
     def log(step: int, metrics: dict[str, float]) -> None:
@@ -320,7 +278,7 @@ def _tune_and_report(params: Params, policy: GPT, reward_model, judge: GoldJudge
         result = tuner.run(log=log, progress=lambda step: bar.update(1))
     finally:
         bar.close()
-    live.end()
+    finish_live(live)
     del reward_model
 
     meta = {"tokenizer_sha256": tokenizer.sha256, "vocab_kind": raw.get("vocab_kind")}

@@ -1,0 +1,78 @@
+"""Atomic outputs: temporaries of dead writers swept at every stage start, data flushed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import REPO_ROOT
+
+from pipeline import io
+from pipeline.cli import cli, output_folders
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_sweep_removes_only_the_temporaries_of_dead_writers(tmp_path):
+    dead, alive = _dead_pid(), os.getpid()
+    (tmp_path / f".tokens.tmp-{dead}").mkdir()
+    (tmp_path / f".tokens.tmp-{dead}" / "part-0.parquet").write_bytes(b"half")
+    (tmp_path / f".ingest.json.tmp-{dead}").write_text("{")
+    (tmp_path / f".snapshot.tmp-old-{dead}").mkdir()
+    kept = [f".vocab.tmp-{alive}", "tokens", ".gitignore", ".notes.tmp-draft"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+    removed = io.sweep_dead_temporaries([tmp_path, tmp_path / "absent"])
+    assert sorted(p.name for p in removed) == sorted(
+        [f".tokens.tmp-{dead}", f".ingest.json.tmp-{dead}", f".snapshot.tmp-old-{dead}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_output_folders_are_every_declared_output_and_its_parent():
+    folders = {p.relative_to(REPO_ROOT).as_posix()
+               for p in output_folders(REPO_ROOT / "dvc.yaml")}
+    for expected in ("data", "data/tokens", "models", "checkpoints/pretrain",
+                     "checkpoints/rlhf", "metrics", "dvclive/rlhf", "evaluation"):
+        assert expected in folders, expected
+    assert not any("${" in name for name in folders)
+    assert output_folders(REPO_ROOT / "no-such-dvc.yaml") == []
+
+
+def test_a_stage_start_sweeps_what_a_killed_stage_left(tmp_path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  tokenize:\n    cmd: gptpipe tokenize\n    outs:\n      - data/tokens\n")
+    leftover = tmp_path / "data" / f".tokens.tmp-{_dead_pid()}"
+    leftover.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["generate", "--help"])
+    assert result.exit_code == 0 and leftover.exists()  # not a stage: sweeps nothing
+    result = CliRunner().invoke(cli, ["split", "--help"])
+    assert result.exit_code == 0, result.output
+    assert not leftover.exists()
+
+
+def test_atomic_dir_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    out = tmp_path / "out"
+    with io.atomic_dir(out) as tmp:
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+        temporary = tmp
+    names = {Path(p).relative_to(temporary).as_posix() for p in synced
+             if p.startswith(str(temporary))}
+    assert {"a.bin", "sub/b.bin", "sub"} <= names
+    assert (out / "sub" / "b.bin").read_bytes() == b"b"
