@@ -125,7 +125,9 @@ def main() -> None:
     rerun_total, _, rerun_stages = timed(["dvc", "exp", "run", "-S", args.change], repo, log)
     excerpts = "\n".join(capture(c, repo) for c in (
         ["dvc", "params", "diff"], ["dvc", "metrics", "diff"],
-        ["dvc", "exp", "show", "--no-pager", "--only-changed", "--drop", "Created"]))
+        ["dvc", "exp", "show", "--md", "--drop", ".*", "--keep",
+         "Experiment|train.lr|metrics/evaluate.json:test.bpb|gpt.heldout_accuracy|"
+         "gold_after|win_rate"]))
     (work / "experiment.txt").write_text(excerpts)
 
     rerun = dict(rerun_stages)

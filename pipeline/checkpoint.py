@@ -45,7 +45,8 @@ def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _safe_load(path: Path) -> dict[str, torch.Tensor]:
+def safe_load(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never a pickle: a planted one is refused)."""
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
@@ -110,7 +111,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     directory = Path(directory)
     config, meta = read_config(directory)
     model = GPT(config)
-    state = _safe_load(directory / WEIGHTS)
+    state = safe_load(directory / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -178,7 +179,7 @@ def load_training_state(
     """Restore model and optimizer in place; return (rng states, info)."""
     directory = Path(directory)
     info = _read_json(directory / STATE_JSON)
-    tensors = _safe_load(directory / STATE_TENSORS)
+    tensors = safe_load(directory / STATE_TENSORS)
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]

@@ -36,9 +36,9 @@ import torch
 from pipeline.checkpoint import (
     TOKENIZER,
     WEIGHTS,
-    _safe_load,
     load_model,
     read_config,
+    safe_load,
     write_model_files,
 )
 from pipeline.errors import GptpipeError
@@ -209,7 +209,7 @@ def load_reward_model(directory: str | Path, device: torch.device | str = "cpu")
         raise GptpipeError(f"{directory}: a model of kind {raw.get('kind')!r}; allowed: a "
                            "reward model written by gptpipe reward")
     model = RewardModel(GPT(config))
-    state = _safe_load(directory / WEIGHTS)
+    state = safe_load(directory / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "body.lm_head.weight"]
     if missing or unexpected:

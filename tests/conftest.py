@@ -84,3 +84,36 @@ def tiny_corpus(tmp_path: Path) -> Path:
     for index, text in enumerate(synthetic_documents(240)):
         (corpus / f"doc{index:04d}.txt").write_text(text + "\n", encoding="utf-8")
     return corpus
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine torch's spinning
+    threads make them 10x slower; one thread keeps each test to seconds. Modules of tiny
+    models use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_checkpoint(root: Path, texts: list[str], kind: str, n_layer: int) -> Path:
+    """``root/tokenizer.json`` (a ``kind`` vocabulary of ``texts``) and ``root/model``, a
+    randomly initialised GPT (seed 0, 32 wide, context 64) saved as a checkpoint."""
+    import torch
+
+    from pipeline.checkpoint import save_model
+    from pipeline.model import GPT, GPTConfig
+    from pipeline.params import VocabParams
+    from pipeline.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(VocabParams(kind=kind, min_freq=1), texts)
+    tokenizer.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=n_layer,
+                       n_head=2, n_embd=32)
+    save_model(root / "model", GPT(config), config, {"tokenizer_sha256": tokenizer.sha256},
+               root / "tokenizer.json")
+    return root

@@ -6,18 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
-from conftest import REPO_ROOT, synthetic_documents
+from conftest import REPO_ROOT, save_tiny_checkpoint, synthetic_documents
 
-from pipeline.checkpoint import save_model
 from pipeline.cli import cli
 from pipeline.doctable import DocumentWriter
 from pipeline.errors import GptpipeError
 from pipeline.gold import GoldJudge
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import GoldParams, PreferencesParams, VocabParams
+from pipeline.params import GoldParams, PreferencesParams
 from pipeline.preference_data import (
     Pair,
     builtin_pairs,
@@ -25,7 +22,8 @@ from pipeline.preference_data import (
     read_pairs_jsonl,
     write_pairs_jsonl,
 )
-from pipeline.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EXAMPLE_FILE = REPO_ROOT / "data" / "builtin" / "example-preferences.jsonl"
 GOOD = {"prompt": "The river", "chosen": " flows to the sea.", "rejected": " the the the"}
@@ -34,29 +32,12 @@ GOOD = {"prompt": "The river", "chosen": " flows to the sea.", "rejected": " the
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy machine torch's spinning
-    threads make them 10x slower; one thread keeps each test to seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory) -> Path:
     """A char tokenizer, a random 1-layer GPT saved as a checkpoint, and a val table."""
     root = tmp_path_factory.mktemp("prefs")
     documents = synthetic_documents(60, seed=5)
-    tokenizer = train_tokenizer(VocabParams(kind="char", min_freq=1), documents)
-    tokenizer.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=1, n_head=2,
-                       n_embd=32)
-    model = GPT(config)
-    save_model(root / "model", model, config, {"tokenizer_sha256": tokenizer.sha256},
-               root / "tokenizer.json")
+    save_tiny_checkpoint(root, documents, kind="char", n_layer=1)
     (root / "val").mkdir()
     with DocumentWriter(root / "val") as writer:
         for index, text in enumerate(documents[:40]):

@@ -11,14 +11,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import synthetic_documents
+from conftest import save_tiny_checkpoint, synthetic_documents
 
-from pipeline.checkpoint import read_config, save_model
+from pipeline.checkpoint import read_config
 from pipeline.cli import cli
 from pipeline.errors import GptpipeError
 from pipeline.io import write_json
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import RewardParams, VocabParams
+from pipeline.params import RewardParams
 from pipeline.preference_data import Pair, heldout_split, write_pairs_jsonl
 from pipeline.reward_model import (
     RewardModel,
@@ -31,7 +30,9 @@ from pipeline.reward_model import (
     save_reward_model,
     train_reward_model,
 )
-from pipeline.tokenizer import BOS_ID, EOS_ID, load_tokenizer, train_tokenizer
+from pipeline.tokenizer import BOS_ID, EOS_ID, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MARKER = "excellent"
 WORDS = (  # noqa: SIM905 - one readable block of words
@@ -53,29 +54,12 @@ def toy_pairs(count: int, seed: int = 0) -> list[Pair]:
     return pairs
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy machine torch's spinning
-    threads make them 10x slower; one thread keeps each test to seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
     """A word tokenizer (MARKER is one token) and a random 2-layer GPT checkpoint."""
     root = tmp_path_factory.mktemp("reward")
     texts = [*synthetic_documents(40, seed=1), *(f"{p.prompt}{p.chosen}" for p in toy_pairs(50))]
-    tokenizer = train_tokenizer(VocabParams(kind="word", min_freq=1), texts)
-    tokenizer.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=2, n_head=2,
-                       n_embd=32)
-    save_model(root / "model", GPT(config), config, {"tokenizer_sha256": tokenizer.sha256},
-               root / "tokenizer.json")
-    return root
+    return save_tiny_checkpoint(root, texts, kind="word", n_layer=2)
 
 
 # ---------------------------------------------------------------------------- encoding

@@ -63,19 +63,17 @@ from pipeline.errors import GptpipeError
 from pipeline.evaluation import evaluate_split
 from pipeline.generate import check_tokenizer
 from pipeline.gold import GoldJudge
-from pipeline.io import atomic_dir, read_json, remove_stale_temps, sha256_file, write_json
+from pipeline.io import atomic_dir, remove_stale_temps, sha256_file, write_json
 from pipeline.live import finish_live, start_live
 from pipeline.model import GPT
 from pipeline.params import Params, load_params
-from pipeline.preference_data import Pair, read_pairs_jsonl, visible_text
+from pipeline.preference_data import Pair, read_pairs_dir, visible_text
 from pipeline.progress import progress
 from pipeline.reward_model import load_reward_model
 from pipeline.rlhf import EncodedPair, Tuner, TuneResult, win_rate
 from pipeline.shards import read_meta, read_tokens
 from pipeline.tokenizer import BOS_ID, TextTokenizer, load_tokenizer
 
-TRAIN_FILE = "train.jsonl"
-HELDOUT_FILE = "heldout.jsonl"
 META_FILE = "meta.json"
 
 
@@ -107,18 +105,11 @@ def _check_reward_dir(reward_dir: Path, sha: str, model_dir: Path) -> None:
 def _read_pairs(pairs_dir: Path, sha: str, model_dir: Path) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out) pairs, once meta.json shows they were sampled with our tokenizer
     (a file source records none: text carries no tokenizer)."""
-    if not pairs_dir.is_dir():
-        raise GptpipeError(f"{pairs_dir}: preference pairs folder not found (run gptpipe "
-                           "preferences first)")
-    meta_path = pairs_dir / META_FILE
-    meta = read_json(meta_path) if meta_path.is_file() else {}
-    if not isinstance(meta, dict):
-        raise GptpipeError(f"{meta_path}: a JSON {type(meta).__name__}; allowed: an object")
+    train, heldout, meta = read_pairs_dir(pairs_dir)
     if meta.get("tokenizer_sha256") is not None:
-        _other_tokenizer(meta_path, "the pairs were sampled by a model", meta["tokenizer_sha256"],
-                         sha, model_dir)
-    return (read_pairs_jsonl(pairs_dir / TRAIN_FILE, min_pairs=1),
-            read_pairs_jsonl(pairs_dir / HELDOUT_FILE, min_pairs=1))
+        _other_tokenizer(pairs_dir / META_FILE, "the pairs were sampled by a model",
+                         meta["tokenizer_sha256"], sha, model_dir)
+    return train, heldout
 
 
 def _check_tokens(tokens_dir: Path, sha: str, model_dir: Path) -> dict[str, Any]:
