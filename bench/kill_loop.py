@@ -6,8 +6,10 @@ synthetic corpus of ``--docs`` documents, and pretraining long enough to be kill
 between snapshots), the script first runs the whole pipeline once, timing each stage. Then,
 for every stage of dvc.yaml in pipeline order (or those of ``--stages``), in each round:
 
-1. forces the stage to run again with ``dvc repro -s -f STAGE`` (a finished pretraining
-   snapshot is not resumed: the forced run trains afresh), in its own process group;
+1. forces the stage to run again with ``dvc repro -s -f STAGE``, in its own process
+   group. For pretrain and rlhf the checkpoint folder is emptied first: a finished
+   snapshot of the same run would otherwise be found and the outputs written without
+   training (which is what a kill after the last snapshot needs), leaving nothing to kill;
 2. kills the whole group (dvc and the stage command under it) with SIGKILL at a random
    point (seeded): after a delay uniform over the stage's duration in the first run,
    counted from the "Running stage" line. A stage that declares a persist
@@ -26,11 +28,12 @@ for every stage of dvc.yaml in pipeline order (or those of ``--stages``), in eac
    md5 of that listing), that every cached output of dvc.lock is in the cache, and that
    dvc.lock records the same output hashes as before the kill (except the run-to-run
    varying ones; a JSON file with the same values in another key order is noted, not
-   failed). A temporary (``.<name>.tmp-<pid>``) the kill left and the re-run did
-   not remove is reported as leaked ("yes, a temporary leaked"): it wastes disk space but
-   no output is wrong. That happens when DVC restores the stage's outputs from its run
-   cache instead of running it (a stage without persist outputs whose deps and params
-   were run before, as a forced re-run's are), so the stage never gets to clean up;
+   failed). A temporary (``.<name>.tmp-<pid>``) the kill left stays when DVC restores
+   the stage's outputs from its run cache instead of running it (a stage without persist
+   outputs whose deps and params were run before, as a forced re-run's are); every stage
+   start sweeps such temporaries, so one more stage is then run (``dvc repro -s -f
+   ingest``, deterministic, so it changes nothing) and a temporary still there after it
+   is reported as leaked ("yes, a temporary leaked");
 5. for pretrain and rlhf, whether the re-run resumed ("resuming from step" in its output).
    rlhf is reported "did not resume" when dvc.yaml declares no persist checkpoints/ output
    for it (no resume to expect), rather than as a failure.
@@ -240,7 +243,17 @@ def _declared_outs(repo: Path) -> tuple[list[str], list[Out]]:
     return list(stages), outs
 
 
+def _lock_readable(repo: Path) -> bool:
+    try:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(lock, dict) and isinstance(lock.get("stages"), dict)
+
+
 def _lock_outs(repo: Path) -> dict[str, str]:
+    if not _lock_readable(repo):
+        return {}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     return {out["path"]: out.get("md5", "") for entry in lock.values()
             for out in entry.get("outs", [])}
@@ -368,6 +381,8 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
     before = {o.path: _digest(repo / o.path) for o in outs}
     before_json = {o.path: _load_json(repo / o.path) for o in outs if o.path.endswith(".json")}
 
+    if persist_ckpt:
+        shutil.rmtree(repo / persist_ckpt[0].path, ignore_errors=True)  # see step 1
     log = logs / f"{stage}-{row.round}-killed.log"
     process = _start(["dvc", "repro", "-s", "-f", stage], repo, log)
     try:
@@ -402,6 +417,13 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
     if half:
         row.notes.append("half-written after the kill: " + ", ".join(half))
 
+    if not _lock_readable(repo):
+        # DVC rewrites dvc.lock in place (open "w+", then dump): a kill between the two
+        # leaves it empty or cut, and `dvc repro` then stops with "'./dvc.lock'
+        # validation failed". The README's remedy: remove it (or git checkout it); the
+        # re-run restores every stage from DVC's run cache.
+        row.notes.append("the kill cut DVC's own rewrite of dvc.lock; removed it (README)")
+        (repo / "dvc.lock").unlink()
     started = time.monotonic()
     result = _run(["dvc", "repro"], repo)
     row.seconds = time.monotonic() - started
@@ -414,8 +436,15 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
         problems.append("dvc status: " + " ".join(status.stdout.split())[:200])
     if "is cached - skipping run" in result.stdout:
         row.notes.append("the re-run restored the outputs from DVC's run cache")
-    # A temporary still there after the re-run leaks disk space but harms no output.
-    row.leaked = [t for t in _temporaries(repo) if t in left]
+    # A temporary the re-run left (a run-cache restore runs no stage) must go at the
+    # next stage start; one still there after that leaks disk space.
+    remaining = [t for t in _temporaries(repo) if t in left]
+    if remaining:
+        swept = _run(["dvc", "repro", "-s", "-f", "ingest"], repo)
+        row.leaked = [t for t in _temporaries(repo) if t in left]
+        if swept.returncode == 0 and not row.leaked:
+            row.notes.append("the next stage start (dvc repro -s -f ingest) removed "
+                             + ", ".join(remaining))
     problems += _cache_problems(repo, outs)
     after_lock = _lock_outs(repo)
     changed = sorted(p for p in before_lock if p not in VARYING
@@ -435,7 +464,7 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
     if stage in RESUMABLE_BY_DESIGN:
         row.resumed = _resumed(repo, stage, persist_ckpt, snapshot, result.stdout, row)
     if row.leaked:
-        row.notes.append("still there after the re-run: " + ", ".join(row.leaked))
+        row.notes.append("still there after the next stage run: " + ", ".join(row.leaked))
 
 
 def _budget(repo: Path, stage: str) -> tuple[int, int]:
@@ -448,6 +477,8 @@ def _resumed(repo: Path, stage: str, persist_ckpt: list[Out], snapshot: dict | N
              output: str, row: Row) -> str:
     if not persist_ckpt:
         return f"did not resume (dvc.yaml declares no checkpoints/{stage})"
+    if "holds this run, finished at step" in output:
+        return "yes, finished snapshot: outputs written without training"
     if "resuming from step" in output:
         line = next(x for x in output.splitlines() if "resuming from step" in x)
         return "yes, " + line.split("resuming ", 1)[1].strip()

@@ -262,6 +262,23 @@ def test_a_kill_of_a_forced_rerun_is_restored_from_the_run_cache(data_repo, tmp_
     assert _lock_outs(repo, DATA_STAGES) == before
 
 
+def test_a_dvc_lock_cut_by_a_kill_is_recovered_from_the_run_cache(data_repo, tmp_path):
+    """DVC rewrites dvc.lock in place: a kill between its truncate and its write leaves it
+    empty (seen once in bench/kill_loop.py). `dvc repro` then refuses to start; the
+    README's remedy, removing the file, restores every stage from the run cache."""
+    repo = _clone(data_repo, tmp_path / "cut")
+    before = _lock_outs(repo, DATA_STAGES)
+    (repo / "dvc.lock").write_text("")
+    refused = run_cmd(["dvc", "repro", "tokenize"], repo, check=False)
+    assert refused.returncode != 0
+    assert "dvc.lock' validation failed" in refused.stdout + refused.stderr
+    (repo / "dvc.lock").unlink()
+    result = run_cmd(["dvc", "repro", "tokenize"], repo)
+    assert "Running stage" not in result.stdout  # every stage restored, none re-run
+    assert _lock_outs(repo, DATA_STAGES) == before
+    assert UP_TO_DATE in run_cmd(["dvc", "status", "--with-deps", "tokenize"], repo).stdout
+
+
 # ------------------------------------------------------------------- b: a full disk
 
 _ENOSPC_MESSAGE = "Error writing bytes to file. Detail: [errno 28] No space left on device"
