@@ -81,19 +81,24 @@ def output_folders(dvc_yaml: Path) -> list[Path]:
     import yaml
 
     try:
-        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages")
-    except (OSError, yaml.YAMLError, AttributeError):
+        document = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    stages = document.get("stages") if isinstance(document, dict) else None
+    if not isinstance(stages, dict):
         return []
     folders: dict[Path, None] = {}
-    for stage in (stages or {}).values():
-        if not isinstance(stage, dict):
-            continue
+    for stage in stages.values():
+        if not isinstance(stage, dict) or "foreach" in stage or "matrix" in stage:
+            continue  # generated stages: their outputs are DVC's to resolve
+        wdir = dvc_yaml.parent / str(stage.get("wdir", "."))
         for key in ("outs", "metrics", "plots"):
-            for entry in stage.get(key) or []:
-                name = next(iter(entry)) if isinstance(entry, dict) else entry
+            entries = stage.get(key)
+            for entry in entries if isinstance(entries, list) else []:
+                name = next(iter(entry), None) if isinstance(entry, dict) else entry
                 if not isinstance(name, str) or "${" in name:
                     continue  # templated: resolved by DVC only
-                out = dvc_yaml.parent / name
+                out = wdir / name
                 folders[out.parent] = None
                 folders[out] = None
     return list(folders)

@@ -46,7 +46,18 @@ def _temp_owner(name: str) -> int | None:
     if not name.startswith(".") or _TMP_MARK not in name:
         return None
     tail = name.rsplit(_TMP_MARK, 1)[1].removeprefix("old-")
-    return int(tail) if tail.isdigit() else None
+    if not tail.isascii() or not tail.isdigit():
+        return None
+    pid = int(tail)
+    return pid if 0 < pid <= _pid_max() else None  # a date or a number that is no pid
+
+
+@functools.cache
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 4_194_304  # Linux's upper bound; other systems use less
 
 
 def _alive(pid: int) -> bool:
@@ -54,7 +65,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
+    except (PermissionError, OverflowError):  # someone else's process: alive
         return True
     return True
 
@@ -66,21 +77,29 @@ def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
     it (:func:`remove_stale_temps`) may never run again: ``dvc repro`` can restore the
     outputs of a killed forced re-run from its run cache instead. So every stage start
     sweeps the folders of all declared outputs. A temporary whose pid is alive belongs to a
-    running writer and stays (a recycled pid only delays the sweep to a later start).
+    running writer and stays (a recycled pid only delays the sweep to a later start). The
+    pid is this machine's: a workspace shared with writers on other machines or in other
+    pid namespaces at the same moment is not supported (DVC's own repository lock assumes
+    one writer too). Best effort: a folder or entry that cannot be read or removed is
+    left alone.
     """
     removed = []
     for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
+        try:
+            entries = list(Path(folder).iterdir())
+        except OSError:  # absent, not a folder, or unreadable
             continue
-        for entry in folder.iterdir():
+        for entry in entries:
             pid = _temp_owner(entry.name)
             if pid is None or _alive(pid):
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError:
+                continue
             removed.append(entry)
     return removed
 
@@ -234,6 +253,22 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """The sha256 of gptpipe's own source (every ``pipeline/**/*.py``, names and bytes).
+
+    Part of a training snapshot's fingerprint: DVC re-runs a stage when its code changes,
+    and a snapshot written by other code must not then be resumed, nor a finished one's
+    outputs reused, as if the new code had produced them.
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 

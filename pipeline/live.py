@@ -2,8 +2,10 @@
 
 A resumed run must leave the same files as an uninterrupted one: rows logged after the
 snapshot being resumed are dropped (a step must not appear twice), and the summary
-(``metrics.json``) is rewritten with sorted keys at the end, because dvclive orders its
-keys by first use, which a resume changes.
+(``metrics.json``) is rebuilt at the end from the last row of every plot file, with
+sorted keys. dvclive's own summary holds only what this process logged, in the order it
+was first logged, so a resumed run (or one that found its run finished and logged
+nothing) would get another summary.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def start_live(live_dir: Path, resumed_from: int | None) -> Any:
         shutil.rmtree(live_dir, ignore_errors=True)
     else:
         truncate_live(live_dir, resumed_from)
+        summary = Path(live_dir) / "metrics.json"
+        try:  # dvclive reads it on resume; a kill may have cut it (rebuilt at the end)
+            json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            summary.unlink(missing_ok=True)
     # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
     return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
                  save_dvc_exp=False, report=None)
@@ -52,6 +59,9 @@ def truncate_live(live_dir: Path, step: int) -> None:
             continue
         header, rows = lines[0], lines[1:]
         columns = header.split("\t")
+        if "step" not in columns:  # a header cut by a kill: nothing in it to keep
+            tsv.unlink()
+            continue
         column = columns.index("step")
         kept = []
         for row in rows:
@@ -63,8 +73,35 @@ def truncate_live(live_dir: Path, step: int) -> None:
 
 
 def finish_live(live: Any) -> None:
-    """End the log and rewrite its summary in a fixed key order (see the module doc)."""
+    """End the log and rebuild its summary from the plot files (see the module doc)."""
     live.end()
-    summary = Path(live.metrics_file)
-    if summary.is_file():
-        write_json(summary, json.loads(summary.read_text(encoding="utf-8")))
+    summary = summary_from_plots(Path(live.dir))
+    if summary:
+        write_json(live.metrics_file, summary)
+
+
+def summary_from_plots(live_dir: Path) -> dict[str, Any]:
+    """dvclive's summary layout: each metric's last value, nested by its ``/`` path, and
+    ``step``, the last step logged. Empty when there is no plot file."""
+    summary: dict[str, Any] = {}
+    last_step = None
+    folder = Path(live_dir) / "plots" / "metrics"
+    for tsv in sorted(folder.rglob("*.tsv")):
+        lines = tsv.read_text().splitlines()
+        if len(lines) < 2:
+            continue
+        columns, cells = lines[0].split("\t"), lines[-1].split("\t")
+        row = dict(zip(columns, cells, strict=False))
+        name = tsv.relative_to(folder).with_suffix("").as_posix()
+        value = row.get(name.rsplit("/", 1)[-1])
+        if value is None or not row.get("step", "").isdigit():
+            continue
+        node = summary
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = float(value)
+        last_step = max(last_step or 0, int(row["step"]))
+    if last_step is not None:
+        summary["step"] = last_step
+    return summary

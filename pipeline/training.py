@@ -38,7 +38,7 @@ from pipeline.checkpoint import (
 )
 from pipeline.device import Runtime
 from pipeline.errors import GptpipeError
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, source_digest
 from pipeline.model import GPT, GPTConfig
 from pipeline.params import ModelParams, TrainParams
 from pipeline.schedule import lr_at
@@ -77,14 +77,25 @@ def total_steps(train: TrainParams, context: int, world_size: int) -> int:
     return train.steps
 
 
-def run_fingerprint(model: ModelParams, train: TrainParams, data: dict, world: int) -> str:
-    """What a snapshot must share with this run to be resumed (cadence params excluded)."""
-    cadence = {"eval_every", "eval_windows", "checkpoint_every", "log_every", "compile"}
+CADENCE_PARAMS = frozenset({"eval_every", "eval_windows", "checkpoint_every", "log_every",
+                            "compile"})
+
+
+def run_fingerprint(model: ModelParams, train: TrainParams, data: dict, world: int,
+                    with_cadence: bool = False) -> str:
+    """What a snapshot must share with this run to be resumed (params, data, code).
+
+    Cadence params are left out, so a run stopped half-way may go on with another eval or
+    snapshot cadence. A finished snapshot stands for the whole run's outputs (best model,
+    logs), so reusing it needs every param equal: ``with_cadence=True``.
+    """
     body = {
         "model": asdict(model),
-        "train": {k: v for k, v in asdict(train).items() if k not in cadence},
+        "train": {k: v for k, v in asdict(train).items()
+                  if with_cadence or k not in CADENCE_PARAMS},
         "data": data,
         "world_size": world,
+        "code": source_digest(),  # another gptpipe version: another run (io.source_digest)
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -154,6 +165,9 @@ class Trainer:
         self.fingerprint = run_fingerprint(
             model_params, train, data_fingerprint, runtime.world_size
         )
+        self.full_fingerprint = run_fingerprint(
+            model_params, train, data_fingerprint, runtime.world_size, with_cadence=True
+        )
         # Model init draws from the global generator: seed it from params.
         torch.manual_seed(train.seed)
         self.model = GPT(self.config).to(runtime.device)
@@ -215,6 +229,10 @@ class Trainer:
             pass
         elif info.get("fingerprint") != self.fingerprint:
             reason = "the checkpoint folder holds a snapshot of a different run"
+        elif (info.get("step", 0) >= self.total_steps
+              and info.get("full_fingerprint") != self.full_fingerprint):
+            reason = ("the checkpoint folder holds a run finished with another eval, log or "
+                      "snapshot cadence")
         if info is None or reason:
             if reason:
                 self._say(f"{reason}: starting afresh")
@@ -253,6 +271,7 @@ class Trainer:
                 "best_step": self.best_step,
                 "batches_drawn": sampler_state["batches_drawn"],
                 "fingerprint": self.fingerprint,
+                "full_fingerprint": self.full_fingerprint,
             }
             save_training_state(
                 self.state_dir / SNAPSHOT_DIR, self.model, self.optimizer,

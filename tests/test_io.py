@@ -14,9 +14,13 @@ from pipeline.cli import cli, output_folders
 
 
 def _dead_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
+    """The pid of a process that has exited (and, checked, not been reused since)."""
+    for _ in range(20):
+        process = subprocess.Popen(["true"])
+        process.wait()
+        if not io._alive(process.pid):
+            return process.pid
+    raise AssertionError("no dead pid found")
 
 
 def test_sweep_removes_only_the_temporaries_of_dead_writers(tmp_path):
@@ -25,7 +29,10 @@ def test_sweep_removes_only_the_temporaries_of_dead_writers(tmp_path):
     (tmp_path / f".tokens.tmp-{dead}" / "part-0.parquet").write_bytes(b"half")
     (tmp_path / f".ingest.json.tmp-{dead}").write_text("{")
     (tmp_path / f".snapshot.tmp-old-{dead}").mkdir()
-    kept = [f".vocab.tmp-{alive}", "tokens", ".gitignore", ".notes.tmp-draft"]
+    # A live writer's, an output, other files, and names whose tail is no pid (a date
+    # above pid_max, non-ASCII digits): none of them is a dead writer's temporary.
+    kept = [f".vocab.tmp-{alive}", "tokens", ".gitignore", ".notes.tmp-draft",
+            ".notes.tmp-20240101999", ".x.tmp-\u00b2", ".y.tmp-0"]
     for name in kept:
         (tmp_path / name).mkdir()
     removed = io.sweep_dead_temporaries([tmp_path, tmp_path / "absent"])
@@ -42,6 +49,17 @@ def test_output_folders_are_every_declared_output_and_its_parent():
         assert expected in folders, expected
     assert not any("${" in name for name in folders)
     assert output_folders(REPO_ROOT / "no-such-dvc.yaml") == []
+
+
+def test_output_folders_of_an_unusual_dvc_yaml_never_crash(tmp_path):
+    dvc_yaml = tmp_path / "dvc.yaml"
+    for text in ("", "[1, 2]", "stages: [a, b]", "stages:\n  s: 3\n",
+                 "stages:\n  s:\n    outs: [{}, 7, null]\n", "{{{"):
+        dvc_yaml.write_text(text)
+        assert output_folders(dvc_yaml) == [], text
+    dvc_yaml.write_text("stages:\n  s:\n    wdir: sub\n    outs: [out/x]\n"
+                        "  t:\n    foreach: [1, 2]\n    do: {cmd: c, outs: [y]}\n")
+    assert output_folders(dvc_yaml) == [tmp_path / "sub/out", tmp_path / "sub/out/x"]
 
 
 def test_a_stage_start_sweeps_what_a_killed_stage_left(tmp_path, monkeypatch):

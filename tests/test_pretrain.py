@@ -167,6 +167,32 @@ def test_a_finished_snapshot_is_not_trained_again(token_data, tmp_path, capsys):
         assert torch.equal(tensor, again.model.state_dict()[name]), name
 
 
+def test_a_snapshot_written_by_other_code_is_not_resumed(token_data, tmp_path, capsys,
+                                                        monkeypatch):
+    """DVC re-runs pretrain when gptpipe's code changes; the old code's snapshot, finished
+    or not, must not stand in for what the new code would train."""
+    import pipeline.training
+
+    first = _trainer(token_data, tmp_path / "s", steps=12)
+    first.fit(lambda log: None, lambda s, v: None)
+    monkeypatch.setattr(pipeline.training, "source_digest", lambda: "edited code")
+    capsys.readouterr()
+    assert _trainer(token_data, tmp_path / "s", steps=12).resumed_from is None
+    assert "snapshot of a different run: starting afresh" in capsys.readouterr().out
+
+
+def test_a_finished_snapshot_with_another_cadence_trains_again(token_data, tmp_path, capsys):
+    """An unfinished run may go on with another eval cadence; a finished one stands for
+    the whole run's outputs (best model, logs), so another cadence means a new run."""
+    first = _trainer(token_data, tmp_path / "s", steps=12)
+    first.fit(lambda log: None, lambda s, v: None)
+    capsys.readouterr()
+    other = _trainer(token_data, tmp_path / "s", steps=12, eval_every=3)
+    assert other.resumed_from is None
+    assert "finished with another eval, log or snapshot cadence: starting afresh" in (
+        capsys.readouterr().out)
+
+
 LONG_TRAIN = {"steps": 400, "checkpoint_every": 20, "eval_every": 100}
 WIDER = {"n_embd": 64}
 
@@ -344,3 +370,4 @@ def test_more_processes_than_gpus_are_refused_before_launching(monkeypatch):
     _check_gpus_for(4, "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _check_gpus_for(2, "auto")  # auto without a GPU means CPU processes
+    _check_gpus_for(2, "cuda")  # no GPU at all: the device check says so, in each rank

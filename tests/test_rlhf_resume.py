@@ -226,6 +226,27 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straig
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_a_kill_after_the_last_snapshot_only_writes_the_outputs(inputs, straight, tmp_path):
+    """Killed between the final snapshot and the outputs (here: the outputs and dvclive's
+    summary removed after a finished run): the re-run trains nothing and writes the same
+    bytes as the uninterrupted run, dvclive's summary included."""
+    work = tmp_path / "work"
+    shutil.copytree(straight, work)
+    shutil.rmtree(work / "out")
+    (work / "metrics.json").unlink()
+    (work / "live/metrics.json").unlink()
+    result = _run_stage(inputs, work)
+    assert f"rlhf: the checkpoint folder holds this run, finished at step {STEPS}" in (
+        result.stdout)
+    for name in ("metrics.json", "live/metrics.json"):
+        assert (work / name).read_bytes() == (straight / name).read_bytes(), name
+    for which in ("best", "last"):
+        for name in ("model.safetensors", "config.json"):
+            assert (work / "out" / which / name).read_bytes() == (
+                straight / "out" / which / name).read_bytes(), (which, name)
+    assert _plots(work) == _plots(straight)
+
+
 def test_resuming_drops_plot_rows_after_the_snapshot_and_rows_cut_short(tmp_path):
     from pipeline.live import truncate_live
 

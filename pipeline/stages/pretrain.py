@@ -138,15 +138,18 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
         "parameters": trainer.model.num_parameters(),
     }
     write_json(metrics, result)
+    trained = steps_run > 0  # else a finished snapshot was only written out: no speed
     write_json(speed, {
         "device": runtime.describe(),
         "wall_seconds": round(wall, 2),
-        "tokens_per_second": round(tokens_per_second, 1),
-        "gflops_per_second": round(trainer.model.flops_per_token() * tokens_per_second / 1e9, 2),
+        "tokens_per_second": round(tokens_per_second, 1) if trained else None,
+        "gflops_per_second": round(trainer.model.flops_per_token() * tokens_per_second / 1e9, 2)
+        if trained else None,
         "world_size": runtime.world_size,
     })
+    speed_note = f"{tokens_per_second:,.0f} tokens/s" if trained else "no step trained"
     print(f"pretrain: val loss {val_loss:.4f} nats/token, {bits_per_byte:.4f} bits/byte "
-          f"(best step {trainer.best_step}); {tokens_per_second:,.0f} tokens/s", flush=True)
+          f"(best step {trainer.best_step}); {speed_note}", flush=True)
     return result
 
 
@@ -181,9 +184,10 @@ def main(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, met
 def _check_gpus_for(nproc: int, device: str) -> None:
     """One DDP process per GPU: refuse, before launching, more processes than GPUs (NCCL
     cannot put two ranks on one GPU; each rank would fail with a long traceback)."""
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if not on_gpu:
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
         return  # CPU processes (gloo) share the cores
+    if not torch.cuda.is_available():
+        return  # auto: CPU processes; cuda: the device check says there is no GPU
     if device.startswith("cuda:"):
         raise GptpipeError(
             f"train.device = {device!r} names one GPU but train.nproc_per_node = {nproc}; "

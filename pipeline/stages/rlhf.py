@@ -63,7 +63,7 @@ from pipeline.errors import GptpipeError
 from pipeline.evaluation import evaluate_split
 from pipeline.generate import check_tokenizer
 from pipeline.gold import GoldJudge
-from pipeline.io import atomic_dir, remove_stale_temps, sha256_file, write_json
+from pipeline.io import atomic_dir, remove_stale_temps, sha256_file, source_digest, write_json
 from pipeline.live import finish_live, start_live
 from pipeline.model import GPT
 from pipeline.params import Params, load_params
@@ -161,8 +161,8 @@ def run_fingerprint(params: Params, device: torch.device, inputs: dict[str, Path
     """What a snapshot must share with this run to be resumed: every rlhf and gold param
     (rlhf.device as the device type it resolved to: a generator's state only fits its own
     device, and float results differ between devices), and the sha256 of every file under
-    each of ``inputs`` (name -> folder). Hashing the bytes, not sizes or dates, means any
-    new policy, reward model or pairs start afresh."""
+    each of ``inputs`` (name -> folder), and gptpipe's own source. Hashing the bytes, not
+    sizes or dates, means any new policy, reward model, pairs or code start afresh."""
     hashes = {}
     for name, folder in sorted(inputs.items()):
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
@@ -172,6 +172,7 @@ def run_fingerprint(params: Params, device: torch.device, inputs: dict[str, Path
         "gold": asdict(params.gold),
         "device": device.type,
         "inputs": hashes,
+        "code": source_digest(),  # other gptpipe code: another run (io.source_digest)
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
