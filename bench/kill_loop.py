@@ -95,6 +95,8 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from conftest import make_dvc_repo, synthetic_documents  # noqa: E402
 from test_pipeline_dvc import TINY  # noqa: E402
 
+from pipeline.io import find_temporaries  # noqa: E402
+
 BIN = Path(sys.executable).parent
 UP_TO_DATE = "Data and pipelines are up to date."
 # Training long enough to land kills between snapshots: pretraining about 5 s on 2 cores
@@ -169,15 +171,6 @@ def _kill_group(process: subprocess.Popen) -> None:
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.005)
-
-
-def _temporaries(repo: Path) -> list[str]:
-    found = []
-    for folder, dirs, files in os.walk(repo):
-        dirs[:] = [d for d in dirs if d not in (".git", ".dvc")]
-        found += [os.path.relpath(os.path.join(folder, name), repo) for name in dirs + files
-                  if name.startswith(".") and ".tmp-" in name]
-    return sorted(found)
 
 
 def _digest(path: Path) -> str | None:
@@ -377,7 +370,7 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
     persist_ckpt = [o for o in outs if o.stage == stage and o.persist
                     and o.path.startswith("checkpoints/")]
     before_lock = _lock_outs(repo)
-    temps_before = set(_temporaries(repo))
+    temps_before = set(find_temporaries(repo))
     before = {o.path: _digest(repo / o.path) for o in outs}
     before_json = {o.path: _load_json(repo / o.path) for o in outs if o.path.endswith(".json")}
 
@@ -396,7 +389,7 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
         return
     snapshot = _snapshot_info(repo, persist_ckpt[0], started_wall) if persist_ckpt else None
 
-    left = [t for t in _temporaries(repo) if t not in temps_before]
+    left = [t for t in find_temporaries(repo) if t not in temps_before]
     if left:
         row.notes.append("the kill left " + ", ".join(left))
     half, live = [], []
@@ -438,10 +431,10 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
         row.notes.append("the re-run restored the outputs from DVC's run cache")
     # A temporary the re-run left (a run-cache restore runs no stage) must go at the
     # next stage start; one still there after that leaks disk space.
-    remaining = [t for t in _temporaries(repo) if t in left]
+    remaining = [t for t in find_temporaries(repo) if t in left]
     if remaining:
         swept = _run(["dvc", "repro", "-s", "-f", "ingest"], repo)
-        row.leaked = [t for t in _temporaries(repo) if t in left]
+        row.leaked = [t for t in find_temporaries(repo) if t in left]
         if swept.returncode == 0 and not row.leaked:
             row.notes.append("the next stage start (dvc repro -s -f ingest) removed "
                              + ", ".join(remaining))

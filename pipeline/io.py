@@ -70,6 +70,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def find_temporaries(root: str | Path) -> list[str]:
+    """Every temporary (``.<name>.tmp-...``) under ``root``, outside .git and .dvc, as
+    sorted paths relative to ``root``: what a kill may leave (for checks and reports)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in (".git", ".dvc")]
+        found += [os.path.relpath(os.path.join(folder, name), root) for name in dirs + files
+                  if name.startswith(".") and _TMP_MARK in name]
+    return sorted(found)
+
+
 def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
     """Delete temporaries in ``folders`` whose writer is dead; return what was deleted.
 

@@ -31,6 +31,7 @@ from test_pipeline_dvc import TINY
 
 from pipeline.cli import cli
 from pipeline.errors import GptpipeError
+from pipeline.io import find_temporaries
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +92,6 @@ def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: st
         assert process.poll() is None, f"the run ended before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.002)
-
-
-def _temporaries(repo: Path) -> list[str]:
-    """Temporary siblings (``.<name>.tmp-<pid>``) anywhere in the workspace."""
-    found = []
-    for folder, dirs, files in os.walk(repo):
-        dirs[:] = [d for d in dirs if d not in (".git", ".dvc")]
-        found += [os.path.relpath(os.path.join(folder, name), repo) for name in dirs + files
-                  if name.startswith(".") and ".tmp-" in name]
-    return sorted(found)
 
 
 def _digest(path: Path) -> str | None:
@@ -205,7 +196,7 @@ def test_data_stages_killed_mid_write_leave_old_or_new_outputs_and_recover(
         for out in DATA_OUTS:  # absent, the previous complete version, or the new one
             assert _digest(repo / out) in {None, before[out], after[out]}, out
         _assert_readable(repo)
-        return _temporaries(repo)
+        return find_temporaries(repo)
 
     # Kills at seeded random moments after the first stage started.
     for _ in range(3):
@@ -225,7 +216,7 @@ def test_data_stages_killed_mid_write_leave_old_or_new_outputs_and_recover(
 
     result = run_cmd(["dvc", "repro", "tokenize"], repo)
     assert "Running stage 'tokenize'" in result.stdout
-    assert _temporaries(repo) == []  # the re-run removed what the kills left
+    assert find_temporaries(repo) == []  # the re-run removed what the kills left
     assert UP_TO_DATE in run_cmd(["dvc", "status", "--with-deps", "tokenize"], repo).stdout
     assert _lock_outs(repo, DATA_STAGES) == _lock_outs(reference, DATA_STAGES)
     assert {out: _digest(repo / out) for out in DATA_OUTS} == after
@@ -253,12 +244,12 @@ def test_a_kill_of_a_forced_rerun_is_restored_from_the_run_cache(data_repo, tmp_
     assert _lock_outs(repo, DATA_STAGES) == before
     _assert_readable(repo)
     _assert_cache_sound(repo)
-    left = _temporaries(repo)
+    left = find_temporaries(repo)
     assert any(t.startswith("data/.tokens.tmp-") for t in left), left
 
     result = run_cmd(["dvc", "repro", "-s", "-f", "split"], repo)  # the next stage run
     assert "Running stage 'split'" in result.stdout
-    assert _temporaries(repo) == []
+    assert find_temporaries(repo) == []
     assert _lock_outs(repo, DATA_STAGES) == before
 
 
@@ -430,7 +421,7 @@ def test_pretrain_killed_under_dvc_repro_resumes_and_matches_an_uninterrupted_ru
 
     resumed = run_cmd(["dvc", "repro", "pretrain"], repo).stdout
     assert f"resuming from step {step} of 60" in resumed
-    assert _temporaries(repo) == []
+    assert find_temporaries(repo) == []
     assert UP_TO_DATE in run_cmd(["dvc", "status", "--with-deps", "pretrain"], repo).stdout
 
     straight = run_cmd(["dvc", "repro", "pretrain"], reference).stdout
