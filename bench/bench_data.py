@@ -114,7 +114,7 @@ class Corpus:
 
 
 def builtin_texts() -> list[str]:
-    from pipeline.corpus import read_builtin
+    from pipeline.data.corpus import read_builtin
 
     return [doc.text for doc in read_builtin(BUILTIN_CORPUS)]
 
@@ -466,7 +466,7 @@ def read_texts(split_dir: Path, splits: Sequence[str], limit: int | None) -> tup
 
     Also says whether the limit cut the texts short.
     """
-    from pipeline.doctable import iter_texts
+    from pipeline.data.doctable import iter_texts
 
     texts: list[str] = []
     size = 0
@@ -486,7 +486,7 @@ def compare_encoders(
     """MB/s of gptpipe's tiktoken path, HF encode_batch and HF encode_batch_fast."""
     from tokenizers import Tokenizer
 
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     fast = load_tokenizer(tokenizer_path, fast=True)

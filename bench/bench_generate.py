@@ -1,7 +1,7 @@
 """Generation speed with and without the key/value cache: tokens/s and the speed-up.
 
 What it measures: greedy decoding of ``--new-tokens`` tokens (default 256) from a lone
-``<bos>``, never stopping at ``<eos>``, through ``pipeline.sampling.generate_ids`` twice:
+``<bos>``, never stopping at ``<eos>``, through ``pipeline.lm.sampling.generate_ids`` twice:
 
 - ``kv-cache``: the prompt once, then one position per new token;
 - ``no-cache``: the whole window recomputed for every new token.
@@ -42,11 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint import load_model
-from pipeline.device import pick_device
-from pipeline.model import GPT, GPTConfig
-from pipeline.sampling import SamplingConfig, generate_ids
-from pipeline.tokenizer import BOS_ID
+from pipeline.core.device import pick_device
+from pipeline.data.tokenizer import BOS_ID
+from pipeline.lm.checkpoint import load_model
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.sampling import SamplingConfig, generate_ids
 
 DEFAULT_MODEL = Path("models/pretrain/best")
 MODES = {"kv-cache": True, "no-cache": False}

@@ -8,9 +8,9 @@ What it measures, all in one process so the figures are comparable:
 2. For each model size (small: 4 layers x 128 wide, 4 heads, context 64, batch 12;
    large: 6 layers x 384 wide, 6 heads, context 256, batch 16), full float32 training
    steps (forward, cross-entropy, backward, grad clipping at 1.0, AdamW step,
-   zero_grad: what ``pipeline.training.Trainer`` does per step) of three models:
+   zero_grad: what ``pipeline.lm.training.Trainer`` does per step) of three models:
 
-   - ``ours``: ``pipeline.model.GPT`` with the project defaults (rotary, RMSNorm,
+   - ``ours``: ``pipeline.lm.model.GPT`` with the project defaults (rotary, RMSNorm,
      SwiGLU, no biases);
    - ``ours-classic``: the same class configured like GPT-2 (learned positions,
      LayerNorm, GELU, biases), so that "ours vs reference" isolates the implementation
@@ -23,7 +23,7 @@ What it measures, all in one process so the figures are comparable:
      The decoder is tied to the embedding by default, like ours (``--untied-reference``
      unties it, as the tutorial does).
 
-   Every model gets the project's optimizer, ``pipeline.training.make_optimizer`` (AdamW,
+   Every model gets the project's optimizer, ``pipeline.lm.training.make_optimizer`` (AdamW,
    decay on matrices only) with the default ``TrainParams``.
 
 FLOPs are counted the same way for every model, ``GPT.flops_per_token()``'s formula:
@@ -71,10 +71,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.device import retain_freed_memory
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import TrainParams
-from pipeline.training import make_optimizer
+from pipeline.core.device import retain_freed_memory
+from pipeline.core.params import TrainParams
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.training import make_optimizer
 
 GRAD_CLIP = TrainParams().grad_clip
 
@@ -362,7 +362,7 @@ def report(args, sizes, peak_rows, results) -> tuple[str, list[str]]:
         f"- reference decoder: {'untied' if args.untied_reference else 'tied'} "
         "to the embedding; every model: make_optimizer's AdamW, grad clip "
         f"{GRAD_CLIP}",
-        "- CPU allocator: " + ("freed memory retained (pipeline.device.retain_freed_memory, "
+        "- CPU allocator: " + ("freed memory retained (pipeline.core.device.retain_freed_memory, "
                                "as in the pretrain stage), for every model" if args.retained
                                else "glibc defaults"),
         f"- command: `{' '.join(['python', *sys.argv])}`",
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="untie the reference's decoder from its embedding (as the tutorial)")
     parser.add_argument("--glibc-default-malloc", action="store_true",
                         help="keep glibc's default allocator settings (the stage changes them "
-                        "with pipeline.device.retain_freed_memory; by default so does this)")
+                        "with pipeline.core.device.retain_freed_memory; by default so does this)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the Markdown report to this file")
     parser.add_argument("--append", action="store_true", help="append to --out instead")

@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.corpus import load_pointer, locate_member
+from pipeline.data.corpus import load_pointer, locate_member
 
 ROOT = Path(__file__).resolve().parent.parent
 

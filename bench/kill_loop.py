@@ -1,10 +1,10 @@
 """Kill each stage of dvc.yaml at a random moment and check that `dvc repro` recovers.
 
-In a throwaway git + DVC repository holding this project's dvc.yaml, params.yaml and code,
-with a tiny configuration (the ``TINY`` overrides of tests/test_pipeline_dvc.py, a
-synthetic corpus of ``--docs`` documents, and pretraining long enough to be killed
-between snapshots), the script first runs the whole pipeline once, timing each stage. Then,
-for every stage of dvc.yaml in pipeline order (or those of ``--stages``), in each round:
+In a throwaway git + DVC repository holding what a clone of this project holds, with a
+tiny configuration (``bench/common.py``'s ``TINY_PARAMS``, a corpus of ``--docs`` builtin
+English Wikipedia articles, and pretraining long enough to be killed between snapshots),
+the script first runs the whole pipeline once, timing each stage. Then, for every stage
+of dvc.yaml in pipeline order (or those of ``--stages``), in each round:
 
 1. forces the stage to run again with ``dvc repro -s -f STAGE``, in its own process
    group. For pretrain and rlhf the checkpoint folder is emptied first: a finished
@@ -56,7 +56,7 @@ Options:
   --seed N           seed of the kill delays (default 0)
   --rounds N         rounds over the stages (default 1)
   --stages LIST      comma-separated stages to kill (default: every stage of dvc.yaml)
-  --docs N           synthetic corpus documents (default 240, as in the tests)
+  --docs N           corpus documents: builtin English articles (default 240)
   -S KEY=VALUE       override a param (YAML value), after the tiny configuration; repeat
   --work-dir DIR     where to make the scratch repository (default: the system temp)
   --keep             keep the scratch repository and the logs
@@ -88,21 +88,16 @@ from pathlib import Path
 
 import psutil
 import yaml
+from common import BIN, TINY_PARAMS, scratch_repo, write_wiki_folder
+from common import REPO_ROOT as REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+from pipeline.core.io import find_temporaries
 
-from conftest import make_dvc_repo, synthetic_documents  # noqa: E402
-from test_pipeline_dvc import TINY  # noqa: E402
-
-from pipeline.io import find_temporaries  # noqa: E402
-
-BIN = Path(sys.executable).parent
 UP_TO_DATE = "Data and pipelines are up to date."
 # Training long enough to land kills between snapshots: pretraining about 5 s on 2 cores
 # with a snapshot every 20 steps; rlhf 6 steps (a snapshot at each evaluation, if any).
 KILL_PARAMS = {
-    **TINY,
+    **TINY_PARAMS,
     "train.steps": 200,
     "train.checkpoint_every": 20,
     "train.eval_every": 50,
@@ -495,7 +490,7 @@ def _resumed(repo: Path, stage: str, persist_ckpt: list[Out], snapshot: dict | N
 
 def _report(rows: list[Row], args: argparse.Namespace, durations: dict[str, float],
             first_seconds: float) -> str:
-    dvc_version = _run(["dvc", "--version"], REPO_ROOT).stdout.strip()
+    dvc_version = _run(["dvc", "--version"], REPO).stdout.strip()
     lines = [
         "# Kill loop",
         "",
@@ -550,11 +545,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="kill-loop-", dir=args.work_dir))
     try:
-        repo = make_dvc_repo(work / "repo", {**KILL_PARAMS, **_parse_set(args.overrides)})
-        corpus = repo / "corpus"
-        corpus.mkdir()
-        for index, text in enumerate(synthetic_documents(args.docs)):
-            (corpus / f"doc{index:05d}.txt").write_text(text + "\n", encoding="utf-8")
+        repo = scratch_repo(work / "repo", {**KILL_PARAMS, **_parse_set(args.overrides)})
+        write_wiki_folder(repo / "corpus", args.docs)
         logs = work / "logs"
         logs.mkdir()
         stages, outs = _declared_outs(repo)

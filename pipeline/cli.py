@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 import click
 
@@ -24,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "preferences": "pipeline.stages.preferences",
     "reward": "pipeline.stages.reward",
     "rlhf": "pipeline.stages.rlhf",
-    "generate": "pipeline.generate",
+    "generate": "pipeline.lm.generate",
 }
 
 _SHORT_HELP = {
@@ -62,46 +61,11 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gptpipe")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli() -> None:
     """gptpipe: a reproducible pipeline from raw text to a pretrained GPT.
 
     Each subcommand is one stage of dvc.yaml; run the whole pipeline with `dvc repro`.
     """
-    if ctx.invoked_subcommand in COMMANDS and ctx.invoked_subcommand != "generate":
-        from pipeline.io import sweep_dead_temporaries
-
-        sweep_dead_temporaries(output_folders(Path("dvc.yaml")))
-
-
-def output_folders(dvc_yaml: Path) -> list[Path]:
-    """The folders a killed stage may have left a temporary in: each declared output's
-    parent, and the output itself when it is a folder (a training snapshot lives inside
-    its checkpoint folder). Empty without a dvc.yaml (a stage run by hand elsewhere)."""
-    import yaml
-
-    try:
-        document = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return []
-    stages = document.get("stages") if isinstance(document, dict) else None
-    if not isinstance(stages, dict):
-        return []
-    folders: dict[Path, None] = {}
-    for stage in stages.values():
-        if not isinstance(stage, dict) or "foreach" in stage or "matrix" in stage:
-            continue  # generated stages: their outputs are DVC's to resolve
-        wdir = dvc_yaml.parent / str(stage.get("wdir", "."))
-        for key in ("outs", "metrics", "plots"):
-            entries = stage.get(key)
-            for entry in entries if isinstance(entries, list) else []:
-                name = next(iter(entry), None) if isinstance(entry, dict) else entry
-                if not isinstance(name, str) or "${" in name:
-                    continue  # templated: resolved by DVC only
-                out = wdir / name
-                folders[out.parent] = None
-                folders[out] = None
-    return list(folders)
 
 
 def main() -> None:

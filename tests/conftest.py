@@ -104,10 +104,10 @@ def save_tiny_checkpoint(root: Path, texts: list[str], kind: str, n_layer: int) 
     randomly initialised GPT (seed 0, 32 wide, context 64) saved as a checkpoint."""
     import torch
 
-    from pipeline.checkpoint import save_model
-    from pipeline.model import GPT, GPTConfig
-    from pipeline.params import VocabParams
-    from pipeline.tokenizer import train_tokenizer
+    from pipeline.core.params import VocabParams
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.lm.checkpoint import save_model
+    from pipeline.lm.model import GPT, GPTConfig
 
     tokenizer = train_tokenizer(VocabParams(kind=kind, min_freq=1), texts)
     tokenizer.save(root / "tokenizer.json")

@@ -7,15 +7,10 @@ import pickle
 import pytest
 import torch
 
-from pipeline.checkpoint import (
-    load_model,
-    load_training_state,
-    read_training_info,
-    save_model,
-    save_training_state,
-)
-from pipeline.errors import GptpipeError
-from pipeline.model import GPT, GPTConfig
+from pipeline.core.errors import GptpipeError
+from pipeline.core.runs import load_training_state, read_training_info, save_training_state
+from pipeline.lm.checkpoint import load_model, save_model
+from pipeline.lm.model import GPT, GPTConfig
 
 
 def _model(seed: int = 0) -> GPT:

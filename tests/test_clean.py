@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from conftest import synthetic_documents
 
 from pipeline.cli import cli
-from pipeline.doctable import PART_NAME, RAW_SCHEMA, DocumentWriter
-from pipeline.errors import GptpipeError
-from pipeline.io import sha256_file
-from pipeline.params import CleanParams, parse_params
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import sha256_file
+from pipeline.core.params import Params, parse_params
+from pipeline.data.doctable import PART_NAME, RAW_SCHEMA, DocumentWriter
 from pipeline.stages.clean import run
 
 
@@ -31,8 +31,8 @@ def write_raw(directory: Path, texts: list[str], invalid: list[int] | None = Non
     return directory
 
 
-def clean_params(**overrides: object) -> CleanParams:
-    return parse_params({"clean": {"min_chars": 10, "workers": 1, **overrides}}).clean
+def clean_params(**overrides: object) -> Params:
+    return parse_params({"clean": {"min_chars": 10, "workers": 1, **overrides}})
 
 
 def read_rows(directory: Path) -> list[dict]:
@@ -61,7 +61,7 @@ def test_clean_filters_and_counts(tmp_path: Path) -> None:
         "tiny",  # too short again
     ]
     raw = write_raw(tmp_path / "raw", texts, invalid=[0, 0, 0, 3, 1])
-    metrics = run(clean_params(), raw, tmp_path / "clean", tmp_path / "m.json")
+    metrics = run(clean_params(), input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
 
     rows = read_rows(tmp_path / "clean")
     assert rows == [
@@ -84,7 +84,8 @@ def test_clean_filters_and_counts(tmp_path: Path) -> None:
 
 def test_dedup_off_keeps_exact_duplicates(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw", ["same text here", "same text here", "other text!"])
-    metrics = run(clean_params(dedup=False), raw, tmp_path / "clean", tmp_path / "m.json")
+    metrics = run(clean_params(dedup=False), input=raw, out=tmp_path / "clean",
+                  metrics=tmp_path / "m.json")
     assert metrics["documents_out"] == 3
     assert metrics["dropped_exact_duplicate"] == 0
 
@@ -92,7 +93,7 @@ def test_dedup_off_keeps_exact_duplicates(tmp_path: Path) -> None:
 def test_nfc_keeps_compatibility_characters(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw", ["\ufb01ne \u2460 e\u0301t\u00e9"])
     params = clean_params(normalization="NFC", min_chars=1)
-    run(params, raw, tmp_path / "clean", tmp_path / "m.json")
+    run(params, input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
     assert read_rows(tmp_path / "clean")[0]["text"] == "\ufb01ne \u2460 \u00e9t\u00e9"
 
 
@@ -103,11 +104,12 @@ def test_near_duplicates_are_dropped_keeping_the_first(tmp_path: Path) -> None:
     near = " ".join(words)
     raw = write_raw(tmp_path / "raw", [base, other, near])
     params = clean_params(near_dup_threshold=0.7)
-    metrics = run(params, raw, tmp_path / "clean", tmp_path / "m.json")
+    metrics = run(params, input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
     assert [row["id"] for row in read_rows(tmp_path / "clean")] == [0, 1]
     assert metrics["dropped_near_duplicate"] == 1
 
-    off = run(clean_params(), raw, tmp_path / "clean-off", tmp_path / "m-off.json")
+    off = run(clean_params(), input=raw, out=tmp_path / "clean-off",
+              metrics=tmp_path / "m-off.json")
     assert off["documents_out"] == 3
 
 
@@ -119,7 +121,8 @@ def test_output_is_identical_for_any_worker_count(tmp_path: Path) -> None:
     outputs = []
     for name, workers in (("a", 1), ("b", 2)):
         params = clean_params(workers=workers, near_dup_threshold=0.8)
-        metrics = run(params, raw, tmp_path / name, tmp_path / f"{name}.json", batch_documents=7)
+        metrics = run(params, input=raw, out=tmp_path / name, metrics=tmp_path / f"{name}.json",
+                      batch_documents=7)
         outputs.append((sha256_file(tmp_path / name / PART_NAME), metrics))
     assert outputs[0] == outputs[1]
     assert outputs[0][1]["dropped_exact_duplicate"] == 1
@@ -161,7 +164,7 @@ def test_missing_input_table_names_it(tmp_path: Path) -> None:
 def test_empty_input_table_is_an_error(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw", [])
     with pytest.raises(GptpipeError, match=r"raw/part-00000.parquet: 0 documents"):
-        run(clean_params(), raw, tmp_path / "clean", tmp_path / "m.json")
+        run(clean_params(), input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
 
 
 def test_unworkable_near_dup_threshold_names_the_key(tmp_path: Path) -> None:

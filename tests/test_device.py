@@ -1,4 +1,4 @@
-"""Device selection and the CPU allocator setting (pipeline/device.py)."""
+"""Device selection and the CPU allocator setting (pipeline/core/device.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import textwrap
 import pytest
 import torch
 
-from pipeline.device import pick_device, pick_dtype
-from pipeline.errors import GptpipeError
+from pipeline.core.device import pick_device, pick_dtype
+from pipeline.core.errors import GptpipeError
 
 # A few training steps of a model whose logits (16 x 128 x 8192 floats, 64 MiB) are above
 # glibc's largest mmap threshold, as the default pipeline's are; count the page faults of
 # the steps after warm-up.
 _FAULTS = textwrap.dedent("""
     import resource, sys, torch
-    from pipeline.device import retain_freed_memory
-    from pipeline.model import GPT, GPTConfig
+    from pipeline.core.device import retain_freed_memory
+    from pipeline.lm.model import GPT, GPTConfig
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.batching import eval_windows
-from pipeline.device import Runtime
-from pipeline.errors import GptpipeError
-from pipeline.evaluation import (
+from pipeline.core.device import Runtime
+from pipeline.core.errors import GptpipeError
+from pipeline.lm.batching import eval_windows
+from pipeline.lm.evaluation import (
     BigramModel,
     TokenScores,
     UnigramModel,
@@ -25,8 +25,8 @@ from pipeline.evaluation import (
     perplexity,
     score_tokens,
 )
-from pipeline.model import GPT, GPTConfig
-from pipeline.training import mean_loss
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.training import mean_loss
 
 CPU = torch.device("cpu")
 VOCAB, CONTEXT = 40, 8

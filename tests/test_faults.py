@@ -1,7 +1,7 @@
 """Faults under `dvc repro`: a stage killed mid-write, a full disk, a killed pretraining.
 
 Each output is written under a temporary sibling and renamed into place when complete
-(pipeline/io.py), so whatever moment a kill lands, an output is either absent or a
+(pipeline/core/io.py), so whatever moment a kill lands, an output is either absent or a
 complete version, `dvc repro` afterwards finishes the job, and DVC's cache never holds a
 corrupt object. The kills hit the whole process group (dvc and the stage under it), as
 `kill -9` of a terminal's job would.
@@ -30,8 +30,8 @@ from conftest import BIN, REPO_ROOT, make_dvc_repo, run_cmd, synthetic_documents
 from test_pipeline_dvc import TINY
 
 from pipeline.cli import cli
-from pipeline.errors import GptpipeError
-from pipeline.io import find_temporaries
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import find_temporaries
 
 pytestmark = pytest.mark.slow
 
@@ -325,8 +325,8 @@ def _safetensors_error() -> type[Exception]:
 
 
 def test_a_full_disk_while_saving_weights_is_one_clear_line(tmp_path, monkeypatch):
-    import pipeline.checkpoint as checkpoint
-    from pipeline.model import GPT, GPTConfig
+    import pipeline.lm.checkpoint as checkpoint
+    from pipeline.lm.model import GPT, GPTConfig
 
     config = GPTConfig(vocab_size=16, context=8, n_layer=1, n_head=1, n_embd=8)
     model = GPT(config)
@@ -339,7 +339,7 @@ def test_a_full_disk_while_saving_weights_is_one_clear_line(tmp_path, monkeypatc
         raise _safetensors_error()(
             "Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
     try:
         with pytest.raises(GptpipeError, match="no space left on the device"):
             checkpoint.save_model(target, model, config, {})

@@ -11,27 +11,26 @@ import torch
 from click.testing import CliRunner
 from conftest import synthetic_documents
 
-from pipeline.checkpoint import save_model
 from pipeline.cli import cli
-from pipeline.errors import GptpipeError
-from pipeline.generate import read_prompt
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import VocabParams
-from pipeline.sampling import (
-    SamplingConfig,
-    StreamDecoder,
-    encode_prompt,
-    filter_logits,
-    generate_batch,
-    generate_ids,
-    sample_text,
-)
-from pipeline.tokenizer import (
+from pipeline.core.errors import GptpipeError
+from pipeline.core.params import VocabParams
+from pipeline.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     TextTokenizer,
     bytes_to_unicode,
     train_tokenizer,
+)
+from pipeline.lm.checkpoint import save_model
+from pipeline.lm.generate import read_prompt
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.sampling import (
+    SamplingConfig,
+    StreamDecoder,
+    encode_prompt,
+    filter_logits,
+    generate_ids,
+    sample_text,
 )
 
 INF = math.inf
@@ -235,20 +234,6 @@ def test_stopping_at_eos_truncates_the_same_sample():
     assert stopped == full[: full.index(EOS_ID) + 1]
 
 
-def test_generate_batch_samples_each_prompt_and_stops_each_at_eos():
-    model = _model_favouring_eos(2.0)
-    config = SamplingConfig(max_new_tokens=5)
-    rollouts = generate_batch(model, [[BOS_ID], [BOS_ID, 7, 8], [BOS_ID, 9]], config,
-                              torch.Generator().manual_seed(0))
-    assert rollouts == [[EOS_ID]] * 3
-    model = _tiny_gpt()
-    config = SamplingConfig(max_new_tokens=6, stop_at_eos=False)
-    prompts = [[BOS_ID], [BOS_ID, 5, 6]]
-    batch = generate_batch(model, prompts, config, torch.Generator().manual_seed(3))
-    generator = torch.Generator().manual_seed(3)
-    assert batch == [list(generate_ids(model, p, config, generator)) for p in prompts]
-
-
 def test_generation_restores_training_mode_and_leaves_grad_on():
     model = _tiny_gpt().train()
     _generate(model, [BOS_ID], SamplingConfig(max_new_tokens=3))
@@ -401,7 +386,7 @@ def test_cli_refuses_a_tokenizer_of_another_size(checkpoint, tmp_path):
                             synthetic_documents(20))
     other.save(tmp_path / "other.json")
     result = _invoke("--model", str(checkpoint), "--tokenizer", str(tmp_path / "other.json"), "x")
-    _one_line_error(result, "other.json", "20 tokens", "vocab_size")
+    _one_line_error(result, "other.json", "20 tokens", "config.json")
 
 
 def test_cli_refuses_a_tokenizer_of_the_same_size_but_other_contents(checkpoint, tmp_path,
@@ -412,14 +397,14 @@ def test_cli_refuses_a_tokenizer_of_the_same_size_but_other_contents(checkpoint,
     assert other.vocab_size == word_tokenizer.vocab_size and other.sha256 != word_tokenizer.sha256
     other.save(tmp_path / "cased.json")
     result = _invoke("--model", str(checkpoint), "--tokenizer", str(tmp_path / "cased.json"))
-    _one_line_error(result, "cased.json", "sha256", "tokenizer_sha256")
+    _one_line_error(result, "cased.json", "sha256", "config.json")
 
 
 def test_cli_refuses_missing_files_and_bad_options(checkpoint, tmp_path):
     _one_line_error(_invoke("--model", str(tmp_path / "nowhere")), "nowhere", "not found")
     _one_line_error(
         _invoke("--model", str(checkpoint), "--tokenizer", str(tmp_path / "none.json")),
-        "none.json", "not found",
+        "none.json", "missing",
     )
     _one_line_error(_invoke("--model", str(checkpoint), "--top-p", "0"), "top_p", "allowed")
     _one_line_error(_invoke("--model", str(checkpoint), "--device", "tpu"), "--device")

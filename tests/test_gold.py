@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.gold import RULES, GoldJudge, content_words, words
-from pipeline.params import GoldParams, Params
+from pipeline.alignment.gold import RULES, GoldJudge, content_words, words
+from pipeline.core.params import GoldParams, Params
 
 PROMPT = "The river flows through the ancient city"
 

@@ -14,9 +14,9 @@ import zstandard
 from click.testing import CliRunner, Result
 from conftest import BIN, run_cmd
 
-from pipeline.doctable import PART_NAME, RAW_SCHEMA
-from pipeline.io import sha256_file
-from pipeline.params import DataParams
+from pipeline.core.io import sha256_file
+from pipeline.core.params import DataParams, Params
+from pipeline.data.doctable import PART_NAME, RAW_SCHEMA
 from pipeline.stages.ingest import main, run
 
 METRIC_KEYS = {
@@ -108,7 +108,7 @@ def test_ingest_writes_the_raw_table_and_metrics(tmp_path):
 def test_run_returns_the_metrics_it_writes(tmp_path):
     corpus = make_mixed_corpus(tmp_path / "corpus")
     params = DataParams(corpus=str(corpus), include="docs/**/*", txt_unit="paragraph")
-    metrics = run(params, tmp_path / "raw", tmp_path / "m.json")
+    metrics = run(Params(data=params), out=tmp_path / "raw", metrics=tmp_path / "m.json")
     assert set(metrics) == METRIC_KEYS
     assert metrics["documents"] == 2
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
@@ -133,7 +133,7 @@ def test_installed_command_runs_with_a_relative_corpus_like_dvc(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  corpus: data/corpus\n  include: '*.json'\n")
     command = [str(BIN / "gptpipe"), "ingest", "--params", "params.yaml"]
     result = run_cmd([*command, "--out", "data/raw", "--metrics", "m/ingest.json"], tmp_path)
-    assert "ingest: 1 documents" in result.stderr
+    assert "ingest: 1 documents" in result.stdout
     assert json.loads((tmp_path / "m" / "ingest.json").read_text())["documents"] == 1
     assert pq.read_table(tmp_path / "data" / "raw" / PART_NAME).column("source").to_pylist() == [
         "list.json#0"

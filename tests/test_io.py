@@ -9,8 +9,9 @@ from pathlib import Path
 from click.testing import CliRunner
 from conftest import REPO_ROOT
 
-from pipeline import io
-from pipeline.cli import cli, output_folders
+from pipeline.cli import cli
+from pipeline.core import io
+from pipeline.core.stage import output_folders
 
 
 def _dead_pid() -> int:
@@ -70,8 +71,10 @@ def test_a_stage_start_sweeps_what_a_killed_stage_left(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cli, ["generate", "--help"])
     assert result.exit_code == 0 and leftover.exists()  # not a stage: sweeps nothing
-    result = CliRunner().invoke(cli, ["split", "--help"])
-    assert result.exit_code == 0, result.output
+    # A stage that starts (and here stops at once: no params file) sweeps first.
+    args = ["split", "--params", "absent.yaml", "--input", "a", "--out", "b", "--metrics", "c"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "params file not found" in result.output
     assert not leftover.exists()
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.model import GPT, GPTConfig, KVCache, ScalarHead
+from pipeline.lm.model import GPT, GPTConfig, KVCache, ScalarHead
 
 
 def tiny(**overrides) -> GPTConfig:

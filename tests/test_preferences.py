@@ -10,18 +10,18 @@ import yaml
 from click.testing import CliRunner
 from conftest import REPO_ROOT, save_tiny_checkpoint, synthetic_documents
 
-from pipeline.cli import cli
-from pipeline.doctable import DocumentWriter
-from pipeline.errors import GptpipeError
-from pipeline.gold import GoldJudge
-from pipeline.params import GoldParams, PreferencesParams
-from pipeline.preference_data import (
+from pipeline.alignment.gold import GoldJudge
+from pipeline.alignment.preference_data import (
     Pair,
     builtin_pairs,
     heldout_split,
     read_pairs_jsonl,
     write_pairs_jsonl,
 )
+from pipeline.cli import cli
+from pipeline.core.errors import GptpipeError
+from pipeline.core.params import GoldParams, PreferencesParams
+from pipeline.data.doctable import DocumentWriter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,7 +94,7 @@ def test_an_empty_prompt_blank_lines_crlf_and_extra_keys_are_accepted(tmp_path):
 
 def test_too_few_pairs_and_missing_file_are_refused(tmp_path):
     path = _write_lines(tmp_path / "p.jsonl", [json.dumps(GOOD)])
-    with pytest.raises(GptpipeError, match=r"1 preference pairs; allowed: at least 2"):
+    with pytest.raises(GptpipeError, match=r"1 preference pairs, fewer than preferences.min_pairs = 2"):
         read_pairs_jsonl(path, min_pairs=2)
     with pytest.raises(GptpipeError, match="preferences file not found"):
         read_pairs_jsonl(tmp_path / "absent.jsonl")
@@ -135,8 +135,8 @@ def test_the_example_file_is_valid_and_the_gold_judge_agrees_with_it():
 
 
 def _builtin(setup: Path, **overrides):
-    from pipeline.checkpoint import load_model
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.lm.checkpoint import load_model
 
     # 16 characters: "Document 7. Ear", distinct for each synthetic document.
     params = PreferencesParams(**{"num_prompts": 12, "prompt_tokens": 16, "max_new_tokens": 24,
@@ -168,7 +168,7 @@ def test_builtin_pairs_are_deterministic_and_chosen_scores_higher(tiny_setup, co
 
 
 def test_builtin_pairs_refuse_prompt_and_completion_longer_than_the_context(tiny_setup):
-    with pytest.raises(GptpipeError, match=r"= 73 tokens; allowed: at most the model's context"):
+    with pytest.raises(GptpipeError, match=r"= 73 tokens, more than the model's context"):
         _builtin(tiny_setup, prompt_tokens=8, max_new_tokens=64)
 
 
@@ -235,7 +235,7 @@ def test_stage_file_source_reads_the_file(tiny_setup, tmp_path):
     ("lines", "preferences", "needle"),
     [
         ([json.dumps(GOOD), '{"prompt": 1}'], {}, "line 2: field 'prompt' is a int"),
-        ([json.dumps(GOOD)] * 3, {"min_pairs": 5}, "3 preference pairs; allowed: at least 5"),
+        ([json.dumps(GOOD)] * 3, {"min_pairs": 5}, "3 preference pairs, fewer than preferences.min_pairs = 5"),
         # One prompt only: every pair lands on the same side of the split.
         ([json.dumps({**GOOD, "chosen": f"ok {i}."}) for i in range(6)], {},
          "pair after holding out preferences.heldout_fraction = 0.3 by prompt (6 pairs)"),
@@ -258,5 +258,5 @@ def test_stage_refuses_too_few_builtin_pairs(tiny_setup, tmp_path):
     result = _run_stage(tiny_setup, tmp_path, params)
     assert result.exit_code == 2
     assert "pairs from 3 val prompts" in result.output
-    assert "allowed: at least preferences.min_pairs = 10" in result.output
+    assert "fewer than preferences.min_pairs = 10" in result.output
     assert not (tmp_path / "prefs").exists()

@@ -16,10 +16,10 @@ import torch
 import yaml
 from conftest import BIN, synthetic_documents
 
-from pipeline.device import Runtime
-from pipeline.params import parse_params
-from pipeline.shards import read_meta, read_tokens
-from pipeline.training import NonFiniteLoss, Trainer
+from pipeline.core.device import Runtime
+from pipeline.core.params import parse_params
+from pipeline.data.shards import read_meta, read_tokens
+from pipeline.lm.training import NonFiniteLoss, Trainer
 
 TINY_MODEL = {"context": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
 TINY_TRAIN = {
@@ -43,12 +43,13 @@ def token_data(tmp_path_factory) -> Path:
         "clean": {"min_chars": 10, "workers": 1},
         "vocab": {"kind": "char", "min_freq": 1},
     })
-    ingest.run(params.data, root / "raw", root / "m-ingest.json")
-    clean.run(params.clean, root / "raw", root / "clean", root / "m-clean.json")
-    split.run(params.split, root / "clean", root / "split", root / "m-split.json")
-    vocab.run(params.vocab, root / "split", root / "tokenizer.json", root / "m-vocab.json")
-    tokenize.run(params.tokenize, root / "split", root / "tokenizer.json", root / "tokens",
-                 root / "m-tokenize.json")
+    ingest.run(params, out=root / "raw", metrics=root / "m-ingest.json")
+    clean.run(params, input=root / "raw", out=root / "clean", metrics=root / "m-clean.json")
+    split.run(params, input=root / "clean", out=root / "split", metrics=root / "m-split.json")
+    vocab.run(params, input=root / "split", out=root / "tokenizer.json",
+              metrics=root / "m-vocab.json")
+    tokenize.run(params, input=root / "split", tokenizer=root / "tokenizer.json",
+                 out=root / "tokens", metrics=root / "m-tokenize.json")
     return root
 
 
@@ -115,7 +116,9 @@ def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
     meta = read_meta(data / "tokens")
     return Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
                    read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
-                   meta["vocab_size"], {"test": 1}, state_dir, {})
+                   meta["vocab_size"],
+                   {"tokens": data / "tokens", "tokenizer": data / "tokenizer.json"},
+                   state_dir, {})
 
 
 class _Crash(Exception):
@@ -171,14 +174,16 @@ def test_a_snapshot_written_by_other_code_is_not_resumed(token_data, tmp_path, c
                                                         monkeypatch):
     """DVC re-runs pretrain when gptpipe's code changes; the old code's snapshot, finished
     or not, must not stand in for what the new code would train."""
-    import pipeline.training
+    import pipeline.core.runs
 
     first = _trainer(token_data, tmp_path / "s", steps=12)
     first.fit(lambda log: None, lambda s, v: None)
-    monkeypatch.setattr(pipeline.training, "source_digest", lambda: "edited code")
+    monkeypatch.setattr(pipeline.core.runs, "source_digest", lambda: "edited code")
     capsys.readouterr()
     assert _trainer(token_data, tmp_path / "s", steps=12).resumed_from is None
-    assert "snapshot of a different run: starting afresh" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "snapshot of a different run (other params, inputs or gptpipe code)" in out
+    assert "starting afresh" in out
 
 
 def test_a_finished_snapshot_with_another_cadence_trains_again(token_data, tmp_path, capsys):
@@ -191,6 +196,54 @@ def test_a_finished_snapshot_with_another_cadence_trains_again(token_data, tmp_p
     assert other.resumed_from is None
     assert "finished with another eval, log or snapshot cadence: starting afresh" in (
         capsys.readouterr().out)
+
+
+def _edited_copy(data: Path, root: Path) -> Path:
+    """``data`` with one train document edited so that every count stays the same (two
+    characters swapped: same documents, tokens and bytes; the same char vocabulary), then
+    tokenized again with the same tokenizer."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data.doctable import DOCUMENT_SCHEMA, DocumentWriter, table_path
+    from pipeline.stages import tokenize
+
+    shutil.copytree(data / "split", root / "split")
+    shutil.copy(data / "tokenizer.json", root / "tokenizer.json")
+    rows = pq.read_table(table_path(root / "split/train")).to_pylist()
+    text = rows[0]["text"]
+    first = text[0]
+    second = next(c for c in text if c != first)
+    rows[0]["text"] = text.replace(first, "\0").replace(second, first).replace("\0", second)
+    shutil.rmtree(root / "split/train")
+    (root / "split/train").mkdir()
+    with DocumentWriter(root / "split/train", DOCUMENT_SCHEMA) as writer:
+        for row in rows:
+            writer.append(**row)
+    params = parse_params({"tokenize": {}})
+    tokenize.run(params, input=root / "split", tokenizer=root / "tokenizer.json",
+                 out=root / "tokens", metrics=root / "m-tokenize.json")
+    return root
+
+
+def test_a_corpus_edit_that_keeps_every_count_trains_afresh(token_data, tmp_path, capsys):
+    """The fingerprint holds the bytes of the token shards, not their counts: an edit that
+    keeps the counts is another run, never the finished snapshot of the old one."""
+    first = _trainer(token_data, tmp_path / "s", steps=12)
+    first.fit(lambda log: None, lambda s, v: None)
+    edited = _edited_copy(token_data, tmp_path / "edited")
+    old, new = read_meta(token_data / "tokens"), read_meta(edited / "tokens")
+    assert old["splits"] == new["splits"] and old["tokenizer_sha256"] == new["tokenizer_sha256"]
+    assert not np.array_equal(read_tokens(token_data / "tokens/train"),
+                              read_tokens(edited / "tokens/train"))
+    capsys.readouterr()
+    again = _trainer(edited, tmp_path / "s", steps=12)
+    assert again.resumed_from is None
+    assert "a snapshot of a different run" in capsys.readouterr().out
+    trained = []
+    again.fit(lambda log: trained.append(log.step), lambda s, v: None)
+    assert trained == list(range(1, 13))  # every step trained on the edited tokens
 
 
 LONG_TRAIN = {"steps": 400, "checkpoint_every": 20, "eval_every": 100}
@@ -206,7 +259,8 @@ def straight_run(token_data, tmp_path_factory) -> Path:
     return work
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_stopped_stage_resumes_and_matches_an_uninterrupted_run(
     token_data, straight_run, tmp_path, sig
 ):
@@ -227,9 +281,11 @@ def test_stopped_stage_resumes_and_matches_an_uninterrupted_run(
     assert not (tmp_path / "models").exists()
     step = json.loads(state.read_text())["step"]
     assert 60 <= step < 400
-    if sig == signal.SIGINT:
-        # Ctrl-C: the step in hand finishes, a snapshot is saved at it, one clear line.
-        assert f"interrupted at step {step}; a checkpoint was saved" in stderr
+    if sig != signal.SIGKILL:
+        # Ctrl-C or SIGTERM (what schedulers and `timeout` send): the step in hand
+        # finishes, a snapshot is saved at it, one clear line.
+        how = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        assert f"interrupted by {how} at step {step}; a snapshot was saved" in stderr
         assert "Traceback" not in stderr
 
     result = _gptpipe(args, tmp_path)
@@ -352,7 +408,7 @@ def test_missing_val_split_is_refused(token_data, tmp_path):
 
 
 def test_more_processes_than_gpus_are_refused_before_launching(monkeypatch):
-    from pipeline.errors import GptpipeError
+    from pipeline.core.errors import GptpipeError
     from pipeline.stages.pretrain import _check_gpus_for
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

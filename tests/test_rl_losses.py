@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl_losses import (
+from pipeline.alignment.rl_losses import (
     AdaptiveKLController,
     FixedKLController,
     bradley_terry_loss,

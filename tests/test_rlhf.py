@@ -15,34 +15,29 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import load_model, save_model
-from pipeline.cli import cli
-from pipeline.errors import GptpipeError
-from pipeline.io import write_json
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import VocabParams, parse_params
-from pipeline.preference_data import Pair, write_pairs_jsonl
-from pipeline.reward_model import RewardModel, save_reward_model
-from pipeline.rlhf import (
-    EncodedPair,
-    PolicyWithValue,
-    collect_rollout,
+from pipeline.alignment.inputs import EncodedPair, prompt_tensors
+from pipeline.alignment.policy import PolicyWithValue, frozen_copy, make_optimizer
+from pipeline.alignment.policy_eval import evaluate_policy, sequence_kl, win_rate
+from pipeline.alignment.preference_data import Pair, write_pairs_jsonl
+from pipeline.alignment.reward_model import RewardModel, save_reward_model
+from pipeline.alignment.rollout import collect_rollout
+from pipeline.alignment.tuner import Tuner
+from pipeline.alignment.updates import (
     completion_logprob_sums,
     dpo_update,
-    evaluate_policy,
-    frozen_copy,
     leave_one_out_baseline,
-    make_optimizer,
     ppo_update,
     reinforce_update,
-    sequence_kl,
-    tune,
-    win_rate,
 )
-from pipeline.sampling import SamplingConfig
-from pipeline.shards import ShardWriter, token_dtype, write_meta
-from pipeline.stages.rlhf import prompt_tensors
-from pipeline.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+from pipeline.cli import cli
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import write_json
+from pipeline.core.params import VocabParams, parse_params
+from pipeline.data.shards import ShardWriter, token_dtype, write_meta
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
+from pipeline.lm.checkpoint import load_model, save_model
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.sampling import SamplingConfig
 
 LIKED = 7
 VOCAB = 32
@@ -111,9 +106,9 @@ def test_each_algorithm_raises_the_toy_gold_score(algo, lr):
     gpt = tiny_gpt()
     train, held_out = toy_prompts(16, seed=1), toy_prompts(32, seed=2)
     logged: dict[str, list[int]] = {}
-    result = tune(gpt, rlhf_params(algo=algo, lr=lr), toy_scorer, toy_gold, train, held_out,
-                  toy_pairs(train, 32, seed=3),
-                  log=lambda step, m: [logged.setdefault(k, []).append(step) for k in m])
+    tuner = Tuner(gpt, rlhf_params(algo=algo, lr=lr), toy_scorer, toy_gold, train, held_out,
+                  toy_pairs(train, 32, seed=3))
+    result = tuner.run(log=lambda step, m: [logged.setdefault(k, []).append(step) for k in m])
     start = result.start.gold_score
     assert start < 0.05  # about 1/32 of the tokens are 7s at the start
     assert result.best.gold_score > start + 0.2, (start, result.best.gold_score)
@@ -140,8 +135,8 @@ def test_each_algorithm_raises_the_toy_gold_score(algo, lr):
 def test_a_kl_penalty_holds_the_policy_nearer_the_reference():
     kls = {}
     for coef in (0.0, 1.0):
-        result = tune(tiny_gpt(), rlhf_params(lr=3e-3, kl_coef=coef, steps=20), toy_scorer,
-                      toy_gold, toy_prompts(16, 1), toy_prompts(32, 2))
+        result = Tuner(tiny_gpt(), rlhf_params(lr=3e-3, kl_coef=coef, steps=20), toy_scorer,
+                       toy_gold, toy_prompts(16, 1), toy_prompts(32, 2)).run()
         kls[coef] = result.last.kl
     assert kls[1.0] < 0.5 * kls[0.0], kls
 
@@ -221,8 +216,8 @@ def test_kl_ceiling_stops_the_run(algo):
     params = rlhf_params(algo=algo, lr=3e-2, kl_ceiling=1e-3, eval_every=2, steps=10)
     train = toy_prompts(16, 1)
     with pytest.raises(GptpipeError, match=r"above rlhf.kl_ceiling = 0.001") as caught:
-        tune(tiny_gpt(), params, toy_scorer, toy_gold, train, toy_prompts(32, 2),
-             toy_pairs(train, 32, 3))
+        Tuner(tiny_gpt(), params, toy_scorer, toy_gold, train, toy_prompts(32, 2),
+              toy_pairs(train, 32, 3)).run()
     assert "\n" not in str(caught.value)
 
 
@@ -324,7 +319,7 @@ def make_stage_inputs(tmp_path: Path, rlhf: dict | None = None,
                       gold: dict | None = None) -> dict[str, Path]:
     """A tiny pretrained policy, reward model, preference pairs and val tokens, all made
     with one char tokenizer, and params.yaml (settings overridden by ``rlhf``, ``gold``)."""
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tokenizer_path = _char_tokenizer(tmp_path / "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -415,14 +410,14 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
 def test_stage_refuses_inputs_from_another_tokenizer(stage_inputs, broken):
     root = stage_inputs["root"]
     other = _char_tokenizer(root / "other-tokenizer.json", extra="Zebra quilts!")
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     other_sha = load_tokenizer(other).sha256
     if broken == "reward":
         config = GPTConfig(vocab_size=load_tokenizer(other).vocab_size, context=64,
                            n_layer=1, n_head=2, n_embd=32)
         save_reward_model(root / "reward", RewardModel(GPT(config)), other)
-        named = root / "reward/config.json"
+        named = root / "reward/tokenizer.json"
     elif broken == "pairs":
         write_json(root / "prefs/meta.json", {"source": "builtin", "tokenizer_sha256": other_sha})
         named = root / "prefs/meta.json"
@@ -440,7 +435,7 @@ def test_stage_refuses_inputs_from_another_tokenizer(stage_inputs, broken):
 
 
 def test_prompts_are_cut_to_the_shortest_and_fit_the_context(stage_inputs):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(stage_inputs["tokenizer"])
     train, held_out, length = prompt_tensors(tokenizer, ["The river", "A small city", "The river"],

@@ -26,7 +26,7 @@ import torch
 from conftest import BIN
 from test_rlhf import make_stage_inputs, rlhf_params, stage_args, tiny_gpt, toy_pairs, toy_prompts
 
-from pipeline.rlhf import Tuner, tune
+from pipeline.alignment.tuner import Tuner
 
 
 @pytest.fixture(autouse=True)
@@ -122,8 +122,8 @@ def test_a_finished_snapshot_is_not_tuned_again_and_a_foreign_one_not_resumed(tm
                                                                                 capsys):
     params = _params("dpo", 1e-2)
     train = toy_prompts(16, 1)
-    done = tune(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
-                toy_pairs(train, 32, 3), state_dir=tmp_path, fingerprint="run")
+    done = Tuner(tiny_gpt(), params, toy_scorer, hashed_gold, train, toy_prompts(8, 2),
+                 toy_pairs(train, 32, 3), state_dir=tmp_path, fingerprint="run").run()
     assert json.loads((tmp_path / "snapshot/state.json").read_text())["step"] == 12
     capsys.readouterr()
     # Killed after the last snapshot: the re-run only writes the outputs.
@@ -186,7 +186,8 @@ def _plots(work: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*.tsv"))}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straight, tmp_path,
                                                                   sig):
     process = subprocess.Popen([str(BIN / "gptpipe"), *stage_args(inputs, tmp_path)],
@@ -203,9 +204,11 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straig
     assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
     step = json.loads(state.read_text())["step"]
     assert 4 <= step < STEPS
-    if sig == signal.SIGINT:
-        # Ctrl-C: the step in hand finishes, a snapshot is saved at it, one clear line.
-        assert (f"rlhf: interrupted at step {step}; a checkpoint was saved in "
+    if sig != signal.SIGKILL:
+        # Ctrl-C or SIGTERM (what schedulers and `timeout` send): the step in hand
+        # finishes, a snapshot is saved at it, one clear line.
+        how = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        assert (f"rlhf: interrupted by {how} at step {step}; a snapshot was saved in "
                 f"{tmp_path / 'ckpt'}; run dvc repro again to resume") in stderr
         assert "Traceback" not in stderr
 
@@ -248,7 +251,7 @@ def test_a_kill_after_the_last_snapshot_only_writes_the_outputs(inputs, straight
 
 
 def test_resuming_drops_plot_rows_after_the_snapshot_and_rows_cut_short(tmp_path):
-    from pipeline.live import truncate_live
+    from pipeline.core.live import truncate_live
 
     tsv = tmp_path / "plots/metrics/eval/kl.tsv"
     tsv.parent.mkdir(parents=True)

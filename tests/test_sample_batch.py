@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model import GPT, GPTConfig, KVCache
-from pipeline.sampling import SamplingConfig, generate_ids, sample_batch
-from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from pipeline.lm.model import GPT, GPTConfig, KVCache
+from pipeline.lm.sampling import SamplingConfig, generate_ids, sample_batch
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
 

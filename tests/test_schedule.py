@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.schedule import lr_at
+from pipeline.lm.schedule import lr_at
 
 # lr = 1.0, min_lr = 0.1, warmup 4 steps, 14 steps in all: cosine over steps 4..14.
 SCHEDULE = dict(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14)

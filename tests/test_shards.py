@@ -9,17 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import GptpipeError
-from pipeline.shards import (
+from pipeline.core.errors import GptpipeError
+from pipeline.data.shards import (
     ShardWriter,
-    check_matches,
     iter_shards,
+    made_with,
     read_meta,
     read_tokens,
     shard_paths,
     token_dtype,
     write_meta,
 )
+from pipeline.data.tokenizer import require_tokenizer
 
 
 def write_stream(
@@ -153,11 +154,13 @@ def test_meta_round_trip_and_errors(tmp_path: Path) -> None:
         read_meta(tmp_path)
 
 
-def test_check_matches_names_both_files(tmp_path: Path) -> None:
-    check_matches(meta(), FakeTokenizer("a" * 64, 512), tmp_path)  # same: no error
-    for other in (FakeTokenizer("b" * 64, 512), FakeTokenizer("a" * 64, 513)):
+def test_require_tokenizer_names_the_shards_and_both_tokenizers(tmp_path: Path) -> None:
+    require_tokenizer(FakeTokenizer("a" * 64, 512), made_with(meta(), tmp_path))  # same: no error
+    for other, recorded in ((FakeTokenizer("b" * 64, 512), "sha256 aaaaaaaaaaaa"),
+                            (FakeTokenizer("a" * 64, 513), "512 tokens")):
         with pytest.raises(GptpipeError) as err:
-            check_matches(meta(), other, tmp_path)
+            require_tokenizer(other, made_with(meta(), tmp_path))
         message = str(err.value)
-        assert message.startswith(f"{tmp_path / 'meta.json'} was written with another tokenizer")
-        assert "data/vocab/tokenizer.json" in message and "vocab_size 512" in message
+        assert message.startswith(f"{tmp_path / 'meta.json'}: the token shards were made with "
+                                  f"another tokenizer ({recorded})")
+        assert "data/vocab/tokenizer.json" in message

@@ -1,4 +1,4 @@
-"""The split stage and the pure assignment rules of pipeline/splitting.py."""
+"""The split stage and the pure assignment rules of pipeline/data/splitting.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from conftest import BIN, synthetic_documents
 
 from pipeline.cli import cli
-from pipeline.doctable import DOCUMENT_SCHEMA, PART_NAME, DocumentWriter
-from pipeline.io import sha256_file
-from pipeline.params import SplitParams, parse_params
-from pipeline.splitting import SPLITS, assign_split, documents_for_nonempty, split_point
+from pipeline.core.io import sha256_file
+from pipeline.core.params import Params, parse_params
+from pipeline.data.doctable import DOCUMENT_SCHEMA, PART_NAME, DocumentWriter
+from pipeline.data.splitting import SPLITS, assign_split, documents_for_nonempty, split_point
 from pipeline.stages.split import run
 
 
@@ -28,8 +28,8 @@ def write_clean(directory: Path, texts: list[str], first_id: int = 0) -> Path:
     return directory
 
 
-def split_params(**overrides: object) -> SplitParams:
-    return parse_params({"split": overrides}).split
+def split_params(**overrides: object) -> Params:
+    return parse_params({"split": overrides})
 
 
 def assignment(out: Path) -> dict[int, str]:
@@ -68,7 +68,8 @@ def test_documents_for_nonempty() -> None:
 
 def test_fractions_follow_params(tmp_path: Path) -> None:
     clean = write_clean(tmp_path / "clean", synthetic_documents(2000, seed=1))
-    metrics = run(split_params(), clean, tmp_path / "split", tmp_path / "split.json")
+    metrics = run(split_params(), input=clean, out=tmp_path / "split",
+                  metrics=tmp_path / "split.json")
     assert metrics["documents"] == 2000
     assert sum(metrics[name]["documents"] for name in SPLITS) == 2000
     for name, target in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
@@ -84,8 +85,8 @@ def test_adding_documents_moves_none(tmp_path: Path) -> None:
     texts = synthetic_documents(600, seed=2)
     small = write_clean(tmp_path / "small", texts[:400])
     large = write_clean(tmp_path / "large", texts)
-    run(split_params(), small, tmp_path / "a", tmp_path / "a.json")
-    run(split_params(), large, tmp_path / "b", tmp_path / "b.json")
+    run(split_params(), input=small, out=tmp_path / "a", metrics=tmp_path / "a.json")
+    run(split_params(), input=large, out=tmp_path / "b", metrics=tmp_path / "b.json")
     before, after = assignment(tmp_path / "a"), assignment(tmp_path / "b")
     assert len(before) == 400 and len(after) == 600
     assert {i: after[i] for i in before} == before
@@ -93,8 +94,8 @@ def test_adding_documents_moves_none(tmp_path: Path) -> None:
 
 def test_seed_changes_assignment(tmp_path: Path) -> None:
     clean = write_clean(tmp_path / "clean", synthetic_documents(300, seed=3))
-    run(split_params(seed=1), clean, tmp_path / "a", tmp_path / "a.json")
-    run(split_params(seed=2), clean, tmp_path / "b", tmp_path / "b.json")
+    run(split_params(seed=1), input=clean, out=tmp_path / "a", metrics=tmp_path / "a.json")
+    run(split_params(seed=2), input=clean, out=tmp_path / "b", metrics=tmp_path / "b.json")
     first, second = assignment(tmp_path / "a"), assignment(tmp_path / "b")
     moved = sum(first[i] != second[i] for i in first)
     assert moved > 30  # about 2 * 0.8 * 0.2 = 32% of documents move; never none
@@ -103,7 +104,7 @@ def test_seed_changes_assignment(tmp_path: Path) -> None:
 def test_identical_texts_share_a_split(tmp_path: Path) -> None:
     texts = synthetic_documents(50, seed=4) * 3  # every text three times
     clean = write_clean(tmp_path / "clean", texts)
-    run(split_params(), clean, tmp_path / "split", tmp_path / "split.json")
+    run(split_params(), input=clean, out=tmp_path / "split", metrics=tmp_path / "split.json")
     splits_of: dict[str, set[str]] = {}
     for name in SPLITS:
         for text in pq.read_table(tmp_path / "split" / name / PART_NAME)["text"].to_pylist():
@@ -115,7 +116,7 @@ def test_identical_texts_share_a_split(tmp_path: Path) -> None:
 def test_output_is_byte_identical_across_runs(tmp_path: Path) -> None:
     clean = write_clean(tmp_path / "clean", synthetic_documents(200, seed=5))
     for name in ("a", "b"):
-        run(split_params(), clean, tmp_path / name, tmp_path / f"{name}.json")
+        run(split_params(), input=clean, out=tmp_path / name, metrics=tmp_path / f"{name}.json")
     for name in SPLITS:
         first = sha256_file(tmp_path / "a" / name / PART_NAME)
         assert first == sha256_file(tmp_path / "b" / name / PART_NAME)
@@ -147,7 +148,8 @@ def test_too_small_corpus_names_the_empty_split(tmp_path: Path) -> None:
     line = output.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "got 0 of 2 documents from" in line and str(clean) in line
-    assert "at least 3 documents; about 44 make an empty val split unlikely at val=0.1" in line
+    assert ("at least 3 documents, and about 44 make an empty val split unlikely at "
+            "split.val = 0.1") in line
     assert not (tmp_path / "split").exists() and not (tmp_path / "split.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""The pure cleaning rules of pipeline/text.py, each against hand-written strings."""
+"""The pure cleaning rules of pipeline/data/text.py, each against hand-written strings."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import unicodedata
 
 import pytest
 
-from pipeline.text import (
+from pipeline.data.text import (
     INVISIBLE_CHARS,
     SPACE_SEPARATORS,
     clean_document,
-    clean_text,
     dedup_key,
     normalize_line_breaks,
     normalize_unicode,
@@ -66,17 +65,17 @@ def test_invisible_chars_are_the_documented_six() -> None:
 def test_clean_document_composes_all_rules() -> None:
     raw = "\ufeffTitle\r\n\r\n\r\n\x00Caf\u200be\u0301 \ufb01ne\u00a0day\t\r\nend  "
     assert clean_document(raw, "NFKC") == ("Title\n\nCafé fine day\nend", 3)
-    assert clean_text(raw, "NFC") == "Title\n\nCafé \ufb01ne day\nend"
+    assert clean_document(raw, "NFC")[0] == "Title\n\nCafé \ufb01ne day\nend"
 
 
 def test_clean_text_of_whitespace_only_is_empty() -> None:
-    assert clean_text(" \r\n\t\u200b\u3000\n ", "NFKC") == ""
+    assert clean_document(" \r\n\t\u200b\u3000\n ", "NFKC")[0] == ""
 
 
 def test_clean_text_is_idempotent() -> None:
     raw = " A\u00a0\u00a0b\r\n\r\n\r\nc\u200d\u0301 "
-    once = clean_text(raw, "NFKC")
-    assert clean_text(once, "NFKC") == once
+    once = clean_document(raw, "NFKC")[0]
+    assert clean_document(once, "NFKC")[0] == once
 
 
 def test_dedup_key_is_16_byte_blake2b() -> None:

@@ -11,11 +11,17 @@ from click.testing import CliRunner
 from conftest import synthetic_documents
 
 from pipeline.cli import cli
-from pipeline.doctable import DocumentWriter
-from pipeline.params import TokenizeParams, parse_params
-from pipeline.shards import check_matches, iter_shards, read_meta, read_tokens, shard_paths
+from pipeline.core.params import Params, parse_params
+from pipeline.data.doctable import DocumentWriter
+from pipeline.data.shards import iter_shards, made_with, read_meta, read_tokens, shard_paths
+from pipeline.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    load_tokenizer,
+    require_tokenizer,
+    train_tokenizer,
+)
 from pipeline.stages.tokenize import run
-from pipeline.tokenizer import BOS_ID, EOS_ID, load_tokenizer, train_tokenizer
 
 UNICODE = [
     "Crème brûlée à Paris, naïve café — «déjà vu».",
@@ -53,9 +59,9 @@ def make_tokenizer(root: Path, splits: dict[str, list[str]], **vocab: object) ->
     return path
 
 
-def tokenize_params(**values: object) -> TokenizeParams:
+def tokenize_params(**values: object) -> Params:
     values = {"shard_tokens": 256, "batch_documents": 8, **values}
-    return parse_params({"tokenize": values}).tokenize
+    return parse_params({"tokenize": values})
 
 
 def documents_of(stream: np.ndarray) -> list[np.ndarray]:
@@ -75,10 +81,11 @@ def setup(tmp_path: Path) -> tuple[Path, Path, dict[str, list[str]]]:
 def test_counts_shards_and_meta_add_up(tmp_path: Path, setup: tuple) -> None:
     split, tok_path, splits = setup
     out = tmp_path / "tokens"
-    metrics = run(tokenize_params(), split, tok_path, out, tmp_path / "m.json")
+    metrics = run(tokenize_params(), input=split, tokenizer=tok_path, out=out,
+                  metrics=tmp_path / "m.json")
     meta = read_meta(out)
     tok = load_tokenizer(tok_path)
-    check_matches(meta, tok, out)
+    require_tokenizer(tok, made_with(meta, out))
     assert (meta["kind"], meta["vocab_size"], meta["dtype"], meta["eos_id"]) == (
         "bpe",
         400,
@@ -112,7 +119,8 @@ def test_documents_decode_back_to_their_text(tmp_path: Path, kind: str) -> None:
     splits = corpus()
     split = write_splits(tmp_path, splits)
     tok_path = make_tokenizer(tmp_path, splits, kind=kind)
-    run(tokenize_params(), split, tok_path, tmp_path / "tokens", tmp_path / "m.json")
+    run(tokenize_params(), input=split, tokenizer=tok_path, out=tmp_path / "tokens",
+        metrics=tmp_path / "m.json")
     tok = load_tokenizer(tok_path)
     for name in ("train", "val"):
         docs = documents_of(read_tokens(tmp_path / "tokens" / name))
@@ -123,7 +131,8 @@ def test_word_documents_decode_lowercased_and_spaced(tmp_path: Path) -> None:
     splits = {"train": ["The River, runs.", "the river"], "val": ["A River"], "test": ["x"]}
     split = write_splits(tmp_path, splits)
     tok_path = make_tokenizer(tmp_path, splits, kind="word", lowercase=True)
-    run(tokenize_params(), split, tok_path, tmp_path / "tokens", tmp_path / "m.json")
+    run(tokenize_params(), input=split, tokenizer=tok_path, out=tmp_path / "tokens",
+        metrics=tmp_path / "m.json")
     tok = load_tokenizer(tok_path)
     train = documents_of(read_tokens(tmp_path / "tokens" / "train"))
     assert [tok.decode(ids.tolist()) for ids in train] == ["the river , runs .", "the river"]
@@ -133,9 +142,11 @@ def test_word_documents_decode_lowercased_and_spaced(tmp_path: Path) -> None:
 
 def test_same_inputs_give_byte_identical_outputs(tmp_path: Path, setup: tuple) -> None:
     split, tok_path, _ = setup
-    run(tokenize_params(), split, tok_path, tmp_path / "a", tmp_path / "ma.json")
+    run(tokenize_params(), input=split, tokenizer=tok_path, out=tmp_path / "a",
+        metrics=tmp_path / "ma.json")
     # A different batch size must not change the stream either.
-    run(tokenize_params(batch_documents=5), split, tok_path, tmp_path / "b", tmp_path / "mb.json")
+    run(tokenize_params(batch_documents=5), input=split, tokenizer=tok_path, out=tmp_path / "b",
+        metrics=tmp_path / "mb.json")
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*"))
     assert files_a == files_b and len(files_a) > 4
@@ -158,7 +169,8 @@ def test_vocab_kind_sets_dtype_and_vocab_size(tmp_path: Path) -> None:
     ):
         tok_path = make_tokenizer(tmp_path, source, kind=kind, max_size=100_000, vocab_size=300)
         out = tmp_path / f"tokens-{kind}"
-        run(tokenize_params(shard_tokens=100_000), split, tok_path, out, tmp_path / "m.json")
+        run(tokenize_params(shard_tokens=100_000), input=split, tokenizer=tok_path, out=out,
+            metrics=tmp_path / "m.json")
         meta = read_meta(out)
         assert meta["kind"] == kind and meta["dtype"] == dtype
         assert meta["vocab_size"] == load_tokenizer(tok_path).vocab_size

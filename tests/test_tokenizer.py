@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from tokenizers import pre_tokenizers
 
-from pipeline.errors import GptpipeError
-from pipeline.io import sha256_file
-from pipeline.params import VocabParams, parse_params
-from pipeline.tokenizer import (
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import sha256_file
+from pipeline.core.params import VocabParams, parse_params
+from pipeline.data.tokenizer import (
     SPECIAL_TOKENS,
     TextTokenizer,
     bytes_to_unicode,

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from conftest import BIN, run_cmd, synthetic_documents
 
 from pipeline.cli import cli
-from pipeline.doctable import DocumentWriter
-from pipeline.errors import GptpipeError
-from pipeline.params import VocabParams, parse_params
+from pipeline.core.errors import GptpipeError
+from pipeline.core.params import Params, VocabParams, parse_params
+from pipeline.data.doctable import DocumentWriter
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.stages.vocab import run
-from pipeline.tokenizer import load_tokenizer
 
 
 def write_splits(root: Path, splits: dict[str, list[str]]) -> Path:
@@ -64,7 +64,8 @@ def invoke(root: Path, split: Path, params_path: Path):
 def test_bpe_metrics_and_tokenizer(tmp_path: Path) -> None:
     split = default_splits(tmp_path)
     out, metrics_path = tmp_path / "vocab" / "tokenizer.json", tmp_path / "vocab.json"
-    metrics = run(params(kind="bpe", vocab_size=300), split, out, metrics_path)
+    metrics = run(Params(vocab=params(kind="bpe", vocab_size=300)), input=split, out=out,
+                  metrics=metrics_path)
     assert json.loads(metrics_path.read_text()) == metrics
     assert set(metrics) == {
         "kind",
@@ -94,7 +95,8 @@ def test_word_unk_rate_counts_val_words_never_seen_in_train(tmp_path: Path) -> N
             "test": ["unused"],
         },
     )
-    metrics = run(params(kind="word", min_freq=1), split, tmp_path / "t.json", tmp_path / "m.json")
+    metrics = run(Params(vocab=params(kind="word", min_freq=1)), input=split,
+                  out=tmp_path / "t.json", metrics=tmp_path / "m.json")
     assert metrics["vocab_size"] == 4 + 3
     assert metrics["val_tokens"] == 6
     assert metrics["val_unk_rate"] == 0.5
@@ -104,7 +106,8 @@ def test_trains_on_train_only(tmp_path: Path) -> None:
     split = write_splits(
         tmp_path, {"train": ["common words here"] * 2, "val": ["valonly " * 9], "test": ["x"]}
     )
-    run(params(kind="word", min_freq=1), split, tmp_path / "t.json", tmp_path / "m.json")
+    run(Params(vocab=params(kind="word", min_freq=1)), input=split, out=tmp_path / "t.json",
+        metrics=tmp_path / "m.json")
     tok = load_tokenizer(tmp_path / "t.json")
     assert tok.hf.token_to_id("common") is not None
     assert tok.hf.token_to_id("valonly") is None
@@ -173,7 +176,8 @@ def test_missing_split_names_its_directory(tmp_path: Path, missing: str) -> None
     assert result.exit_code == 2
     assert f"{split / missing}: no document table" in result.output
     with pytest.raises(GptpipeError, match=str(split / missing)):
-        run(params(kind="char"), split, tmp_path / "t.json", tmp_path / "m.json")
+        run(Params(vocab=params(kind="char")), input=split, out=tmp_path / "t.json",
+            metrics=tmp_path / "m.json")
 
 
 def test_bad_params_value_names_the_key(tmp_path: Path) -> None:

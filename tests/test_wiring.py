@@ -19,8 +19,8 @@ STAGES: dict = DVC_YAML["stages"]
 
 # Library modules that never change what a stage computes (error types, params parsing,
 # atomic writes, progress bars): a stage need not list them among its deps.
-INFRASTRUCTURE = {"pipeline/errors.py", "pipeline/params.py", "pipeline/io.py",
-                  "pipeline/progress.py", "pipeline/cli.py"}
+INFRASTRUCTURE = {"pipeline/core/errors.py", "pipeline/core/params.py", "pipeline/core/io.py",
+                  "pipeline/core/progress.py", "pipeline/core/stage.py", "pipeline/cli.py"}
 
 
 def _interpolate(text: str) -> str:
@@ -59,23 +59,50 @@ def test_every_param_named_in_dvc_yaml_exists_in_params_yaml(stage_key):
             value = value[part]
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """The pipeline modules (as repository paths) that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            module = name.replace(".", "/") + ".py"
+            if name.startswith("pipeline") and (REPO_ROOT / module).is_file():
+                found.add(module)
+    return found
+
+
+def _library_closure(module: str) -> set[str]:
+    """Every pipeline module ``module`` runs, directly or through another module."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(_imported_modules(REPO_ROOT / current))
+    return seen - {module}
+
+
 @pytest.mark.parametrize("stage_key", list(STAGES))
-def test_every_stage_lists_its_module_and_its_library_modules_in_deps(stage_key):
+def test_every_stage_lists_its_module_and_every_library_module_it_runs_in_deps(stage_key):
+    """DVC re-runs a stage exactly when code it runs changes: its deps hold its module and
+    every library module it imports, directly or not (infrastructure aside), and no other."""
     stage = STAGES[stage_key]
     name = _stage_name(stage_key, stage)
-    module = _stage_module(name)
-    assert module.is_file(), f"stage {stage_key} runs gptpipe {name} but {module} is missing"
-    deps = set(_entries(stage, "deps"))
-    assert f"pipeline/stages/{name}.py" in deps
-    tree = ast.parse(module.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
-            path = node.module.replace(".", "/") + ".py"
-            assert not node.module.startswith("pipeline.stages"), (
-                f"{module.name} imports another stage ({node.module})"
-            )
-            if path not in INFRASTRUCTURE and (REPO_ROOT / path).is_file():
-                assert path in deps, f"stage {stage_key} uses {path} but does not list it in deps"
+    module = f"pipeline/stages/{name}.py"
+    assert _stage_module(name).is_file(), f"stage {stage_key} runs gptpipe {name}: no {module}"
+    deps = {d for d in _entries(stage, "deps") if d.startswith("pipeline/")}
+    assert module in deps
+    expected = _library_closure(module) - INFRASTRUCTURE
+    assert not any(m.startswith("pipeline/stages/") for m in expected), (
+        f"{module} imports another stage"
+    )
+    assert deps - {module} == expected, (
+        f"stage {stage_key}: missing {sorted(expected - deps)}, not run {sorted(deps - expected)}"
+    )
 
 
 @pytest.mark.parametrize("stage_key", list(STAGES))
@@ -125,3 +152,18 @@ def test_top_level_help_lists_every_stage():
     assert result.exit_code == 0
     for command in COMMANDS:
         assert command in result.output
+
+
+# Each library group may import only itself and the groups listed (DESIGN.md's arrows).
+LAYERS = {"core": set(), "data": {"core"}, "lm": {"core", "data"},
+          "alignment": {"core", "data", "lm"}}
+
+
+@pytest.mark.parametrize("group", list(LAYERS))
+def test_library_groups_import_only_the_groups_below_them(group):
+    for path in sorted((REPO_ROOT / "pipeline" / group).glob("*.py")):
+        for module in _imported_modules(path):
+            other = module.split("/")[1]
+            assert other == group or other in LAYERS[group], (
+                f"{path.relative_to(REPO_ROOT)} imports {module}"
+            )

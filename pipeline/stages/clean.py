@@ -1,7 +1,7 @@
 """The ``clean`` stage: normalize, filter and deduplicate the raw documents.
 
 Reads:  the raw document table (``--input``, data/raw: id, source, text, invalid_bytes).
-Params: the ``clean`` section of params.yaml (:class:`pipeline.params.CleanParams`).
+Params: the ``clean`` section of params.yaml (:class:`pipeline.core.params.CleanParams`).
 Writes: the clean document table (``--out``, data/clean: id, source, text; the raw id and
         source are kept) and flat JSON metrics (``--metrics``, metrics/clean.json).
 
@@ -14,29 +14,28 @@ too short (``clean.min_chars``), exact duplicate (``clean.dedup``) and near dupl
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
-import click
 import pyarrow.compute as pc
 
-from pipeline.doctable import (
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.parallel import ordered_map
+from pipeline.core.params import CleanParams, Params
+from pipeline.core.progress import progress
+from pipeline.core.stage import say, stage_command
+from pipeline.data.doctable import (
     DOCUMENT_SCHEMA,
     DocumentWriter,
     count_documents,
     iter_batches,
     table_path,
 )
-from pipeline.errors import GptpipeError
-from pipeline.io import atomic_dir, write_json
-from pipeline.params import CleanParams, load_params
-from pipeline.progress import progress
-from pipeline.text import NormalizationForm, clean_document, dedup_key, word_shingles
+from pipeline.data.text import NormalizationForm, clean_document, dedup_key, word_shingles
 
 if TYPE_CHECKING:
     from datasketch import MinHash, MinHashLSH
@@ -50,9 +49,6 @@ BATCH_DOCUMENTS = 1024
 # same on every run and in every worker process.
 MINHASH_SEED = 1
 
-_In = TypeVar("_In")
-_Out = TypeVar("_Out")
-_Meta = TypeVar("_Meta")
 
 
 @dataclass(frozen=True)
@@ -104,32 +100,6 @@ def _clean_batch(job: _Job) -> _Cleaned:
                 minhash.update_batch(shingles)
             minhashes.append(minhash)
     return _Cleaned(texts, keys, minhashes, bytes_in, chars_removed)
-
-
-def _ordered_map(
-    func: Callable[[_In], _Out], items: Iterable[tuple[_Meta, _In]], workers: int
-) -> Iterator[tuple[_Meta, _Out]]:
-    """Yield ``(meta, func(item))`` in input order, computed by ``workers`` processes.
-
-    Unlike ``Pool.imap``, whose feeder thread drains the whole input at once, at most two
-    tasks per worker are in flight, so memory stays bounded however large the corpus.
-    """
-    if workers <= 1:
-        for meta, item in items:
-            yield meta, func(item)
-        return
-    # spawn, not fork: the parent holds pyarrow's threads, and forking a threaded
-    # process can deadlock the child on a lock some other thread held.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending: deque[tuple[_Meta, Any]] = deque()
-        for meta, item in items:
-            pending.append((meta, pool.apply_async(func, (item,))))
-            if len(pending) >= 2 * workers:
-                done_meta, result = pending.popleft()
-                yield done_meta, result.get()
-        while pending:
-            done_meta, result = pending.popleft()
-            yield done_meta, result.get()
 
 
 def _lsh_index(params: CleanParams) -> MinHashLSH:
@@ -209,27 +179,23 @@ def _worker_count(params: CleanParams, batches: int) -> int:
     return max(1, min(wanted, batches))
 
 
-def run(
-    params: CleanParams,
-    input_dir: Path,
-    out_dir: Path,
-    metrics_path: Path,
-    batch_documents: int = BATCH_DOCUMENTS,
-) -> dict[str, int]:
-    """Clean ``input_dir`` into ``out_dir``, write ``metrics_path``, return the metrics.
+def run(params: Params, *, input: Path, out: Path, metrics: Path,
+        batch_documents: int = BATCH_DOCUMENTS) -> dict[str, int]:
+    """Clean the ``input`` table into ``out``, write and return the metrics.
 
     ``batch_documents`` is the rows per worker task (tests make it small to use several
     workers on a tiny corpus). With more than one worker the processes are spawned, so a
     script that calls this needs the usual ``if __name__ == "__main__":`` guard.
     """
+    settings, input_dir = params.clean, input
     source_table = table_path(input_dir)
     total = count_documents(input_dir)
     if total == 0:
         raise GptpipeError(
-            f"{source_table}: 0 documents; allowed: at least one document (check data.corpus)"
+            f"{source_table}: 0 documents; check data.corpus (ingest read nothing)"
         )
-    filters = _Filters(params)
-    workers = _worker_count(params, math.ceil(total / batch_documents))
+    filters = _Filters(settings)
+    workers = _worker_count(settings, math.ceil(total / batch_documents))
     counts = dict.fromkeys(("bytes_in", "bytes_out", "invalid_bytes", "chars_removed"), 0)
 
     def jobs() -> Iterator[tuple[tuple[list[int], list[str]], _Job]]:
@@ -241,21 +207,21 @@ def run(
                 meta,
                 _Job(
                     texts=batch.column("text").to_pylist(),
-                    form=params.normalization,
-                    min_chars=params.min_chars,
-                    dedup=params.dedup,
-                    near_dup=params.near_dup_threshold > 0,
-                    ngram=params.near_dup_ngram,
-                    num_perm=params.near_dup_num_perm,
+                    form=settings.normalization,
+                    min_chars=settings.min_chars,
+                    dedup=settings.dedup,
+                    near_dup=settings.near_dup_threshold > 0,
+                    ngram=settings.near_dup_ngram,
+                    num_perm=settings.near_dup_num_perm,
                 ),
             )
 
     with (
-        atomic_dir(out_dir) as tmp,
+        atomic_dir(out) as tmp,
         DocumentWriter(tmp, DOCUMENT_SCHEMA) as writer,
         progress(total=total, desc="clean", unit="doc") as bar,
     ):
-        for (ids, sources), cleaned in _ordered_map(_clean_batch, jobs(), workers):
+        for (ids, sources), cleaned in ordered_map(_clean_batch, jobs(), workers, "clean"):
             counts["bytes_in"] += cleaned.bytes_in
             counts["chars_removed"] += cleaned.chars_removed
             for i, text in enumerate(cleaned.texts):
@@ -269,56 +235,24 @@ def run(
             found = ", ".join(f"{r}: {n}" for r, n in filters.dropped.items())
             raise GptpipeError(
                 f"clean: all {total} documents of {input_dir} were dropped ({found}); "
-                "allowed: at least one document; lower clean.min_chars"
+                "lower clean.min_chars to keep some"
             )
-        metrics = {
+        result = {
             "documents_in": total,
             "documents_out": writer.rows,
             **counts,
             **{f"dropped_{reason}": n for reason, n in filters.dropped.items()},
         }
-    write_json(metrics_path, metrics)
-    return metrics
+    write_json(metrics, result)
+    dropped = result["documents_in"] - result["documents_out"]
+    say("clean", f"kept {result['documents_out']} of {total} documents ({dropped} dropped) "
+                 f"-> {out}")
+    return result
 
 
-@click.command(
-    "clean",
-    help="Normalize, filter and deduplicate the raw documents (params section: clean).",
+main = stage_command(
+    "clean", run, "Normalize, filter and deduplicate the raw documents.",
+    input="The raw document table (data/raw).",
+    out="The clean document table to write (data/clean).",
+    metrics="",
 )
-@click.option(
-    "--params",
-    "params_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The params.yaml to read the clean section from.",
-)
-@click.option(
-    "--input",
-    "input_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The raw document table directory (data/raw).",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The clean document table directory to write (data/clean).",
-)
-@click.option(
-    "--metrics",
-    "metrics_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The JSON metrics file to write (metrics/clean.json).",
-)
-def main(params_path: Path, input_dir: Path, out_dir: Path, metrics_path: Path) -> None:
-    params = load_params(params_path).clean
-    metrics = run(params, input_dir, out_dir, metrics_path)
-    dropped = metrics["documents_in"] - metrics["documents_out"]
-    click.echo(
-        f"clean: kept {metrics['documents_out']} of {metrics['documents_in']} documents "
-        f"({dropped} dropped) -> {out_dir}",
-        err=True,
-    )

@@ -23,24 +23,24 @@ import json
 import math
 from pathlib import Path
 
-import click
 import torch
 
-from pipeline.checkpoint import load_model
-from pipeline.device import pick_device
-from pipeline.doctable import iter_texts
-from pipeline.errors import GptpipeError
-from pipeline.evaluation import (
+from pipeline.core.device import pick_device
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_path, write_json
+from pipeline.core.params import EvaluateParams, Params, SplitParams
+from pipeline.core.stage import say, stage_command
+from pipeline.data.doctable import iter_texts
+from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
+from pipeline.data.tokenizer import require_tokenizer
+from pipeline.lm.checkpoint import load_model, open_model_folder
+from pipeline.lm.evaluation import (
     baseline_metrics,
     corpus_fingerprint,
     evaluate_split,
     fit_baselines,
 )
-from pipeline.io import atomic_path, write_json
-from pipeline.params import EvaluateParams, SplitParams, load_params
-from pipeline.sampling import SamplingConfig, sample_text
-from pipeline.shards import check_matches, read_meta, read_tokens
-from pipeline.tokenizer import load_tokenizer
+from pipeline.lm.sampling import SamplingConfig, sample_text
 
 SCORED_SPLITS = ("val", "test")
 
@@ -87,7 +87,7 @@ def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device) -
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
-def samples(model, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
+def sample_rows(model, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
     rows = []
     index = 0
     for prompt in prompts:
@@ -102,44 +102,35 @@ def samples(model, tokenizer, prompts: list[str], params: EvaluateParams) -> lis
     return rows
 
 
-def run(params_path: Path, model_dir: Path, tokens_dir: Path, test_dir: Path, clean_dir: Path,
-        metrics_path: Path, samples_path: Path) -> dict:
-    params = load_params(params_path)
-    device = pick_device(params.evaluate.device, key="evaluate.device")
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise GptpipeError(f"{tokenizer_path}: missing; a model directory holds its tokenizer")
-    tokenizer = load_tokenizer(tokenizer_path)
-    meta = read_meta(tokens_dir)
-    check_matches(meta, tokenizer, tokens_dir)
-    for split in ("train", *SCORED_SPLITS):
-        if split not in meta["splits"]:
-            raise GptpipeError(f"{tokens_dir}/meta.json has no '{split}' split; "
-                               "allowed: shards with train, val and test")
-    model, _ = load_model(model_dir, device)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise GptpipeError(
-            f"{model_dir}: the model has {model.config.vocab_size} token ids but its tokenizer "
-            f"has {tokenizer.vocab_size}; allowed: a checkpoint written by gptpipe pretrain"
-        )
-    print(f"evaluate: {model_dir} on {device}", flush=True)
-    metrics = score(model, meta, tokens_dir, params.evaluate, device)
-    if not math.isfinite(metrics["val.loss"]):
-        raise GptpipeError(f"{model_dir}: the val loss is {metrics['val.loss']}; the model's "
-                           "weights are broken (allowed: a checkpoint with a finite loss)")
-    metrics.update(fingerprint(clean_dir, params.split, tokenizer.sha256))
-    prompts = params.evaluate.prompts or default_prompts(
-        test_dir, params.evaluate.num_prompts, params.evaluate.prompt_words)
-    rows = samples(model, tokenizer, prompts, params.evaluate)
-    with atomic_path(samples_path) as tmp:
+@torch.no_grad()
+def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean: Path,
+        metrics: Path, samples: Path) -> dict:
+    """Score the ``model`` folder on val and test, sample it; write both outputs."""
+    settings = params.evaluate
+    device = pick_device(settings.device, key="evaluate.device")
+    _, _, tokenizer = open_model_folder(model)
+    meta = read_meta(tokens)
+    require_tokenizer(tokenizer, made_with(meta, tokens))
+    require_splits(meta, tokens, "train", *SCORED_SPLITS)
+    network, _ = load_model(model, device)
+    say("evaluate", f"{model} on {device}")
+    result = score(network, meta, tokens, settings, device)
+    if not math.isfinite(result["val.loss"]):
+        raise GptpipeError(f"{model}: the val loss is {result['val.loss']}; the model's "
+                           "weights are broken (not finite)")
+    result.update(fingerprint(clean, params.split, tokenizer.sha256))
+    prompts = settings.prompts or default_prompts(
+        prompts_from, settings.num_prompts, settings.prompt_words)
+    rows = sample_rows(network, tokenizer, prompts, settings)
+    with atomic_path(samples) as tmp:
         tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    write_json(metrics_path, metrics)
+    write_json(metrics, result)
     for split in SCORED_SPLITS:
-        print(f"evaluate: {split}: {metrics[f'{split}.bpb']:.4f} bits/byte "
-              f"(bigram {metrics[f'{split}.bigram_bpb']:.4f}, unigram "
-              f"{metrics[f'{split}.unigram_bpb']:.4f}), ppl {metrics[f'{split}.ppl']:.2f}, "
-              f"top-1 {metrics[f'{split}.acc']:.3f}", flush=True)
-    return metrics
+        say("evaluate", f"{split}: {result[f'{split}.bpb']:.4f} bits/byte "
+                        f"(bigram {result[f'{split}.bigram_bpb']:.4f}, unigram "
+                        f"{result[f'{split}.unigram_bpb']:.4f}), ppl "
+                        f"{result[f'{split}.ppl']:.2f}, top-1 {result[f'{split}.acc']:.3f}")
+    return result
 
 
 def fingerprint(clean_dir: Path, split: SplitParams, tokenizer_sha: str) -> dict[str, str]:
@@ -155,22 +146,12 @@ def fingerprint(clean_dir: Path, split: SplitParams, tokenizer_sha: str) -> dict
     }
 
 
-@click.command("evaluate")
-@click.option("--params", "params_path", required=True, type=click.Path(path_type=Path),
-              help="params.yaml (reads the evaluate and split sections).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Checkpoint directory to evaluate (model, config and tokenizer).")
-@click.option("--tokens", "tokens_dir", required=True, type=click.Path(path_type=Path),
-              help="Token shards with train, val and test splits.")
-@click.option("--prompts-from", "test_dir", required=True, type=click.Path(path_type=Path),
-              help="Document table whose openings are the default prompts (the test split).")
-@click.option("--clean", "clean_dir", required=True, type=click.Path(path_type=Path),
-              help="Clean corpus table, hashed into the metrics' fingerprint.")
-@click.option("--metrics", "metrics_path", required=True, type=click.Path(path_type=Path),
-              help="Metrics JSON to write (flat keys such as val.bpb).")
-@click.option("--samples", "samples_path", required=True, type=click.Path(path_type=Path),
-              help="JSON file of prompt completions to write.")
-def main(params_path, model_dir, tokens_dir, test_dir, clean_dir, metrics_path, samples_path):
-    """Score a checkpoint on every val and test token, with baselines, and sample it."""
-    torch.set_grad_enabled(False)
-    run(params_path, model_dir, tokens_dir, test_dir, clean_dir, metrics_path, samples_path)
+main = stage_command(
+    "evaluate", run, "Score a model on every val and test token, against baselines; sample it.",
+    model="The model folder to evaluate (weights, config and tokenizer).",
+    tokens="",
+    prompts_from="The document table whose openings are the default prompts (the test split).",
+    clean="The clean corpus table, hashed into the metrics' fingerprint (data/clean).",
+    metrics="The metrics JSON to write (flat keys such as val.bpb).",
+    samples="The JSON file of prompt completions to write.",
+)

@@ -19,51 +19,46 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import torch
 
-from pipeline.checkpoint import load_model
-from pipeline.device import setup_runtime, teardown
-from pipeline.errors import GptpipeError
-from pipeline.evaluation import evaluate_split
-from pipeline.io import remove_stale_temps, write_json
-from pipeline.live import finish_live, start_live
-from pipeline.params import load_params
-from pipeline.progress import progress
-from pipeline.shards import check_matches, read_meta, read_tokens
-from pipeline.tokenizer import load_tokenizer
-from pipeline.training import StepLog, Trainer
+from pipeline.core.device import setup_runtime, teardown
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import write_json
+from pipeline.core.live import finish_live, start_live
+from pipeline.core.params import Params
+from pipeline.core.progress import progress
+from pipeline.core.stage import say, stage_command
+from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
+from pipeline.data.tokenizer import load_tokenizer, require_tokenizer
+from pipeline.lm.checkpoint import load_model
+from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.training import StepLog, Trainer
 
 
-def _check_data(meta: dict, tokens_dir: Path, tokenizer_path: Path) -> str:
-    """The tokenizer's sha256, once the shards are known to match it and hold train/val."""
-    check_matches(meta, load_tokenizer(tokenizer_path), tokens_dir)
-    for split in ("train", "val"):
-        if split not in meta["splits"]:
-            raise GptpipeError(
-                f"{tokens_dir}/meta.json has no '{split}' split; allowed: train, val and test"
-            )
-    return meta["tokenizer_sha256"]
-
-
-def run(params_path: Path, tokens_dir: Path, tokenizer_path: Path, out: Path,
-        checkpoint: Path, live_dir: Path, metrics: Path, speed: Path) -> dict:
-    params = load_params(params_path)
-    runtime = setup_runtime(params.train.device, params.train.dtype, params.train.threads)
+def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint: Path,
+        live: Path, metrics: Path, speed: Path) -> dict:
+    """Train (or resume, or only write out a finished run); write every output."""
+    train = params.train
+    if train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        _check_gpus_for(train.nproc_per_node, train.device)
+        _relaunch_under_torchrun(train.nproc_per_node)
+        return {}
+    torch.set_float32_matmul_precision("high")
+    runtime = setup_runtime(train.device, train.dtype, train.threads)
     try:
-        meta = read_meta(tokens_dir)
-        tokenizer_sha = _check_data(meta, tokens_dir, tokenizer_path)
-        train_tokens = read_tokens(tokens_dir / "train")
-        val_tokens = read_tokens(tokens_dir / "val")
-        data = {"tokenizer_sha256": tokenizer_sha, "train_tokens": len(train_tokens),
-                "val_tokens": len(val_tokens)}
-        provenance = {"tokenizer_sha256": tokenizer_sha, "vocab_kind": meta.get("kind")}
+        meta = read_meta(tokens)
+        text_tokenizer = load_tokenizer(tokenizer)
+        require_tokenizer(text_tokenizer, made_with(meta, tokens))
+        require_splits(meta, tokens, "train", "val")
+        train_tokens = read_tokens(tokens / "train")
+        val_tokens = read_tokens(tokens / "val")
+        provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind")}
         if runtime.is_main:
-            print(f"pretrain: device {runtime.describe()}", flush=True)
-            remove_stale_temps(out)
-        trainer = Trainer(params.model, params.train, runtime, train_tokens, val_tokens,
-                          int(meta["vocab_size"]), data, checkpoint, provenance)
-        return _train_and_report(trainer, meta, tokenizer_path, out, live_dir, metrics, speed)
+            say("pretrain", f"device {runtime.describe()}")
+        trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
+                          int(meta["vocab_size"]), {"tokens": tokens, "tokenizer": tokenizer},
+                          checkpoint, provenance)
+        return _train_and_report(trainer, meta, tokenizer, out, live, metrics, speed)
     finally:
         teardown(runtime)
 
@@ -74,8 +69,8 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
     live = start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
     if runtime.is_main:
         n = trainer.model.num_parameters()
-        print(f"pretrain: {n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
-              f"{trainer.tokens_per_step} tokens", flush=True)
+        say("pretrain", f"{n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
+                        f"{trainer.tokens_per_step} tokens")
     bar = progress(total=trainer.total_steps, desc="pretrain", unit="step",
                    initial=trainer.step) if runtime.is_main else None
     started, start_step = time.perf_counter(), trainer.step
@@ -148,37 +143,9 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
         "world_size": runtime.world_size,
     })
     speed_note = f"{tokens_per_second:,.0f} tokens/s" if trained else "no step trained"
-    print(f"pretrain: val loss {val_loss:.4f} nats/token, {bits_per_byte:.4f} bits/byte "
-          f"(best step {trainer.best_step}); {speed_note}", flush=True)
+    say("pretrain", f"val loss {val_loss:.4f} nats/token, {bits_per_byte:.4f} bits/byte "
+                    f"(best step {trainer.best_step}); {speed_note}")
     return result
-
-
-@click.command("pretrain")
-@click.option("--params", "params_path", required=True, type=click.Path(path_type=Path),
-              help="params.yaml (reads the model and train sections).")
-@click.option("--tokens", "tokens_dir", required=True, type=click.Path(path_type=Path),
-              help="Directory of token shards written by `gptpipe tokenize`.")
-@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path),
-              help="tokenizer.json the shards were encoded with.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Model directory to write (best/ and last/ checkpoints).")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="Resumable training-state directory (kept between runs).")
-@click.option("--live", "live_dir", required=True, type=click.Path(path_type=Path),
-              help="dvclive directory for per-step plots.")
-@click.option("--metrics", required=True, type=click.Path(path_type=Path),
-              help="Final metrics JSON (deterministic values).")
-@click.option("--speed", required=True, type=click.Path(path_type=Path),
-              help="Speed metrics JSON (wall time, tokens/s, GFLOP/s).")
-def main(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed):
-    """Pretrain the GPT; resumes from --checkpoint after an interruption."""
-    train = load_params(params_path).train
-    if train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        _check_gpus_for(train.nproc_per_node, train.device)
-        _relaunch_under_torchrun(train.nproc_per_node)
-        return
-    torch.set_float32_matmul_precision("high")
-    run(params_path, tokens_dir, tokenizer_path, out, checkpoint, live_dir, metrics, speed)
 
 
 def _check_gpus_for(nproc: int, device: str) -> None:
@@ -210,8 +177,19 @@ def _relaunch_under_torchrun(nproc: int) -> None:
             "train.nproc_per_node > 1 needs the stage started as `gptpipe pretrain ...`"
         )
     argv = sys.argv[sys.argv.index("pretrain"):]
-    print(f"pretrain: launching {nproc} processes with torchrun", flush=True)
+    say("pretrain", f"launching {nproc} processes with torchrun")
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
     except Exception as err:  # torchrun reports which rank failed and why
         raise GptpipeError(f"pretrain: a torchrun worker failed ({type(err).__name__})") from None
+
+
+main = stage_command(
+    "pretrain", run, "Pretrain the GPT on the token shards (CPU or GPU, torchrun, resumable); "
+    "resumes from --checkpoint after an interruption.",
+    tokens="", tokenizer="",
+    out="The model folder to write (best/ and last/ model checkpoints).",
+    checkpoint="", live="",
+    metrics="The final metrics JSON (deterministic values: val loss, bits per byte, ...).",
+    speed="The speed metrics JSON (wall time, tokens/s, GFLOP/s: these vary by machine).",
+)

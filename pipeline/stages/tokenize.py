@@ -2,7 +2,7 @@
 
 Reads:  the split document tables (``--input``, data/split/{train,val,test}) and the
         tokenizer (``--tokenizer``, data/vocab/tokenizer.json).
-Params: the ``tokenize`` section of params.yaml (:class:`pipeline.params.TokenizeParams`).
+Params: the ``tokenize`` section of params.yaml (:class:`pipeline.core.params.TokenizeParams`).
 Writes: ``--out`` (data/tokens): ``<split>/shard-NNNNN.parquet`` files holding each
         split's token stream (every document as ``<bos> ids <eos>``, at most
         ``shard_tokens`` per file) and ``meta.json`` (tokenizer sha256, kind, vocab_size,
@@ -18,15 +18,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import click
 import pyarrow.compute as pc
 
-from pipeline.doctable import count_documents, iter_batches, table_path
-from pipeline.io import atomic_dir, write_json
-from pipeline.params import TokenizeParams, load_params
-from pipeline.progress import progress
-from pipeline.shards import ShardWriter, token_dtype, write_meta
-from pipeline.tokenizer import TextTokenizer, load_tokenizer
+from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.params import Params
+from pipeline.core.progress import progress
+from pipeline.core.stage import say, stage_command
+from pipeline.data.doctable import count_documents, iter_batches, table_path
+from pipeline.data.shards import ShardWriter, token_dtype, write_meta
+from pipeline.data.tokenizer import TextTokenizer, load_tokenizer
 
 SPLITS = ("train", "val", "test")
 
@@ -47,25 +47,21 @@ def tokenize_split(
     return {"documents": documents, "tokens": writer.tokens, "bytes": size, "shards": writer.shards}
 
 
-def run(
-    params: TokenizeParams,
-    input_dir: Path,
-    tokenizer_path: Path,
-    out_dir: Path,
-    metrics_path: Path,
-) -> dict[str, Any]:
-    """Write ``out_dir`` (shards + meta.json) and the metrics; return the metrics."""
-    split_dirs = {name: Path(input_dir) / name for name in SPLITS}
+def run(params: Params, *, input: Path, tokenizer: Path, out: Path,
+        metrics: Path) -> dict[str, Any]:
+    """Write ``out`` (shards + meta.json) and the metrics; return the metrics."""
+    settings, tokenizer_path = params.tokenize, tokenizer
+    split_dirs = {name: Path(input) / name for name in SPLITS}
     for split_dir in split_dirs.values():
         table_path(split_dir)  # every split must exist before any work starts
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     counts: dict[str, dict[str, int]] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         for name, split_dir in split_dirs.items():
             (tmp / name).mkdir()
-            writer = ShardWriter(tmp / name, dtype, params.shard_tokens)
-            counts[name] = tokenize_split(tokenizer, split_dir, writer, params.batch_documents)
+            writer = ShardWriter(tmp / name, dtype, settings.shard_tokens)
+            counts[name] = tokenize_split(tokenizer, split_dir, writer, settings.batch_documents)
         write_meta(
             tmp,
             {
@@ -75,11 +71,11 @@ def run(
                 "dtype": dtype.name,
                 "bos_id": tokenizer.bos_id,
                 "eos_id": tokenizer.eos_id,
-                "shard_tokens": params.shard_tokens,
+                "shard_tokens": settings.shard_tokens,
                 "splits": counts,
             },
         )
-    metrics = {
+    result = {
         name: {
             "documents": c["documents"],
             "tokens": c["tokens"],
@@ -89,54 +85,16 @@ def run(
         }
         for name, c in counts.items()
     }
-    write_json(metrics_path, metrics)
-    return metrics
+    write_json(metrics, result)
+    summary = ", ".join(f"{name} {result[name]['tokens']}" for name in SPLITS)
+    say("tokenize", f"tokens: {summary} -> {out}")
+    return result
 
 
-@click.command(
-    "tokenize",
-    help="Encode the train, val and test splits into Parquet token shards with the "
-    "tokenizer from gptpipe vocab (params section: tokenize).",
+main = stage_command(
+    "tokenize", run, "Encode the train, val and test splits into Parquet token shards.",
+    input="The split folder holding train/, val/ and test/ document tables (data/split).",
+    tokenizer="",
+    out="The folder to write <split>/shard-*.parquet and meta.json into (data/tokens).",
+    metrics="",
 )
-@click.option(
-    "--params",
-    "params_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The params.yaml to read the tokenize section from.",
-)
-@click.option(
-    "--input",
-    "input_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The split directory holding train/, val/ and test/ document tables (data/split).",
-)
-@click.option(
-    "--tokenizer",
-    "tokenizer_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The tokenizer JSON written by gptpipe vocab (data/vocab/tokenizer.json).",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The directory to write <split>/shard-*.parquet and meta.json into (data/tokens).",
-)
-@click.option(
-    "--metrics",
-    "metrics_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The JSON metrics file to write (metrics/tokenize.json).",
-)
-def main(
-    params_path: Path, input_dir: Path, tokenizer_path: Path, out_dir: Path, metrics_path: Path
-) -> None:
-    params = load_params(params_path).tokenize
-    metrics = run(params, input_dir, tokenizer_path, out_dir, metrics_path)
-    summary = ", ".join(f"{name} {metrics[name]['tokens']}" for name in SPLITS)
-    click.echo(f"tokenize: tokens: {summary} -> {out_dir}", err=True)

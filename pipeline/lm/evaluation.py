@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import GptpipeError
-from pipeline.io import sha256_file
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import sha256_file
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
@@ -113,7 +113,7 @@ def score_tokens(
     if len(tokens) < 2:
         raise GptpipeError(
             f"the evaluated split has {len(tokens)} token(s); at least 2 are needed to "
-            "predict one; allowed: a larger corpus or a larger val/test fraction"
+            "predict one; use a larger corpus or larger split.val / split.test fractions"
         )
     if context < 1 or batch_size < 1:
         raise ValueError(f"context and batch_size must be >= 1, got {context}, {batch_size}")

@@ -94,11 +94,6 @@ def clean_document(text: str, form: NormalizationForm) -> tuple[str, int]:
     return normalize_whitespace(text), removed
 
 
-def clean_text(text: str, form: NormalizationForm) -> str:
-    """The clean form of ``text`` (see :func:`clean_document`)."""
-    return clean_document(text, form)[0]
-
-
 def dedup_key(text: str) -> bytes:
     """A 16-byte blake2b digest of a cleaned text: equal keys mean equal texts.
 

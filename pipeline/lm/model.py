@@ -23,40 +23,36 @@ Shapes: B batch, T time (tokens), C = n_embd, H = n_head, D = C // H.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.params import ModelParams, parse_section
+
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Everything needed to rebuild the network; saved as JSON beside its weights."""
+class GPTConfig(ModelParams):
+    """Everything needed to rebuild the network: the ``model`` params (their fields and
+    defaults, :class:`pipeline.core.params.ModelParams`) and the vocabulary size. Saved
+    as JSON beside the weights."""
 
-    vocab_size: int
-    context: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
-    positions: Literal["rotary", "learned"] = "rotary"
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    bias: bool = False
-    rope_base: float = 10000.0
+    vocab_size: int = field(kw_only=True)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vocab_size < 1:
+            raise self.fail("vocab_size", self.vocab_size, "an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key {unknown[0]!r}")
-        return cls(**raw)
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> GPTConfig:
+        """A config read back from JSON, checked as params are (one-line GptpipeError)."""
+        return parse_section(cls, raw, "model", where)
 
     @property
     def head_dim(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from pipeline.errors import GptpipeError
+from pipeline.core.errors import GptpipeError
 
 
 class _Section:
@@ -160,7 +160,11 @@ class TokenizeParams(_Section):
 
 @dataclass(frozen=True)
 class ModelParams(_Section):
-    """``model``: the GPT's shape (the vocabulary size comes from the tokenizer)."""
+    """``model``: the GPT's shape (the vocabulary size comes from the tokenizer).
+
+    The one model schema: ``pipeline.lm.model.GPTConfig`` is these fields plus the
+    vocabulary size, with these defaults, and is saved beside every model's weights.
+    """
 
     context: int = 128
     n_layer: int = 4
@@ -171,9 +175,11 @@ class ModelParams(_Section):
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     bias: bool = False
+    # The base of the rotary frequencies (RoPE's theta).
+    rope_base: float = 10000.0
 
     def validate(self) -> None:
-        self.require_positive("context", "n_layer", "n_head", "n_embd")
+        self.require_positive("context", "n_layer", "n_head", "n_embd", "rope_base")
         if self.n_embd % self.n_head:
             raise self.fail("n_embd", self.n_embd, f"a multiple of model.n_head ({self.n_head})")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
@@ -330,6 +336,7 @@ class PreferencesParams(_Section):
     device: str = "auto"
 
     def validate(self) -> None:
+        _check_path(self, "file", self.file)
         self.require_positive("num_prompts", "prompt_tokens", "max_new_tokens", "min_pairs")
         if self.completions_per_prompt < 2:
             raise self.fail("completions_per_prompt", self.completions_per_prompt, "2 or more")
@@ -418,6 +425,16 @@ class RlhfParams(_Section):
         _check_device(self, self.device)
 
 
+# dvc.yaml pastes a path param into a stage's shell command inside single quotes; a
+# quote would end the quoting there, and control characters have no place in a path.
+_UNSAFE_PATH = re.compile(r"['\x00-\x1f\x7f]")
+
+
+def _check_path(section: _Section, key: str, value: str) -> None:
+    if not value.strip() or _UNSAFE_PATH.search(value):
+        raise section.fail(key, value, "a file path without quotes (') or control characters")
+
+
 def _check_device(section: _Section, device: str) -> None:
     if device not in ("auto", "cpu", "cuda", "mps") and not (
         device.startswith("cuda:") and device[5:].isdigit()
@@ -442,6 +459,8 @@ class Params:
     reward: RewardParams = field(default_factory=RewardParams)
     rlhf: RlhfParams = field(default_factory=RlhfParams)
 
+
+_SectionT = typing.TypeVar("_SectionT", bound=_Section)
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -477,11 +496,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
         # PyYAML (YAML 1.1) reads 6e-4 as a string; DVC's YAML 1.2 reads it as a number.
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)
+        if (isinstance(value, int | float) and not isinstance(value, bool)) or (
+                isinstance(value, str) and _FLOAT.fullmatch(value.strip())):
+            number = float(value)
+            if not math.isfinite(number):  # NaN passes every "> 0" check: refuse it here
+                raise GptpipeError(f"{where} = {value!r}; allowed: a finite number")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -509,6 +530,11 @@ def _build(cls: type, raw: Any, where: str, file: str) -> Any:
         raise GptpipeError(
             f"{file}: unknown key '{prefix}{unknown[0]}'; allowed: {', '.join(fields)}"
         )
+    required = [f.name for f in fields.values() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in raw]
+    if required:
+        prefix = f"{where}." if where else ""
+        raise GptpipeError(f"{file}: key '{prefix}{required[0]}' missing")
     values = {}
     for name, value in raw.items():
         dotted = f"{where}.{name}" if where else name
@@ -521,8 +547,30 @@ def _build(cls: type, raw: Any, where: str, file: str) -> Any:
     if isinstance(obj, _Section):
         object.__setattr__(obj, "_where", file)
         object.__setattr__(obj, "_name", where)
-        obj.validate()
+        _validate(obj)
     return obj
+
+
+# Seeds seed numpy generators (which refuse negatives) and torch generators, some with a
+# small offset added (seed + 1, seed + sample index), so they keep well inside both.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _validate(section: _Section) -> None:
+    """The checks every section shares (seeds in range), then its own ``validate``."""
+    for item in dataclasses.fields(section):
+        if item.name == "seed" or item.name.endswith("_seed"):
+            value = getattr(section, item.name)
+            low, high = SEED_RANGE
+            if not low <= value <= high:
+                raise section.fail(item.name, value, f"an integer in {low} .. {high}")
+    section.validate()
+
+
+def parse_section(cls: type[_SectionT], raw: Any, name: str, file: str) -> _SectionT:
+    """One section's dataclass from a parsed mapping (``name`` and ``file`` for errors),
+    checked as params.yaml's sections are: a model folder's config.json, say."""
+    return _build(cls, raw, name, file)
 
 
 def parse_params(raw: Any, file: str = "params.yaml") -> Params:
@@ -534,7 +582,7 @@ def parse_params(raw: Any, file: str = "params.yaml") -> Params:
             # A section absent from the file still gets validated defaults and a name.
             object.__setattr__(obj, "_where", file)
             object.__setattr__(obj, "_name", section.name)
-            obj.validate()
+            _validate(obj)
     return params
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import GptpipeError
+from pipeline.core.errors import GptpipeError
 
 PART_NAME = "part-00000.parquet"
 

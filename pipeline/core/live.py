@@ -10,12 +10,12 @@ nothing) would get another summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.io import write_json
+from pipeline.core.io import write_json
 
 
 def start_live(live_dir: Path, resumed_from: int | None) -> Any:
@@ -35,7 +35,7 @@ def start_live(live_dir: Path, resumed_from: int | None) -> Any:
                 self._dvc_file = "dvc.yaml"
 
     if resumed_from is None:
-        shutil.rmtree(live_dir, ignore_errors=True)
+        clear_live(live_dir)
     else:
         truncate_live(live_dir, resumed_from)
         summary = Path(live_dir) / "metrics.json"
@@ -46,6 +46,26 @@ def start_live(live_dir: Path, resumed_from: int | None) -> Any:
     # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
     return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
                  save_dvc_exp=False, report=None)
+
+
+def clear_live(live_dir: Path) -> None:
+    """Delete what dvclive writes in ``live_dir`` (its summary and the plot files under
+    plots/metrics), and nothing else: the folder may hold a user's files."""
+    live_dir = Path(live_dir)
+    (live_dir / "metrics.json").unlink(missing_ok=True)
+    plots = live_dir / "plots" / "metrics"
+    for tsv in sorted(plots.rglob("*.tsv"), reverse=True):
+        tsv.unlink()
+    # Then the folders that held them, deepest first, while empty.
+    for folder in sorted((d for d in plots.rglob("*") if d.is_dir()), reverse=True):
+        _remove_if_empty(folder)
+    for folder in (plots, live_dir / "plots"):
+        _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # absent, or holding something else
+        folder.rmdir()
 
 
 def truncate_live(live_dir: Path, step: int) -> None:

@@ -1,21 +1,17 @@
-"""The pretraining loop: AdamW, warmup + cosine, clipping, accumulation, DDP, resume.
+"""The pretraining loop: AdamW, warmup + cosine, clipping, accumulation, DDP.
 
-``Trainer`` owns one run. It resumes from the training-state directory when that holds
-an unfinished snapshot of the same run (same params, same data), saves a snapshot every
-``train.checkpoint_every`` steps, evaluates every ``train.eval_every`` steps, keeps the
-best weights by val loss, and stops with a clear error on a non-finite loss without
-overwriting the last good snapshot. Only rank 0 writes files.
+``Trainer`` owns one run's steps, evaluations and best weights (by val loss); resuming,
+snapshots and stop signals are the run folder's (:class:`pipeline.core.runs.RunFolder`).
+It snapshots every ``train.checkpoint_every`` steps, evaluates every ``train.eval_every``
+steps, and stops with a clear error on a non-finite loss without overwriting the last
+good snapshot. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,44 +25,20 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.batching import WindowSampler, eval_windows
-from pipeline.checkpoint import (
-    load_training_state,
-    read_training_info,
-    save_model,
-    save_training_state,
-)
-from pipeline.device import Runtime
-from pipeline.errors import GptpipeError
-from pipeline.io import atomic_dir, source_digest
-from pipeline.model import GPT, GPTConfig
-from pipeline.params import ModelParams, TrainParams
-from pipeline.schedule import lr_at
-
-# Inside the training-state directory: the resumable snapshot, and the best weights so
-# far (apart, so that replacing one never touches the other).
-SNAPSHOT_DIR = "snapshot"
-BEST_DIR = "best"
+from pipeline.core.device import Runtime
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_dir
+from pipeline.core.params import ModelParams, TrainParams
+from pipeline.core.runs import RunFolder, StopSignals, interrupted_error, run_fingerprint
+from pipeline.lm.batching import WindowSampler, eval_windows
+from pipeline.lm.checkpoint import save_model
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.optim import adamw
+from pipeline.lm.schedule import lr_at
 
 
 class NonFiniteLoss(GptpipeError):
     pass
-
-
-def make_optimizer(model: nn.Module, train: TrainParams, device: torch.device):
-    """AdamW with weight decay on matrices (dim >= 2) only; norms and biases are exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # The fused kernel runs on CUDA and CPU (on CPU, about 2x faster than the loop of
-    # per-tensor ops); MPS falls back to the default implementation.
-    return torch.optim.AdamW(
-        groups, lr=train.lr, betas=(train.beta1, train.beta2),
-        fused=device.type in ("cuda", "cpu"),
-    )
 
 
 def total_steps(train: TrainParams, context: int, world_size: int) -> int:
@@ -77,27 +49,24 @@ def total_steps(train: TrainParams, context: int, world_size: int) -> int:
     return train.steps
 
 
+# Params a run stopped half-way may change and still resume: they decide when things are
+# measured and saved (and whether the graph is compiled), not what is trained.
 CADENCE_PARAMS = frozenset({"eval_every", "eval_windows", "checkpoint_every", "log_every",
                             "compile"})
 
 
-def run_fingerprint(model: ModelParams, train: TrainParams, data: dict, world: int,
-                    with_cadence: bool = False) -> str:
-    """What a snapshot must share with this run to be resumed (params, data, code).
-
-    Cadence params are left out, so a run stopped half-way may go on with another eval or
-    snapshot cadence. A finished snapshot stands for the whole run's outputs (best model,
-    logs), so reusing it needs every param equal: ``with_cadence=True``.
-    """
-    body = {
-        "model": asdict(model),
-        "train": {k: v for k, v in asdict(train).items()
-                  if with_cadence or k not in CADENCE_PARAMS},
-        "data": data,
-        "world_size": world,
-        "code": source_digest(),  # another gptpipe version: another run (io.source_digest)
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def fingerprints(model: ModelParams, train: TrainParams, world_size: int,
+                 inputs: dict[str, Path]) -> tuple[str, str]:
+    """(resume, finished): the run's fingerprints (:func:`pipeline.core.runs.run_fingerprint`)
+    over the model and train params, the process count and the bytes of ``inputs`` (the
+    token shards and the tokenizer). Cadence params are left out of the first, so a run
+    stopped half-way may go on with another eval or snapshot cadence; a finished snapshot
+    stands for the whole run's outputs (best model, logs), so reusing one needs them all."""
+    train_params = asdict(train)
+    steady = {k: v for k, v in train_params.items() if k not in CADENCE_PARAMS}
+    base = {"model": asdict(model), "world_size": world_size}
+    return (run_fingerprint({**base, "train": steady}, inputs),
+            run_fingerprint({**base, "train": train_params}, inputs))
 
 
 @torch.no_grad()
@@ -144,6 +113,9 @@ class StepLog:
 
 
 class Trainer:
+    """One pretraining run. ``inputs`` (name -> file or folder: the token shards and the
+    tokenizer) are fingerprinted with the params; ``state_dir`` is the run folder."""
+
     def __init__(
         self,
         model_params: ModelParams,
@@ -152,26 +124,23 @@ class Trainer:
         train_tokens: np.ndarray,
         val_tokens: np.ndarray,
         vocab_size: int,
-        data_fingerprint: dict[str, Any],
+        inputs: dict[str, Path],
         state_dir: Path,
         provenance: dict[str, Any],
     ) -> None:
         self.train = train
         self.runtime = runtime
-        self.state_dir = Path(state_dir)
         self.provenance = provenance
         self.config = GPTConfig(vocab_size=vocab_size, **asdict(model_params))
         self.total_steps = total_steps(train, self.config.context, runtime.world_size)
-        self.fingerprint = run_fingerprint(
-            model_params, train, data_fingerprint, runtime.world_size
-        )
-        self.full_fingerprint = run_fingerprint(
-            model_params, train, data_fingerprint, runtime.world_size, with_cadence=True
-        )
+        resume, finished = fingerprints(model_params, train, runtime.world_size, inputs)
+        self.run = RunFolder("pretrain", state_dir, resume, self.total_steps, finished,
+                             writer=runtime.is_main)
         # Model init draws from the global generator: seed it from params.
         torch.manual_seed(train.seed)
         self.model = GPT(self.config).to(runtime.device)
-        self.optimizer = make_optimizer(self.model, train, runtime.device)
+        self.optimizer = adamw(self.model, lr=train.lr, weight_decay=train.weight_decay,
+                               betas=(train.beta1, train.beta2), device=runtime.device)
         self.sampler = WindowSampler(
             train_tokens, self.config.context, train.batch_size, train.seed + 1,
             runtime.rank, runtime.world_size,
@@ -189,13 +158,17 @@ class Trainer:
         )
         self.resumed_from: int | None = None
         self._check_memory()
-        self._maybe_resume()
+        self._resume()
         self.network: nn.Module = self.model
         if train.compile:
             self.network = torch.compile(self.model)
         if runtime.distributed:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.network, device_ids=ids)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run.path
 
     def _check_memory(self) -> None:
         """Refuse, before training, a CPU batch whose activations cannot fit in RAM.
@@ -217,32 +190,17 @@ class Trainer:
                 f"train.batch_size = {self.train.batch_size} sequences of model.context = "
                 f"{c.context} tokens need about {needed / 2**30:.1f} GiB of activations; "
                 f"this machine has {available / 2**30:.1f} GiB free, so they do not fit in cpu "
-                "memory; allowed: a smaller train.batch_size (raise train.grad_accum to keep "
-                "the same tokens per step)"
+                "memory; lower train.batch_size (and raise train.grad_accum to keep the same "
+                "tokens per step)"
             )
 
     # ------------------------------------------------------------------ resume
-    def _maybe_resume(self) -> None:
-        info = read_training_info(self.state_dir / SNAPSHOT_DIR)
-        reason = None
+    def _resume(self) -> None:
+        info = self.run.start()
+        self._barrier()  # the writer may be clearing the folder
         if info is None:
-            pass
-        elif info.get("fingerprint") != self.fingerprint:
-            reason = "the checkpoint folder holds a snapshot of a different run"
-        elif (info.get("step", 0) >= self.total_steps
-              and info.get("full_fingerprint") != self.full_fingerprint):
-            reason = ("the checkpoint folder holds a run finished with another eval, log or "
-                      "snapshot cadence")
-        if info is None or reason:
-            if reason:
-                self._say(f"{reason}: starting afresh")
-            if self.runtime.is_main and self.state_dir.exists():
-                shutil.rmtree(self.state_dir)  # never mix another run's best weights in
-            self._barrier()
             return
-        rng, info = load_training_state(
-            self.state_dir / SNAPSHOT_DIR, self.model, self.optimizer
-        )
+        rng, info = self.run.load(self.model, self.optimizer)
         _set_rng_state(rng, self.runtime)
         self.sampler.load_state_dict(
             {"generator": rng["sampler"], "batches_drawn": info["batches_drawn"]}
@@ -251,32 +209,18 @@ class Trainer:
         self.best_val_loss = float(info["best_val_loss"])
         self.best_step = int(info["best_step"])
         self.resumed_from = self.step
-        if self.step >= self.total_steps:  # killed after the last snapshot: no step left
-            self._say(f"the checkpoint folder holds this run, finished at step {self.step}: "
-                      "writing its outputs")
-        else:
-            self._say(f"resuming from step {self.step} of {self.total_steps}")
-
-    def _say(self, message: str) -> None:
-        if self.runtime.is_main:
-            print(f"pretrain: {message}", flush=True)
 
     def save_state(self, rng: dict[str, torch.Tensor], sampler_state: dict) -> None:
         """Snapshot (rank 0 only); rng and sampler state are those at the step's start."""
-        if self.runtime.is_main:
-            info = {
-                "step": self.step,
-                "total_steps": self.total_steps,
-                "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step,
-                "batches_drawn": sampler_state["batches_drawn"],
-                "fingerprint": self.fingerprint,
-                "full_fingerprint": self.full_fingerprint,
-            }
-            save_training_state(
-                self.state_dir / SNAPSHOT_DIR, self.model, self.optimizer,
-                {**rng, "sampler": sampler_state["generator"]}, info,
-            )
+        info = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "batches_drawn": sampler_state["batches_drawn"],
+        }
+        self.run.save(self.model, self.optimizer, {**rng, "sampler": sampler_state["generator"]},
+                      info)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -310,7 +254,7 @@ class Trainer:
             raise NonFiniteLoss(
                 f"pretrain: the training loss is {value} at step {self.step + 1}; "
                 f"stopped, and the last good checkpoint in {self.state_dir} is kept; "
-                "allowed: a finite loss (try a lower train.lr or train.grad_clip > 0)"
+                "try a lower train.lr, or train.grad_clip > 0"
             )
         if self.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -327,37 +271,28 @@ class Trainer:
         if val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
             if self.runtime.is_main:
-                save_model(self.state_dir / BEST_DIR, self.model, self.config,
+                save_model(self.run.best, self.model, self.config,
                            {**self.provenance, "step": self.step, "val_loss": val_loss})
 
-    def _interrupt_requested(self) -> bool:
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any rank: every rank stops at the same step."""
+        local = self._signals.requested is not None
         if not self.runtime.distributed:
-            return self._interrupted
-        flag = torch.tensor(float(self._interrupted), device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            return local
+        flag = torch.tensor(float(local), device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def fit(self, on_log: Callable[[StepLog], None], on_eval: Callable[[int, float], None],
             progress: Any = None) -> None:
         """Train to the budget; call on_log every log_every steps and on_eval after evals.
 
-        Ctrl-C (SIGINT) does not interrupt a step half-way: the step in hand finishes,
-        a snapshot is saved and a GptpipeError says where. A second Ctrl-C aborts at once.
+        A stop signal (Ctrl-C or SIGTERM) does not interrupt a step half-way: the step in
+        hand finishes, a snapshot is saved and a GptpipeError says where. A second signal
+        aborts at once.
         """
-        self._interrupted = False
-        if threading.current_thread() is not threading.main_thread():
+        with StopSignals() as self._signals:
             self._loop(on_log, on_eval, progress)
-            return
-
-        def request_stop(signum, frame):
-            self._interrupted = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        previous = signal.signal(signal.SIGINT, request_stop)
-        try:
-            self._loop(on_log, on_eval, progress)
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     def _loop(self, on_log, on_eval, progress) -> None:
         train = self.train
@@ -376,8 +311,8 @@ class Trainer:
                 raise GptpipeError(
                     f"train.batch_size = {train.batch_size} sequences of model.context = "
                     f"{self.config.context} tokens do not fit in {self.runtime.device} memory; "
-                    "allowed: a smaller train.batch_size (raise train.grad_accum to keep the "
-                    "same tokens per step)"
+                    "lower train.batch_size (and raise train.grad_accum to keep the same "
+                    "tokens per step)"
                 ) from None
             self.step += 1
             window_tokens += self.tokens_per_step
@@ -395,27 +330,25 @@ class Trainer:
                 self._keep_if_best(val_loss)
                 on_eval(self.step, val_loss)
                 window_start += time.perf_counter() - started  # eval time is not training
-            if self.step % train.checkpoint_every == 0 or self.step == self.total_steps:
+            stop = self._stop_requested()
+            if stop or self.step % train.checkpoint_every == 0 or self.step == self.total_steps:
                 self.save_state(_rng_state(self.runtime), self.sampler.state_dict())
-            elif self._interrupt_requested():
-                # Ctrl-C: finish the step in hand, snapshot at this step boundary, stop.
-                self.save_state(_rng_state(self.runtime), self.sampler.state_dict())
-                raise GptpipeError(
-                    f"pretrain: interrupted at step {self.step}; a checkpoint was saved in "
-                    f"{self.state_dir}; run dvc repro again to resume"
-                )
+            if stop and self.step < self.total_steps:
+                # The step in hand finished and was snapshotted at its boundary: stop.
+                signame = self._signals.requested or "a signal on another rank"
+                raise interrupted_error("pretrain", signame, self.step, self.state_dir)
 
     def finish(self, out_dir: Path, tokenizer_path: Path) -> None:
         """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints."""
         if not self.runtime.is_main:
             return
-        if not (self.state_dir / BEST_DIR).is_dir():
+        if not self.run.best.is_dir():
             raise GptpipeError(
                 f"pretrain: no finite val loss was ever measured, so there is no best model "
-                f"in {self.state_dir}; allowed: a run whose val loss is finite"
+                f"in {self.state_dir}; lower train.lr or set train.grad_clip > 0"
             )
         with atomic_dir(out_dir) as tmp:
-            shutil.copytree(self.state_dir / BEST_DIR, tmp / "best")
+            shutil.copytree(self.run.best, tmp / "best")
             shutil.copyfile(tokenizer_path, tmp / "best" / "tokenizer.json")
             save_model(tmp / "last", self.model, self.config,
                        {**self.provenance, "step": self.step}, tokenizer_path)

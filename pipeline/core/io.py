@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import GptpipeError
+from pipeline.core.errors import GptpipeError
 
 _TMP_MARK = ".tmp-"
 
@@ -29,7 +29,7 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
 
 
-def remove_stale_temps(path: Path) -> None:
+def _remove_stale_temps(path: Path) -> None:
     """Delete temporaries left beside ``path`` by an earlier, killed run."""
     parent = path.parent
     if not parent.is_dir():
@@ -61,13 +61,19 @@ def _pid_max() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process. A zombie (a killed writer whose parent died
+    too and that nothing has reaped yet) still answers kill(pid, 0), but writes nothing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):  # someone else's process: alive
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux), or it just ended
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def find_temporaries(root: str | Path) -> list[str]:
@@ -85,7 +91,7 @@ def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
     """Delete temporaries in ``folders`` whose writer is dead; return what was deleted.
 
     A stage killed mid-write leaves its temporary behind, and the stage that would clear
-    it (:func:`remove_stale_temps`) may never run again: ``dvc repro`` can restore the
+    it (:func:`_remove_stale_temps`) may never run again: ``dvc repro`` can restore the
     outputs of a killed forced re-run from its run cache instead. So every stage start
     sweeps the folders of all declared outputs. A temporary whose pid is alive belongs to a
     running writer and stays (a recycled pid only delays the sweep to a later start). The
@@ -155,12 +161,33 @@ def _write_failed(path: Path, err: OSError) -> GptpipeError:
     return GptpipeError(f"{path}: could not write ({err.strerror or err}); nothing was replaced")
 
 
+def _refuse_replacing(path: Path) -> None:
+    """An output folder is replaced whole: refuse one that is plainly not an output (the
+    working directory or a folder above it, or a repository), before anything is written."""
+    if not path.is_dir():
+        return
+    here, target = Path.cwd().resolve(), path.resolve()
+    what = None
+    if target == here or target in here.parents:
+        what = "the working directory"
+    elif (path / ".git").exists() or (path / ".dvc").exists():
+        what = "a git or DVC repository"
+    if what:
+        raise GptpipeError(f"{path}: refusing to replace {what} with a stage's output; name a "
+                           "folder of its own for the output (data/tokens, say)")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces ``path`` when the block succeeds."""
+    """Yield an empty temporary directory that replaces ``path`` when the block succeeds.
+
+    ``path`` is replaced whole (it is the output), so the working directory, a folder
+    above it and a repository are refused before the block runs.
+    """
     path = Path(path)
+    _refuse_replacing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
+    _remove_stale_temps(path)
     tmp = _temp_sibling(path)
     tmp.mkdir()
     try:
@@ -223,7 +250,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path that replaces ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
+    _remove_stale_temps(path)
     tmp = _temp_sibling(path)
     try:
         yield tmp
@@ -283,9 +310,44 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def require_file(path: str | Path, what: str) -> Path:
-    """Return ``path`` if it is a file, else a one-line error naming it and ``what`` it is."""
-    path = Path(path)
-    if not path.is_file():
-        raise GptpipeError(f"{path}: {what} not found (run the stage that writes it first)")
-    return path
+# ---------------------------------------------------------------------- tensor files
+
+
+def unique_state(module: Any) -> dict[str, Any]:
+    """``module``'s state dict without the later names of tied tensors (an output matrix
+    tied to the embedding, say): safetensors refuses two names for one storage, and
+    loading the first name re-ties the rest."""
+    state, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its write errors raised as OSError so that
+    :func:`atomic_dir` reports them in one line (a full disk, say)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        full = "No space" in str(err) or "os error 28" in str(err)
+        raise OSError(errno.ENOSPC if full else errno.EIO, str(err)) from None
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file (never a pickle: a planted one is refused)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise GptpipeError(
+            f"{path}: not a readable safetensors file ({err}); gptpipe never loads pickles"
+        ) from None

@@ -7,7 +7,6 @@ Layers, each usable on its own:
 - :func:`generate_ids`: the decode loop, yielding one new token id at a time. With the
   key/value cache the prompt is run once and each new token costs one position; without
   it the whole window is recomputed per token (the reference the cache is tested against).
-- :func:`generate_batch`: several prompts of any lengths, as a loop; see its docstring.
 - :func:`sample_batch`: equal-length prompts as one batch through one cache (RLHF
   rollouts), returning new tokens and a mask of the real ones.
 - :class:`StreamDecoder`: turns ids into printable text as they arrive, never printing
@@ -29,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import GptpipeError
-from pipeline.model import GPT, KVCache
-from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
+from pipeline.core.errors import GptpipeError
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
+from pipeline.lm.model import GPT, KVCache
 
 # Ids that mark structure, not text: the streamed output never shows them. <unk> is
 # printed (as "<unk>"), since hiding it would silently drop a word.
@@ -222,27 +221,6 @@ def generate_ids(
         model.train(was_training)
 
 
-def generate_batch(
-    model: GPT,
-    prompts: Sequence[Sequence[int]],
-    config: SamplingConfig,
-    generator: torch.Generator,
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """Each prompt's new ids (ending with ``<eos>`` when the model wrote one and
-    ``config.stop_at_eos``), the prompts handled one after another.
-
-    Why a loop and not one left-padded batch: the model has no padding mask, and with
-    rotary positions left padding would shift every real token's position, so a padded
-    batch would not sample what a single prompt samples. The loop draws from
-    ``generator`` in prompt order, so a seed fixes every rollout.
-    """
-    return [
-        list(generate_ids(model, prompt, config, generator, use_cache=use_cache))
-        for prompt in prompts
-    ]
-
-
 # ------------------------------------------------------------------------------- text
 
 
@@ -336,7 +314,7 @@ def sample_batch(
     Why equal-length prompts: the model has no padding mask, and with rotary positions
     left padding would shift every real token's position, so a padded row would not
     sample what that prompt alone samples. This is why RLHF prompts are fixed-length
-    token prefixes (:func:`generate_batch` is the loop for prompts of mixed lengths).
+    token prefixes (prompts of mixed lengths go one at a time through :func:`generate_ids`).
 
     Each step draws every row's token from ``filter_logits`` + ``torch.multinomial`` with
     ``generator`` (on the model's device), or takes the argmax when temperature is 0, so

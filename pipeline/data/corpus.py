@@ -48,8 +48,8 @@ import pyarrow.parquet as pq
 import yaml
 import zstandard
 
-from pipeline.errors import GptpipeError
-from pipeline.params import DataParams
+from pipeline.core.errors import GptpipeError
+from pipeline.core.params import DataParams
 
 # suffix -> format; .md is plain text for our purposes.
 FORMATS: dict[str, str] = {
@@ -771,8 +771,8 @@ def read_builtin(path: Path, on_read: OnRead = _ignore) -> Iterator[RawDocument]
     del data, text
     if pointer.documents is not None and len(records) != pointer.documents:
         raise GptpipeError(
-            f"{where}: {pointer.member} holds {len(records)} records; "
-            f"allowed: documents = {pointer.documents} as the pointer says"
+            f"{where}: {pointer.member} holds {len(records)} records, not the "
+            f"{pointer.documents} the pointer says; reinstall {pointer.install}"
         )
     for key, value in json_records(records, pointer.text_field, f"{pointer.member}"):
         yield make_document(f"{path.stem}/{key}", value)
@@ -888,7 +888,8 @@ def iter_documents(
             f"data.corpus: {params.corpus}: no document with non-whitespace text "
             f"({stats.files_read} files read, {stats.documents_skipped_empty} empty documents, "
             f"{stats.files_skipped_binary} binary and {stats.files_skipped_unsupported} "
-            "unsupported files skipped); allowed: at least one non-empty document"
+            "unsupported files skipped); point data.corpus at text (or data.include at its "
+            "files)"
         )
 
 

@@ -22,12 +22,9 @@ from typing import TextIO
 import click
 import torch
 
-from pipeline.checkpoint import CONFIG, TOKENIZER, load_model, read_config
-from pipeline.device import pick_device
-from pipeline.errors import GptpipeError
-from pipeline.model import GPTConfig
-from pipeline.sampling import SamplingConfig, StreamDecoder, encode_prompt, generate_ids
-from pipeline.tokenizer import TextTokenizer, load_tokenizer
+from pipeline.core.device import pick_device
+from pipeline.lm.checkpoint import load_model, open_model_folder
+from pipeline.lm.sampling import SamplingConfig, StreamDecoder, encode_prompt, generate_ids
 
 
 def read_prompt(argument: str | None, stdin: TextIO) -> str:
@@ -45,25 +42,6 @@ def read_prompt(argument: str | None, stdin: TextIO) -> str:
     if text.endswith("\r\n"):
         return text[:-2]
     return text.removesuffix("\n")
-
-
-def check_tokenizer(
-    tokenizer: TextTokenizer, path: Path, config: GPTConfig, meta: dict, model_dir: Path
-) -> None:
-    """Refuse a tokenizer the model was not trained with (one-line GptpipeError)."""
-    if tokenizer.vocab_size != config.vocab_size:
-        raise GptpipeError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but {model_dir / CONFIG} "
-            f"has vocab_size {config.vocab_size}; allowed: the tokenizer the model was "
-            f"trained with ({model_dir / TOKENIZER})"
-        )
-    expected = meta.get("tokenizer_sha256")
-    if expected and tokenizer.sha256 != expected:
-        raise GptpipeError(
-            f"{path}: sha256 {tokenizer.sha256[:12]}... differs from the tokenizer_sha256 "
-            f"{expected[:12]}... in {model_dir / CONFIG}; allowed: the tokenizer the model was "
-            f"trained with ({model_dir / TOKENIZER})"
-        )
 
 
 def unknown_message(kind: str, pieces: list[str]) -> str | None:
@@ -130,10 +108,7 @@ def main(
 ) -> None:
     sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens)
     chosen = pick_device(device, key="--device")
-    config, meta = read_config(model_dir)
-    tokenizer_path = tokenizer_path or model_dir / TOKENIZER
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_tokenizer(tokenizer, tokenizer_path, config, meta, model_dir)
+    _, _, tokenizer = open_model_folder(model_dir, tokenizer_path)
     text = read_prompt(prompt, sys.stdin)
     prompt_ids, unknown = encode_prompt(tokenizer, text)
     message = unknown_message(tokenizer.kind, unknown)

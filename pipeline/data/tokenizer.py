@@ -28,6 +28,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,12 +37,11 @@ import tiktoken
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from pipeline.errors import GptpipeError
-from pipeline.io import atomic_path
-from pipeline.params import VocabParams
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_path
+from pipeline.core.params import VocabParams
 
 Kind = Literal["bpe", "word", "char"]
-KINDS: tuple[Kind, ...] = ("bpe", "word", "char")
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -149,14 +149,14 @@ def train_tokenizer(
     if params.kind == "bpe" and learned < params.vocab_size:
         raise GptpipeError(
             f"{where}: too little text for vocab.vocab_size = {params.vocab_size}: BPE ran out "
-            f"of pairs to merge at {learned} tokens; allowed: vocab.vocab_size <= {learned} "
-            "or a larger train split"
+            f"of pairs to merge at {learned} tokens; allowed: vocab.vocab_size <= {learned}, "
+            "or use a larger corpus"
         )
     if params.kind != "bpe" and learned <= len(SPECIAL_TOKENS):
         unit = "word" if params.kind == "word" else "character"
         raise GptpipeError(
             f"{where}: no {unit} occurs vocab.min_freq = {params.min_freq} times or more; "
-            "allowed: a lower vocab.min_freq or a larger train split"
+            "lower vocab.min_freq or use a larger corpus"
         )
     return TextTokenizer(hf, params.kind, hf.to_str(pretty=True).encode("utf-8"))
 
@@ -237,6 +237,37 @@ def _threads() -> int:
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class MadeWith:
+    """What an artifact records of the tokenizer that made it: the token shards'
+    meta.json, a model's config.json, preference pairs' meta.json."""
+
+    what: str  # "the token shards were", "the model was", ... (an error's subject and verb)
+    where: Path  # the file that records it
+    sha256: str | None  # the tokenizer file's sha256; None when nothing is recorded
+    vocab_size: int | None = None
+
+
+def require_tokenizer(tokenizer: TextTokenizer, *artifacts: MadeWith) -> None:
+    """The one check that a model, its tokenizer, token shards and preference pairs
+    belong together: each artifact was made with ``tokenizer`` (same vocabulary size and
+    the same file, by sha256, where it records them). A one-line error names the first
+    that was not, since another tokenizer of the right size would give fluent nonsense."""
+    for artifact in artifacts:
+        size_differs = artifact.vocab_size not in (None, tokenizer.vocab_size)
+        file_differs = artifact.sha256 not in (None, tokenizer.sha256)
+        if size_differs or file_differs:
+            recorded = (f"{artifact.vocab_size} tokens" if size_differs
+                        else f"sha256 {str(artifact.sha256)[:12]}")
+            ours = (f"{tokenizer.vocab_size} tokens" if size_differs
+                    else f"sha256 {tokenizer.sha256[:12]}")
+            raise GptpipeError(
+                f"{artifact.where}: {artifact.what} made with another tokenizer "
+                f"({recorded}) than {tokenizer.path or 'the one given'} ({ours}); re-run the "
+                "stages from vocab on so that they share one tokenizer"
+            )
 
 
 class TextTokenizer:

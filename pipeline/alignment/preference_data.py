@@ -13,7 +13,7 @@ The file format is one JSON object per line, UTF-8::
 Every problem is a one-line :class:`GptpipeError` naming the file and the line number.
 
 :func:`builtin_pairs` makes pairs without a human: the pretrained model completes the
-openings of val documents, and the gold judge (``pipeline.gold``) picks the preferred one.
+openings of val documents, and the gold judge (``pipeline.alignment.gold``) picks the preferred one.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.doctable import iter_texts
-from pipeline.errors import GptpipeError
-from pipeline.io import atomic_path, read_json
-from pipeline.model import GPT
-from pipeline.params import PreferencesParams
-from pipeline.sampling import SamplingConfig, sample_batch
-from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_path, read_json
+from pipeline.core.params import PreferencesParams
+from pipeline.data.doctable import iter_texts
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MadeWith, TextTokenizer
+from pipeline.lm.model import GPT
+from pipeline.lm.sampling import SamplingConfig, sample_batch
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -63,7 +63,7 @@ class Pair:
 
 
 class Judge(Protocol):
-    """What :func:`builtin_pairs` needs of ``pipeline.gold.GoldJudge``."""
+    """What :func:`builtin_pairs` needs of ``pipeline.alignment.gold.GoldJudge``."""
 
     def score(self, prompt: str, completion: str) -> float: ...
 
@@ -138,8 +138,8 @@ def read_pairs_jsonl(path: str | Path, min_pairs: int = 1) -> list[Pair]:
         if (pair := _parse_line(path, number, line)) is not None
     ]
     if len(pairs) < min_pairs:
-        raise GptpipeError(f"{path}: {len(pairs)} preference pairs; allowed: at least "
-                           f"{min_pairs} (preferences.min_pairs)")
+        raise GptpipeError(f"{path}: {len(pairs)} preference pairs, fewer than "
+                           f"preferences.min_pairs = {min_pairs}; add pairs or lower the minimum")
     return pairs
 
 
@@ -162,8 +162,8 @@ def read_pairs_dir(pairs_dir: str | Path) -> tuple[list[Pair], list[Pair], dict[
                            "preferences first)")
     for name in (TRAIN_FILE, HELDOUT_FILE):
         if not (pairs_dir / name).is_file():
-            raise GptpipeError(f"{pairs_dir}: {name} missing; allowed: a folder written by "
-                               "gptpipe preferences (train.jsonl and heldout.jsonl)")
+            raise GptpipeError(f"{pairs_dir}: {name} missing; this folder is written by "
+                               "gptpipe preferences (train.jsonl and heldout.jsonl): run it")
     meta_path = pairs_dir / META_FILE
     meta = read_json(meta_path) if meta_path.is_file() else {}
     if not isinstance(meta, dict):
@@ -171,6 +171,13 @@ def read_pairs_dir(pairs_dir: str | Path) -> tuple[list[Pair], list[Pair], dict[
     train = read_pairs_jsonl(pairs_dir / TRAIN_FILE, min_pairs=1)
     heldout = read_pairs_jsonl(pairs_dir / HELDOUT_FILE, min_pairs=1)
     return train, heldout, meta
+
+
+def made_with(meta: dict[str, Any], pairs_dir: str | Path) -> MadeWith:
+    """What a pairs folder's meta.json records of the tokenizer that sampled them (None
+    for pairs from a file: text carries no tokenizer)."""
+    return MadeWith("the preference pairs were", Path(pairs_dir) / META_FILE,
+                    meta.get("tokenizer_sha256"))
 
 
 # ------------------------------------------------------------------------------ split
@@ -309,8 +316,8 @@ def builtin_pairs(
     if needed > model.config.context:
         raise GptpipeError(
             f"preferences.prompt_tokens ({params.prompt_tokens}) + max_new_tokens "
-            f"({params.max_new_tokens}) + 1 (<bos>) = {needed} tokens; allowed: at most the "
-            f"model's context ({model.config.context})"
+            f"({params.max_new_tokens}) + 1 (<bos>) = {needed} tokens, more than the model's "
+            f"context ({model.config.context}); lower one of them"
         )
     device = torch.device(device)
     model = model.to(device)

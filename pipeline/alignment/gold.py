@@ -2,7 +2,7 @@
 
 RLHF needs preferences between completions. Here they come from :class:`GoldJudge`,
 whose score is a weighted sum of five features of a completion (weights from the
-``gold`` section of params.yaml, :class:`~pipeline.params.GoldParams`):
+``gold`` section of params.yaml, :class:`~pipeline.core.params.GoldParams`):
 
 - repetition: the number of recurring word n-grams (n = ``repeat_ngram``; an n-gram seen
   k times counts k - 1), the commonest failure of a small model (loops);
@@ -39,7 +39,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.params import GoldParams
+from pipeline.core.params import GoldParams
 
 UNK_TOKEN = "<unk>"
 

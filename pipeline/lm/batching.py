@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.errors import GptpipeError
+from pipeline.core.errors import GptpipeError
 
 
 class WindowSampler:
@@ -41,8 +41,8 @@ class WindowSampler:
         if len(self.tokens) < context + 1:
             raise GptpipeError(
                 f"model.context = {context} needs at least {context + 1} training tokens; "
-                f"the train split has {len(self.tokens)}; allowed: a smaller model.context "
-                "or a larger corpus"
+                f"the train split has {len(self.tokens)}; use a smaller model.context or a "
+                "larger corpus"
             )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,7 @@ def eval_windows(tokens: np.ndarray, context: int, limit: int | None = None) -> 
     if count < 1:
         raise GptpipeError(
             f"model.context = {context} needs at least {context + 1} tokens in the evaluated "
-            f"split; it has {len(tokens)}; allowed: a smaller model.context or a larger corpus"
+            f"split; it has {len(tokens)}; use a smaller model.context or a larger corpus"
         )
     starts = np.arange(count) * context
     if limit is not None and limit < count:

@@ -33,21 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import (
-    TOKENIZER,
+from pipeline.alignment.preference_data import Pair
+from pipeline.alignment.rl_losses import bradley_terry_loss, pairwise_accuracy
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import atomic_dir, load_tensors, sha256_file
+from pipeline.core.params import RewardParams
+from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
+from pipeline.lm.checkpoint import (
     WEIGHTS,
     load_model,
     read_config,
-    safe_load,
     write_model_files,
 )
-from pipeline.errors import GptpipeError
-from pipeline.io import atomic_dir, sha256_file
-from pipeline.model import GPT, GPTConfig, ScalarHead
-from pipeline.params import RewardParams
-from pipeline.preference_data import Pair
-from pipeline.rl_losses import bradley_terry_loss, pairwise_accuracy
-from pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
+from pipeline.lm.model import GPT, GPTConfig, ScalarHead
+from pipeline.lm.optim import adamw
 
 KIND = "reward"
 
@@ -72,17 +71,6 @@ def encode_pair_ids(prompt_ids: Sequence[int], completion_ids: Sequence[int],
         completion_ids = completion_ids[:-1]
     body = (prompt_ids + completion_ids)[-(context - 2):]
     return [BOS_ID, *body, EOS_ID]
-
-
-def encode_pair_texts(tokenizer: TextTokenizer, prompt: str, completion: str,
-                      context: int) -> list[int]:
-    """The ids the reward model scores for a text prompt and completion (see the module doc).
-
-    Prompt and completion are encoded separately, so the boundary between them is a token
-    boundary (what the policy samples), whatever the tokenizer would merge across it.
-    """
-    prompt_ids, completion_ids = tokenizer.encode_batch([prompt, completion])
-    return encode_pair_ids(prompt_ids, completion_ids, context)
 
 
 def pad_batch(sequences: Sequence[Sequence[int]],
@@ -176,15 +164,6 @@ class RewardModel(ScalarHead):
             return torch.zeros(0, device=self.device)
         return torch.cat(parts).float()
 
-    def score_texts(self, tokenizer: TextTokenizer, prompts: Sequence[str],
-                    completions: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """Rewards (B,) float32 on the model's device for text prompts and completions."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        prompt_ids = tokenizer.encode_batch(list(prompts))
-        completion_ids = tokenizer.encode_batch(list(completions))
-        return self.score_ids(prompt_ids, completion_ids, batch_size)
-
 
 # ------------------------------------------------------------------------ save / load
 
@@ -201,7 +180,7 @@ def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_path:
 def load_reward_model(directory: str | Path, device: torch.device | str = "cpu") -> RewardModel:
     """The reward model saved in ``directory``, in eval mode; refuses other kinds of model.
 
-    ``pipeline.checkpoint.read_config(directory)`` gives its config.json (provenance).
+    ``pipeline.lm.checkpoint.read_config(directory)`` gives its config.json (provenance).
     """
     directory = Path(directory)
     config, raw = read_config(directory)
@@ -209,33 +188,13 @@ def load_reward_model(directory: str | Path, device: torch.device | str = "cpu")
         raise GptpipeError(f"{directory}: a model of kind {raw.get('kind')!r}; allowed: a "
                            "reward model written by gptpipe reward")
     model = RewardModel(GPT(config))
-    state = safe_load(directory / WEIGHTS)
+    state = load_tensors(directory / WEIGHTS)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "body.lm_head.weight"]
     if missing or unexpected:
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise GptpipeError(f"{directory / WEIGHTS}: weights do not match config.json ({problem})")
     return model.to(device).eval()
-
-
-def tokenizer_sha256(model_dir: str | Path) -> str:
-    """The sha256 of a model directory's tokenizer.json (the bytes TextTokenizer hashes)."""
-    path = Path(model_dir) / TOKENIZER
-    if not path.is_file():
-        raise GptpipeError(f"{path}: missing; a model directory holds its tokenizer")
-    return sha256_file(path)
-
-
-def check_same_tokenizer(dir_a: str | Path, dir_b: str | Path) -> str:
-    """The shared tokenizer sha256 of two model directories; a one-line error if they differ."""
-    sha_a, sha_b = tokenizer_sha256(dir_a), tokenizer_sha256(dir_b)
-    if sha_a != sha_b:
-        raise GptpipeError(
-            f"{dir_a} and {dir_b} were made with different tokenizers (sha256 {sha_a[:12]} "
-            f"and {sha_b[:12]}); allowed: models built from the same tokenizer (re-run the "
-            "stages after vocab)"
-        )
-    return sha_a
 
 
 # -------------------------------------------------------------------------- training
@@ -258,14 +217,15 @@ def train_reward_model(
 ) -> dict[str, Any]:
     """Bradley-Terry training in place; returns {"epoch_losses": [...], "steps": n}.
 
-    AdamW at a constant ``params.lr``, gradient norm clipped at ``params.grad_clip`` (0:
-    off), ``params.epochs`` passes over the pairs in an order shuffled by a generator
-    seeded with ``params.seed``. Each step scores the chosen and the rejected sequences
-    of ``params.batch_size`` pairs in one padded forward pass (2 * batch_size rows).
+    AdamW (:func:`pipeline.lm.optim.adamw`) at a constant ``params.lr``, gradient norm
+    clipped at ``params.grad_clip`` (0: off), ``params.epochs`` passes over the pairs in an
+    order shuffled by a generator seeded with ``params.seed``. Each step scores the chosen
+    and the rejected sequences of ``params.batch_size`` pairs in one padded forward pass
+    (2 * batch_size rows).
     ``on_epoch(epoch, mean_loss)`` is called after each epoch (epochs count from 1).
     """
     if not train_pairs:
-        raise GptpipeError("reward: no training pairs; allowed: at least one pair")
+        raise GptpipeError("reward: no training pairs; the reward model needs at least one")
     with torch.enable_grad():  # whatever the caller's grad mode
         return _train(model, tokenizer, train_pairs, params, device, on_epoch)
 
@@ -273,8 +233,10 @@ def train_reward_model(
 def _train(model, tokenizer, train_pairs, params, device, on_epoch) -> dict[str, Any]:
     model.to(device).train()
     chosen, rejected = encode_pairs(tokenizer, train_pairs, model.config.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr,
-                                  weight_decay=params.weight_decay)
+    # torch's default betas and its per-tensor kernel (not the fused one): the settings the
+    # reward stage's recorded results were measured with (the fused kernel rounds apart).
+    optimizer = adamw(model, lr=params.lr, weight_decay=params.weight_decay,
+                      betas=(0.9, 0.999), device=torch.device(device), fused=False)
     order_generator = torch.Generator().manual_seed(params.seed)
     epoch_losses: list[float] = []
     steps = 0
@@ -290,7 +252,7 @@ def _train(model, tokenizer, train_pairs, params, device, on_epoch) -> dict[str,
             if not torch.isfinite(loss):
                 raise GptpipeError(
                     f"reward: the loss is {loss.item()} at epoch {epoch}, step {steps + 1}; "
-                    "allowed: a finite loss (lower reward.lr or set reward.grad_clip)"
+                    "lower reward.lr or set reward.grad_clip > 0"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -356,7 +318,7 @@ class TfidfPreferenceBaseline:
         from scipy.sparse import vstack
 
         if not pairs:
-            raise GptpipeError("reward baseline: no training pairs; allowed: at least one pair")
+            raise GptpipeError("reward baseline: no training pairs; it needs at least one")
         texts = [self._text(p.prompt, c) for p in pairs for c in (p.chosen, p.rejected)]
         try:
             self.vectorizer.fit(texts)
@@ -376,6 +338,6 @@ class TfidfPreferenceBaseline:
 
     def accuracy(self, pairs: Sequence[Pair]) -> float:
         """The share of pairs with a positive margin (a zero margin counts as the metric
-        of ``pipeline.rl_losses.pairwise_accuracy`` counts a tie)."""
+        of ``pipeline.alignment.rl_losses.pairwise_accuracy`` counts a tie)."""
         margins = torch.as_tensor(self.margins(pairs), dtype=torch.float32)
         return float(pairwise_accuracy(margins, torch.zeros_like(margins)))

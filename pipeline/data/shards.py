@@ -18,17 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import GptpipeError
-from pipeline.io import read_json, write_json
-
-if TYPE_CHECKING:
-    from pipeline.tokenizer import TextTokenizer
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import read_json, write_json
+from pipeline.data.tokenizer import MadeWith
 
 META_NAME = "meta.json"
 SHARD_PATTERN = "shard-{index:05d}.parquet"
@@ -183,16 +181,15 @@ def read_meta(tokens_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_matches(meta: dict[str, Any], tokenizer: TextTokenizer, tokens_dir: str | Path) -> None:
-    """Raise unless the shards in ``tokens_dir`` (``meta`` is their meta.json) were encoded
-    with ``tokenizer``: same file sha256 and vocabulary size."""
-    meta_path = Path(tokens_dir) / META_NAME
-    ours = (meta["tokenizer_sha256"], meta["vocab_size"])
-    theirs = (tokenizer.sha256, tokenizer.vocab_size)
-    if ours != theirs:
-        raise GptpipeError(
-            f"{meta_path} was written with another tokenizer than {tokenizer.path} "
-            f"(shards made with another tokenizer: sha256 {ours[0][:12]} vocab_size {ours[1]}; "
-            f"this one: sha256 {theirs[0][:12]} vocab_size {theirs[1]}); allowed: the "
-            "tokenizer the shards were made with (re-run gptpipe tokenize)"
-        )
+def made_with(meta: dict[str, Any], tokens_dir: str | Path) -> MadeWith:
+    """What the shards' meta.json records of their tokenizer (for ``require_tokenizer``)."""
+    return MadeWith("the token shards were", Path(tokens_dir) / META_NAME,
+                    meta["tokenizer_sha256"], int(meta["vocab_size"]))
+
+
+def require_splits(meta: dict[str, Any], tokens_dir: str | Path, *names: str) -> None:
+    """Raise unless meta.json lists every split of ``names``."""
+    for name in names:
+        if name not in meta["splits"]:
+            raise GptpipeError(f"{Path(tokens_dir) / META_NAME} has no '{name}' split; "
+                               "re-run gptpipe tokenize (it writes train, val and test)")

@@ -1,0 +1,111 @@
+"""Rollouts: sample completions of a batch of prompts, then score everything PPO and
+REINFORCE need in one forward pass each of the policy and the frozen reference.
+
+A rollout is prompt + completion; the logits at position T0 - 1 + i predict completion
+token i, and the value at that position is the value of the state before token i (TRL's
+alignment). Rewards come from any :data:`Scorer`: a callable
+``(prompt_ids, completion_ids) -> (B,)`` tensor, prompt ids without the leading ``<bos>``
+and completion ids cut before ``<eos>`` (``RewardModel.score_ids`` is one; a test plugs in
+a toy rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.alignment.policy import PolicyWithValue, completion_logits
+from pipeline.alignment.rl_losses import (
+    entropy_from_logits,
+    masked_mean,
+    sequence_logprobs,
+    shaped_rewards,
+)
+from pipeline.data.tokenizer import BOS_ID, EOS_ID
+from pipeline.lm.model import GPT
+from pipeline.lm.sampling import SamplingConfig, sample_batch
+
+Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+GoldScorer = Callable[[list[int], list[int]], float]
+
+
+def split_ids(prompts: torch.Tensor, completions: torch.Tensor,
+              mask: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """Per row: the prompt's ids without ``<bos>`` and the completion's real ids cut
+    before ``<eos>`` (the reward model's and the gold judge's conventions)."""
+    prompt_ids = [row[1:] if row[:1] == [BOS_ID] else row for row in prompts.tolist()]
+    completion_ids = []
+    for tokens, keep in zip(completions.tolist(), mask.tolist(), strict=True):
+        real = [t for t, k in zip(tokens, keep, strict=True) if k]
+        completion_ids.append(real[: real.index(EOS_ID)] if EOS_ID in real else real)
+    return prompt_ids, completion_ids
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions and everything the updates need, all detached.
+
+    Shapes: B prompts of T0 tokens, N completion positions (the longest completion).
+    """
+
+    prompts: torch.Tensor  # (B, T0) int64, <bos> first
+    completions: torch.Tensor  # (B, N) int64, <pad> after <eos>
+    mask: torch.Tensor  # (B, N) bool: real tokens, up to and including <eos>
+    logprobs: torch.Tensor  # (B, N) under the policy that sampled them
+    ref_logprobs: torch.Tensor  # (B, N) under the frozen reference
+    values: torch.Tensor  # (B, N) the value head's estimates
+    scores: torch.Tensor  # (B,) the reward model's scores
+    kl: torch.Tensor  # (B, N) per-token k1 KL estimate, 0 at padding
+    rewards: torch.Tensor  # (B, N) score at the last real token - kl_coef * kl
+    entropy: float  # mean per-token entropy of the policy over real tokens
+    kl_coef: float
+
+    @property
+    def kl_per_sequence(self) -> torch.Tensor:
+        """(B,) the KL estimate summed over each completion, nats per sequence."""
+        return self.kl.sum(dim=1)
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """(B,) each completion's total reward: score - kl_coef * summed KL."""
+        return self.rewards.sum(dim=1)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "rm_score": float(self.scores.mean()),
+            "kl": float(self.kl_per_sequence.mean()),
+            "entropy": self.entropy,
+            "kl_coef": self.kl_coef,
+            "completion_tokens": float(self.mask.sum(dim=1).float().mean()),
+        }
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: PolicyWithValue, reference: GPT, prompts: torch.Tensor, config: SamplingConfig,
+    generator: torch.Generator, scorer: Scorer, kl_coef: float,
+) -> Rollout:
+    """Sample one completion per (B, T0) prompt and score the batch.
+
+    Sampling uses the KV cache; then one forward pass of the policy (log-probabilities,
+    values, entropy) and one of the reference over the whole batch, and one call of the
+    scorer. Rewards follow InstructGPT: the score at the last real token, minus
+    ``kl_coef`` times the per-token KL everywhere.
+    """
+    device = policy.value_head.weight.device
+    prompts = prompts.to(device)
+    completions, mask = sample_batch(policy.gpt, prompts, config, generator)  # (B, N) each
+    tokens = torch.cat((prompts, completions), dim=1)[:, :-1]
+    logits, values = policy(tokens, start=prompts.shape[1] - 1)  # (B, N, V), (B, N)
+    logprobs = sequence_logprobs(logits, completions)  # (B, N)
+    entropy = float(masked_mean(entropy_from_logits(logits), mask))
+    del logits
+    ref_logprobs = sequence_logprobs(completion_logits(reference, prompts, completions),
+                                     completions)
+    prompt_ids, completion_ids = split_ids(prompts, completions, mask)
+    scores = torch.as_tensor(scorer(prompt_ids, completion_ids)).to(device, torch.float32)
+    rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    return Rollout(prompts, completions, mask, logprobs, ref_logprobs, values.float(), scores,
+                   kl, rewards, entropy, kl_coef)

@@ -1,0 +1,51 @@
+"""An ordered, bounded parallel map over worker processes, for the data stages."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from pipeline.core.errors import GptpipeError
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+_Meta = TypeVar("_Meta")
+
+
+def ordered_map(func: Callable[[_In], _Out], items: Iterable[tuple[_Meta, _In]], workers: int,
+                what: str = "a worker") -> Iterator[tuple[_Meta, _Out]]:
+    """Yield ``(meta, func(item))`` in input order, computed by ``workers`` processes.
+
+    At most two tasks per worker are in flight (unlike ``Pool.imap``, whose feeder drains
+    the whole input at once), so memory stays bounded however large the input. ``func``
+    and the items must pickle. A worker that dies (the kernel's OOM killer, a signal) is
+    one line naming ``what`` was running, where a ``multiprocessing.Pool`` waits forever.
+    With ``workers <= 1`` everything runs in this process.
+    """
+    if workers <= 1:
+        for meta, item in items:
+            yield meta, func(item)
+        return
+    # spawn, not fork: the parent holds pyarrow's threads, and forking a threaded
+    # process can deadlock the child on a lock some other thread held.
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            pending: deque[tuple[_Meta, Future[_Out]]] = deque()
+            for meta, item in items:
+                pending.append((meta, pool.submit(func, item)))
+                if len(pending) >= 2 * workers:
+                    done_meta, future = pending.popleft()
+                    yield done_meta, future.result()
+            while pending:
+                done_meta, future = pending.popleft()
+                yield done_meta, future.result()
+    except BrokenProcessPool:
+        raise GptpipeError(
+            f"{what}: a worker process died (killed by a signal or by the system for want of "
+            "memory); nothing was written; run it again, with fewer workers if memory is short"
+        ) from None
