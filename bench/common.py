@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 # of a few hundred short documents.
 TINY_PARAMS: dict[str, Any] = {
     "data.corpus": "corpus",
-    "clean.min_chars": 20,
+    "clean.min_bytes": 20,
     "clean.workers": 1,
     "vocab.vocab_size": 400,
     "tokenize.shard_tokens": 2000,

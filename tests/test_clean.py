@@ -32,7 +32,7 @@ def write_raw(directory: Path, texts: list[str], invalid: list[int] | None = Non
 
 
 def clean_params(**overrides: object) -> Params:
-    return parse_params({"clean": {"min_chars": 10, "workers": 1, **overrides}})
+    return parse_params({"clean": {"min_bytes": 10, "workers": 1, **overrides}})
 
 
 def read_rows(directory: Path) -> list[dict]:
@@ -92,7 +92,7 @@ def test_dedup_off_keeps_exact_duplicates(tmp_path: Path) -> None:
 
 def test_nfc_keeps_compatibility_characters(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw", ["\ufb01ne \u2460 e\u0301t\u00e9"])
-    params = clean_params(normalization="NFC", min_chars=1)
+    params = clean_params(normalization="NFC", min_bytes=1)
     run(params, input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
     assert read_rows(tmp_path / "clean")[0]["text"] == "\ufb01ne \u2460 \u00e9t\u00e9"
 
@@ -132,7 +132,7 @@ def test_output_is_identical_for_any_worker_count(tmp_path: Path) -> None:
 
 def test_cli_writes_outputs(tmp_path: Path) -> None:
     raw = write_raw(tmp_path / "raw", ["a document long enough", "another one, long enough"])
-    code, output = invoke(tmp_path, write_params(tmp_path / "p.yaml", min_chars=5), raw)
+    code, output = invoke(tmp_path, write_params(tmp_path / "p.yaml", min_bytes=5), raw)
     assert code == 0, output
     assert "kept 2 of 2 documents" in output
     assert json.loads((tmp_path / "clean.json").read_text())["documents_out"] == 2
@@ -144,11 +144,11 @@ def test_all_dropped_is_an_error_and_keeps_the_old_output(tmp_path: Path) -> Non
     old = tmp_path / "clean"
     old.mkdir()
     (old / "marker").write_text("previous run")
-    code, output = invoke(tmp_path, write_params(tmp_path / "p.yaml", min_chars=64), raw)
+    code, output = invoke(tmp_path, write_params(tmp_path / "p.yaml", min_bytes=64), raw)
     assert code != 0
     assert "all 3 documents" in output and str(raw) in output
     assert "too_short: 3, exact_duplicate: 0, near_duplicate: 0" in output
-    assert "clean.min_chars" in output
+    assert "clean.min_bytes" in output
     assert "Traceback" not in output and len(output.strip().splitlines()) == 1
     assert (old / "marker").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "p.yaml", "raw"]
@@ -187,3 +187,23 @@ def test_cli_options_are_all_required() -> None:
     result = CliRunner().invoke(cli, ["clean", "--input", "data/raw"])
     assert result.exit_code != 0
     assert "Missing option '--params'" in result.output
+
+
+def test_code_keeps_its_layout_and_prose_is_tidied(tmp_path: Path) -> None:
+    code = "def f(x):\n\n\n    if x:  \n\t\treturn  x   # aligned\n"
+    prose = "Prose   with\ttabs \n\n\n\nand blank lines. "
+    raw = write_raw(tmp_path / "raw", [code, prose], invalid=[0, 0])
+    run(clean_params(min_bytes=1), input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
+    texts = [row["text"] for row in read_rows(tmp_path / "clean")]
+    # Indentation, tabs, inner runs of spaces and blank lines stay; trailing spaces go.
+    assert texts == ["def f(x):\n\n\n    if x:\n\t\treturn  x   # aligned",
+                     "Prose with tabs\n\nand blank lines."]
+
+
+def test_min_bytes_counts_utf8_bytes_the_same_in_every_script(tmp_path: Path) -> None:
+    texts = ["北京是中国的首都", "Moscow is big", "Москва большая"]  # 24, 13 and 27 bytes
+    raw = write_raw(tmp_path / "raw", texts, invalid=[0, 0, 0])
+    run(clean_params(min_bytes=24), input=raw, out=tmp_path / "a", metrics=tmp_path / "a.json")
+    assert [row["text"] for row in read_rows(tmp_path / "a")] == [texts[0], texts[2]]
+    run(clean_params(min_bytes=25), input=raw, out=tmp_path / "b", metrics=tmp_path / "b.json")
+    assert [row["text"] for row in read_rows(tmp_path / "b")] == [texts[2]]

@@ -14,6 +14,7 @@ import zstandard
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import DataParams
+from pipeline.data import corpus
 from pipeline.data.corpus import (
     CorpusStats,
     RawDocument,
@@ -23,9 +24,11 @@ from pipeline.data.corpus import (
     iter_corpus_files,
     iter_documents,
     load_pointer,
+    looks_binary,
     read_builtin,
     read_paragraphs,
     repair_text,
+    source_unit,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +103,7 @@ def test_every_format_reads_the_same_documents(tmp_path, fmt, compression):
 def test_md_is_read_like_txt_and_suffixes_ignore_case(tmp_path):
     path = tmp_path / "NOTES.MD"
     path.write_text("# Title\n\nBody text.\n", encoding="utf-8")
-    documents, _ = read_all(path)
+    documents, _ = read_all(path, txt_unit="file")
     assert documents == [RawDocument("NOTES.MD", "# Title\n\nBody text.\n", 0)]
 
 
@@ -231,8 +234,10 @@ def test_detect_format():
     assert detect_format("a.jsonl.zst") == ("jsonl", "zst")
     assert detect_format("A.TXT.GZ") == ("txt", "gz")
     assert detect_format("x.parquet") == ("parquet", None)
-    assert detect_format("archive.tar.gz") == (None, "gz")
-    assert detect_format("README") == (None, None)
+    # Any other suffix, or none, is plain text (its bytes decide whether it is read).
+    assert detect_format("archive.tar.gz") == ("txt", "gz")
+    assert detect_format("README") == ("txt", None)
+    assert detect_format("src/model.py") == ("txt", None)
 
 
 @pytest.mark.parametrize(
@@ -253,6 +258,12 @@ def test_glob_regex(pattern, matches, misses):
     assert not any(regex.fullmatch(m) for m in misses)
 
 
+# The first bytes of real binary files: a PNG (its IHDR chunk holds NUL bytes) and a PDF
+# whose content stream is compressed (no NUL early, but mostly invalid UTF-8).
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00"
+PDF = b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n" + bytes(range(128, 256)) * 8
+
+
 def make_folder(root: Path) -> Path:
     files = {
         "b.txt": b"bee",
@@ -265,8 +276,9 @@ def make_folder(root: Path) -> Path:
         ".hidden.txt": b"hidden file",
         ".git/x.txt": b"hidden folder",
         "sub/.cache/y.txt": b"hidden nested folder",
-        "image.png": b"\x89PNG\r\n\x1a\n\x00\x00",
-        "notes.pdf": b"%PDF",
+        "image.png": PNG,
+        "notes.pdf": PDF,
+        "code.py": b"def f(x):\n    return x\n",
         "blob.txt": b"looks like text\x00but is not",
         "blob2.jsonl.gz": gzip.compress(b"\x00\x01\x02", mtime=0),
     }
@@ -288,11 +300,13 @@ def test_folder_is_read_in_sorted_path_order_without_hidden_files(tmp_path):
         "a/z.txt",
         "a0.txt",
         "b.txt",
+        "code.py",
         "sub/deep/c.md",
     ]
-    assert stats.files_read == 7
-    assert stats.files_skipped_unsupported == 2  # image.png, notes.pdf
-    assert stats.files_skipped_binary == 2  # blob.txt, blob2.jsonl.gz (NUL after gunzip)
+    assert stats.files_read == 8
+    assert stats.text_files_whole == 8  # small files, read whole (txt_unit auto)
+    # blob.txt, blob2.jsonl.gz (NUL after gunzip), image.png (NUL), notes.pdf (not UTF-8)
+    assert stats.files_skipped_binary == 4
 
 
 def test_include_glob_selects_files_relative_to_the_folder(tmp_path):
@@ -300,7 +314,6 @@ def test_include_glob_selects_files_relative_to_the_folder(tmp_path):
     documents, stats = read_all(root, include="*.txt")
     assert [d.source for d in documents] == ["B.txt", "a-b.txt", "a.txt", "a0.txt", "b.txt"]
     assert stats.files_skipped_binary == 1
-    assert stats.files_skipped_unsupported == 0
     assert list(iter_corpus_files(root, "sub/**/*")) == ["sub/deep/c.md"]
 
 
@@ -398,3 +411,72 @@ def test_text_streams_stay_open_until_the_reader_is_done(tmp_path):
     first = next(iterator)
     rest = list(iterator)
     assert [first.text, *[d.text for d in rest]] == TEXTS
+
+
+# --- any text file, and the unit it is read in -------------------------------------------
+
+
+def test_source_code_and_files_without_a_suffix_are_text_kept_as_written(tmp_path):
+    root = tmp_path / "repo"
+    code = "def add(a, b):\n\n\n    return a + b\n"
+    files = {"pkg/mod.py": code, "pkg/README": "Read me.\n", "Makefile": "all:\n\ttrue\n",
+             "docs/index.rst": "Title\n=====\n", "build.log": "ok\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    documents, stats = read_all(root)
+    assert {d.source: d.text for d in documents} == files  # every byte as written
+    assert stats.files_read == 5 and stats.text_files_whole == 5
+    documents, _ = read_all(root, include="**/*.py")
+    assert [d.source for d in documents] == ["pkg/mod.py"]
+
+
+@pytest.mark.parametrize(("head", "binary"), [
+    (b"plain ASCII text\n", False),
+    ("déjà vu, 北京, ไก่\n".encode(), False),
+    ("café au lait, naïve\n".encode("latin-1"), False),  # a few invalid bytes: legacy text
+    (b"\x00\x01", True),
+    (PNG, True),
+    (PDF, True),
+    (bytes(range(1, 9)) * 10, True),  # control bytes, no NUL
+    ("北".encode() * 100 + "京".encode()[:2], False),  # a character cut by the probe's end
+    (b"", False),
+])
+def test_binary_means_a_nul_or_mostly_invalid_utf8_or_control_bytes(head, binary):
+    assert looks_binary(head) is binary
+
+
+def test_txt_unit_auto_reads_one_file_and_big_files_in_paragraphs(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "AUTO_PARAGRAPH_BYTES", 100)
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "small.txt").write_text("One.\n\nTwo.\n", encoding="utf-8")
+    (root / "big.txt").write_text("\n\n".join(f"Paragraph {i}." for i in range(20)),
+                                  encoding="utf-8")
+    documents, stats = read_all(root)
+    assert [d.source for d in documents][:3] == ["big.txt:1", "big.txt:3", "big.txt:5"]
+    assert documents[-1].source == "small.txt" and documents[-1].text == "One.\n\nTwo.\n"
+    assert (stats.text_files_whole, stats.text_files_in_paragraphs) == (1, 1)
+    # The same small file as the whole corpus: paragraphs.
+    documents, stats = read_all(root / "small.txt")
+    assert [d.text for d in documents] == ["One.", "Two."]
+    assert stats.text_files_in_paragraphs == 1
+
+
+def test_txt_unit_line_makes_one_document_per_line(tmp_path):
+    path = tmp_path / "reviews.txt"
+    path.write_text("很好。\n\n  \n一般般\nbad\n", encoding="utf-8")
+    documents, stats = read_all(path, txt_unit="line")
+    assert [(d.source, d.text) for d in documents] == [
+        ("reviews.txt:1", "很好。"), ("reviews.txt:4", "一般般"), ("reviews.txt:5", "bad")]
+    assert stats.text_files_in_lines == 1
+
+
+@pytest.mark.parametrize(("source", "unit"), [
+    ("notes/a.txt", "file"), ("main.py", "file"), ("README", "file"),
+    ("big.txt:12", "part"), ("src/x.c:3", "part"),
+    ("data.jsonl:4", "record"), ("t.csv.gz:2", "record"), ("t.parquet#3", "record"),
+    ("list.json#0", "record"),
+])
+def test_source_unit_tells_how_a_document_was_cut(source, unit):
+    assert source_unit(source) == unit

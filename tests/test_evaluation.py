@@ -20,6 +20,7 @@ from pipeline.lm.evaluation import (
     baseline_metrics,
     bits_per_byte,
     corpus_fingerprint,
+    document_openings,
     evaluate_split,
     fit_baselines,
     perplexity,
@@ -281,3 +282,18 @@ def test_corpus_fingerprint_changes_with_any_byte_and_only_then(tmp_path):
 def test_corpus_fingerprint_refuses_a_missing_path(tmp_path):
     with pytest.raises(GptpipeError, match="not found"):
         corpus_fingerprint([tmp_path / "absent"])
+
+
+def test_document_openings_count_words_in_any_script_and_leave_something(tmp_path):
+    from pipeline.data.doctable import DOCUMENT_SCHEMA, DocumentWriter
+
+    texts = ["北京是中国的首都，也是一座城市。",  # one unspaced paragraph: 4 characters
+             "Short.",  # no word left after the opening: skipped
+             "The Eiffel Tower (French: tour Eiffel) is in Paris.",
+             "def main():\n    return 0  # done\n"]
+    with DocumentWriter(tmp_path, DOCUMENT_SCHEMA) as writer:
+        for index, text in enumerate(texts):
+            writer.append(id=index, source=f"d{index}", text=text)
+    assert document_openings(tmp_path, 3, 4) == [
+        "北京是中", "The Eiffel Tower (French", "def main():\n    return 0"]
+    assert document_openings(tmp_path, 1, 4) == ["北京是中"]

@@ -148,6 +148,7 @@ def test_a_clean_completion_scored_by_hand(judge):
     # shared: the, city, river: 3 * 0.5 = 1.5. Total 2.5
     assert judge.explain(PROMPT, completion) == {
         "repetition": 0.0, "complete_sentence": 1.0, "unk": 0.0, "length": 0.0, "overlap": 1.5,
+        "empty": 0.0,
     }
     assert judge.score(PROMPT, completion) == 2.5
 
@@ -159,6 +160,7 @@ def test_a_degenerate_completion_scored_by_hand(judge):
     # Shared: the, river: 2 * 0.5 = 1. Total -4
     assert judge.explain(PROMPT, completion) == {
         "repetition": -3.0, "complete_sentence": 0.0, "unk": -2.0, "length": 0.0, "overlap": 1.0,
+        "empty": 0.0,
     }
     assert judge.score(PROMPT, completion) == -4.0
 
@@ -229,3 +231,57 @@ def test_noisy_preference_does_not_overflow_for_huge_margins():
     long_loop = " ".join(["loop"] * 2000)
     assert judge.preference_probability("", BETTER, long_loop) == 1.0
     assert judge.preference_probability("", long_loop, BETTER) == 0.0
+
+
+# ------------------------------------------------------------ other scripts, code, nothing
+
+
+def test_chinese_words_sentences_and_overlap_scored_by_hand(judge):
+    prompt = "北京是中国的"
+    completion = "首都，北京很大。"
+    # Words: one per character: 首 都 北 京 很 大 = 6, two short of min_words 8: -0.2.
+    # Ends with "。": +1. No repeated trigram. Content pairs of the prompt: 北京 京是 是中
+    # 中国 国的; of the completion: 首都 北京 京很 很大 (the comma breaks no pair: it is not
+    # a word, so 都北 is a pair too). Shared: 北京: +0.5. Total 1.3.
+    assert content_words(completion) == {"首都", "都北", "北京", "京很", "很大"}
+    assert judge.explain(prompt, completion) == {
+        "repetition": 0.0, "complete_sentence": 1.0, "unk": 0.0, "length": -0.2,
+        "overlap": 0.5, "empty": 0.0,
+    }
+    assert judge.score(prompt, completion) == pytest.approx(1.3)
+
+
+@pytest.mark.parametrize(("completion", "complete"), [
+    ("它结束了。", 1.0), ("真的吗？", 1.0), ("「終わり。」", 1.0), ("它结束了", 0.0),
+])
+def test_cjk_sentence_ends_count_as_complete(judge, completion, complete):
+    assert judge.features("", completion)["complete_sentence"] == complete
+
+
+def test_a_run_of_one_chinese_character_is_repetition(judge):
+    # 的 x 10: ten one-character words, eight trigrams all the same: 7 recurrences.
+    assert judge.explain("北京", "的" * 10)["repetition"] == -7.0
+
+
+def test_code_ends_at_a_line_and_overlap_counts_identifiers(judge):
+    prompt = "def scale(values, factor):\n"
+    completion = "    scaled = [v * factor for v in values]\n"
+    # Code (indented lines): the completion ends with a newline: complete. Words: scaled v
+    # factor for v in values = 7: one short: -0.1. Identifiers of 3+ characters shared
+    # with the prompt: factor, values: +1.0. The trigram (v, factor, for) once: no repeat.
+    assert judge.explain(prompt, completion) == {
+        "repetition": 0.0, "complete_sentence": 1.0, "unk": 0.0, "length": -0.1,
+        "overlap": 1.0, "empty": 0.0,
+    }
+    # Cut mid-line, the same code has no complete ending.
+    assert judge.features(prompt, "    scaled = [v * fac")["complete_sentence"] == 0.0
+
+
+@pytest.mark.parametrize("nothing", ["", "   ", "。。。", "...", "\n"])
+def test_saying_nothing_scores_below_an_imperfect_completion(judge, nothing):
+    imperfect = "the river the river the river flows and flows"  # repeats, no ending
+    assert judge.features(PROMPT, nothing)["empty"] == 1.0
+    assert judge.features(PROMPT, nothing)["complete_sentence"] == 0.0
+    assert judge.score(PROMPT, nothing) < judge.score(PROMPT, imperfect)
+    # 8 words short of min_words (-0.8) and the empty penalty (-2.0).
+    assert judge.score(PROMPT, nothing) == pytest.approx(-2.8)

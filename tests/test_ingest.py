@@ -22,7 +22,9 @@ from pipeline.stages.ingest import main, run
 METRIC_KEYS = {
     "files_read",
     "files_skipped_binary",
-    "files_skipped_unsupported",
+    "text_files_whole",
+    "text_files_in_paragraphs",
+    "text_files_in_lines",
     "documents",
     "documents_skipped_empty",
     "bytes",
@@ -39,7 +41,7 @@ def ingest(workdir: Path, corpus: Path | str, **data: str) -> Result:
 
 
 def make_mixed_corpus(root: Path) -> Path:
-    """A folder with one file of most formats, a skipped binary and a skipped unsupported."""
+    """A folder with one file of most formats, a binary text file and a binary image."""
     (root / "docs").mkdir(parents=True)
     (root / "docs" / "one.txt").write_text("Plain text file.\n", encoding="utf-8")
     (root / "docs" / "two.md").write_bytes(b"Bad byte \xff here.\n")
@@ -52,7 +54,7 @@ def make_mixed_corpus(root: Path) -> Path:
     pq.write_table(pa.table({"text": ["parquet row"]}), root / "table.parquet")
     (root / "list.json").write_text(json.dumps([{"text": "json item"}]), encoding="utf-8")
     (root / "binary.txt").write_bytes(b"\x00\x01\x02")
-    (root / "image.png").write_bytes(b"\x89PNG")
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     (root / ".hidden.txt").write_text("never read", encoding="utf-8")
     return root
 
@@ -95,8 +97,10 @@ def test_ingest_writes_the_raw_table_and_metrics(tmp_path):
     texts = table.column("text").to_pylist()
     assert metrics == {
         "files_read": 6,
-        "files_skipped_binary": 1,
-        "files_skipped_unsupported": 1,
+        "files_skipped_binary": 2,
+        "text_files_whole": 2,
+        "text_files_in_paragraphs": 0,
+        "text_files_in_lines": 0,
         "documents": 7,
         "documents_skipped_empty": 0,
         "bytes": sum(len(t.encode("utf-8")) for t in texts),
@@ -159,7 +163,7 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 ERROR_CASES = {
     "missing path": (
         lambda d: d / "nope",
-        ["data.corpus: ", "nope not found; allowed: a file or directory (txt, md, jsonl"],
+        ["data.corpus: ", "nope not found; allowed: a file or directory of text files"],
     ),
     "no file matches": (
         lambda d: _write(d / "c" / ".hidden.txt", b"x").parent,
@@ -168,17 +172,22 @@ ERROR_CASES = {
     "no document with text": (
         lambda d: (
             _write(d / "c" / "blank.txt", b"  \n\n").parent
-            and _write(d / "c" / "x.pdf", b"%PDF").parent
+            and _write(d / "c" / "x.pdf", b"%PDF-1.7\n" + bytes(range(128, 256)) * 8).parent
         ),
-        ["no document with non-whitespace text", "1 files read", "1 unsupported"],
+        ["no document with non-whitespace text", "1 files read", "1 binary files skipped"],
     ),
-    "unsupported single file": (
-        lambda d: _write(d / "notes.pdf", b"%PDF"),
-        ["notes.pdf has an unsupported extension; allowed: a file or directory"],
+    "only binary files": (
+        lambda d: (_write(d / "c" / "a.png", b"\x89PNG\r\n\x1a\n\x00\x00").parent
+                   and _write(d / "c" / "b.bin", bytes(range(256))).parent),
+        ["no document with non-whitespace text", "0 files read", "2 binary files skipped"],
     ),
     "binary single file": (
         lambda d: _write(d / "data.jsonl.gz", gzip.compress(b"\x00\x00", mtime=0)),
-        ["data.jsonl.gz is binary (a NUL byte", "allowed: UTF-8 text"],
+        ["data.jsonl.gz is not text (a NUL byte, or mostly invalid UTF-8", "allowed: UTF-8 text"],
+    ),
+    "mostly invalid UTF-8 single file": (
+        lambda d: _write(d / "notes.pdf", b"%PDF-1.7\n" + bytes(range(128, 256)) * 8),
+        ["notes.pdf is not text", "allowed: UTF-8 text"],
     ),
     "jsonl not json": (
         lambda d: _write(d / "c" / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),

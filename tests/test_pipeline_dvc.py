@@ -7,7 +7,7 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIN, make_dvc_repo, run_cmd
+from conftest import BIN, REPO_ROOT, make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ DATA_STAGES = ["ingest", "clean", "split", "vocab", "tokenize"]
 AFTER_PRETRAIN = {"pretrain", "evaluate", "preferences", "reward", "rlhf", "evaluate_rlhf"}
 TINY = {
     "data.corpus": "corpus",
-    "clean.min_chars": 20,
+    "clean.min_bytes": 20,
     "clean.workers": 1,
     "vocab.vocab_size": 400,
     "tokenize.shard_tokens": 2000,
@@ -126,3 +126,48 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     (repo / "corpus").rename(repo / "corpus2")
     _set_param(repo, "corpus: corpus", "corpus: corpus2")
     assert _repro(repo)[0] == "ingest"
+
+
+def _builtin_extracts(count: int) -> list[str]:
+    """The first ``count`` builtin English Wikipedia extracts (by title): real prose."""
+    from pipeline.data.corpus import load_pointer, locate_member
+
+    pointer = REPO_ROOT / "data/builtin/wikipedia-en.corpus"
+    articles = json.loads(locate_member(load_pointer(pointer), pointer.name).read_text())
+    return [articles[title]["extract"] for title in sorted(articles)[:count]]
+
+
+def test_one_big_text_file_goes_through_tokenize_with_every_default(tmp_path):
+    """The shape of WikiText and of most exported corpora: one file, blank-line paragraphs.
+    Every param at its default but data.corpus: txt_unit auto reads it in paragraphs."""
+    repo = make_dvc_repo(tmp_path / "repo", {"data.corpus": "corpus.txt"})
+    paragraphs = [p for text in _builtin_extracts(1200) for p in text.split("\n") if p.strip()]
+    (repo / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    run_cmd(["dvc", "repro", "tokenize"], repo)
+    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+    assert ingest["text_files_in_paragraphs"] == 1 and ingest["text_files_whole"] == 0
+    assert ingest["documents"] == len(paragraphs)
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert min(split[name]["documents"] for name in ("train", "val", "test")) > 50
+    assert json.loads((repo / "metrics/tokenize.json").read_text())["train"]["tokens"] > 0
+
+
+def test_a_folder_of_source_code_is_read_whole_with_its_layout(tmp_path):
+    """A code base: data.include picks the .py files (other files are left out), each file
+    is one document, and clean keeps its indentation and blank lines as written."""
+    repo = make_dvc_repo(tmp_path / "repo", {"data.corpus": "code", "data.include": "**/*.py",
+                                             "vocab.vocab_size": 2048})
+    sources = sorted((REPO_ROOT / "pipeline").rglob("*.py"))
+    for path in sources:
+        target = repo / "code" / path.relative_to(REPO_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    (repo / "code" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (repo / "code" / "NOTES").write_text("Not a .py file: data.include leaves it out.\n")
+    run_cmd(["dvc", "repro", "tokenize"], repo)
+    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+    assert ingest["files_read"] == ingest["text_files_whole"] == len(sources)
+    clean = {row["source"]: row["text"]
+             for row in pq.read_table(repo / "data/clean").to_pylist()}
+    text = (REPO_ROOT / "pipeline/core/runs.py").read_text()
+    assert clean["pipeline/core/runs.py"] == text.strip("\n")  # indentation and all

@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, synthetic_documents
+from conftest import BIN, REPO_ROOT, synthetic_documents
 
 from pipeline.core.device import Runtime
+from pipeline.core.errors import GptpipeError
 from pipeline.core.params import parse_params
 from pipeline.data.shards import read_meta, read_tokens
 from pipeline.lm.training import NonFiniteLoss, Trainer
 
 TINY_MODEL = {"context": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
 TINY_TRAIN = {
+    # Absolute: the stage runs in a temporary folder, not the repository.
+    "init_from": str(REPO_ROOT / "data/builtin/random.init"),
     "device": "cpu", "batch_size": 4, "steps": 24, "warmup_steps": 4, "lr": 3e-3,
     "min_lr": 3e-4, "eval_every": 6, "eval_windows": 8, "checkpoint_every": 6, "log_every": 1,
 }
@@ -40,7 +43,7 @@ def token_data(tmp_path_factory) -> Path:
             handle.write(json.dumps({"text": text}) + "\n")
     params = parse_params({
         "data": {"corpus": str(corpus)},
-        "clean": {"min_chars": 10, "workers": 1},
+        "clean": {"min_bytes": 10, "workers": 1},
         "vocab": {"kind": "char", "min_freq": 1},
     })
     ingest.run(params, out=root / "raw", metrics=root / "m-ingest.json")
@@ -427,3 +430,119 @@ def test_more_processes_than_gpus_are_refused_before_launching(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _check_gpus_for(2, "auto")  # auto without a GPU means CPU processes
     _check_gpus_for(2, "cuda")  # no GPU at all: the device check says so, in each rank
+
+
+# ------------------------------------------------------------------ continued pretraining
+
+
+@pytest.fixture(scope="module")
+def base_model(token_data, tmp_path_factory) -> Path:
+    """A finished tiny run's best model: what a user would continue training."""
+    work = tmp_path_factory.mktemp("base")
+    _gptpipe(_cli_args(token_data, work, _write_params(work / "p.yaml", train={"steps": 6})),
+             work)
+    return work / "models" / "best"
+
+
+def test_init_from_starts_from_the_base_weights_exactly(token_data, base_model, tmp_path):
+    from pipeline.lm.checkpoint import load_model
+
+    params = parse_params({"model": TINY_MODEL,
+                           "train": {**TINY_TRAIN, "init_from": str(base_model)}})
+    meta = read_meta(token_data / "tokens")
+    trainer = Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+                      read_tokens(token_data / "tokens/train"),
+                      read_tokens(token_data / "tokens/val"), meta["vocab_size"],
+                      {"tokens": token_data / "tokens", "init_from": base_model},
+                      tmp_path / "s", {}, init_from=base_model)
+    source, _ = load_model(base_model)
+    ids = torch.randint(0, meta["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trainer.model.eval()(ids)[0], source.eval()(ids)[0])
+
+
+def test_continued_pretraining_through_the_stage(token_data, base_model, tmp_path):
+    params = _write_params(tmp_path / "p.yaml", train={"steps": 6, "init_from": str(base_model)})
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
+    assert f"pretrain: continuing {base_model}" in result.stdout
+    config = json.loads((tmp_path / "models/best/config.json").read_text())
+    assert config["init_from"] == str(base_model)
+    # It went on from the base model: its first step's loss is below the base run's last
+    # (which started from random weights with the same params and data).
+    base_losses = _losses(base_model.parent.parent)
+    assert _losses(tmp_path)[0][1] < base_losses[-1][1] < base_losses[0][1]
+
+
+def test_vocab_from_model_copies_the_base_tokenizer_byte_for_byte(token_data, base_model,
+                                                                   tmp_path):
+    from pipeline.stages import vocab
+
+    params = parse_params({"vocab": {"kind": "from_model"},
+                           "train": {"init_from": str(base_model)}})
+    metrics = vocab.run(params, input=token_data / "split", out=tmp_path / "tokenizer.json",
+                        metrics=tmp_path / "m.json")
+    assert (tmp_path / "tokenizer.json").read_bytes() == (
+        base_model / "tokenizer.json").read_bytes()
+    assert metrics["kind"] == "char" and metrics["val_tokens"] > 0
+    with pytest.raises(GptpipeError, match=r"train.init_from = data/builtin/random\.init means "
+                                           "random weights"):
+        vocab.run(parse_params({"vocab": {"kind": "from_model"}}), input=token_data / "split",
+                  out=tmp_path / "t2.json", metrics=tmp_path / "m2.json")
+    assert not (tmp_path / "t2.json").exists()
+
+
+def _not_a_model(root: Path) -> Path:
+    (root / "config.json").parent.mkdir(parents=True)
+    (root / "config.json").write_text('{"architectures": ["BertModel"]}')
+    (root / "model.safetensors").write_bytes(b"")
+    return root
+
+
+def _pickled(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle of the int 1
+    return root
+
+
+def _other_shape(base: Path, root: Path) -> Path:
+    import shutil
+
+    shutil.copytree(base, root)
+    config = json.loads((root / "config.json").read_text())
+    config["model"]["n_layer"] = 3
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def _other_vocabulary(base: Path, root: Path) -> Path:
+    import shutil
+
+    shutil.copytree(base, root)
+    text = (root / "tokenizer.json").read_text()
+    (root / "tokenizer.json").write_text(text.replace('"version"', '"version" ', 1))
+    config = json.loads((root / "config.json").read_text())
+    config["tokenizer_sha256"] = None
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize(("make", "needle"), [
+    (lambda base, root: root / "absent", "absent: not found; allowed: a gptpipe model folder"),
+    (lambda base, root: _not_a_model(root), "not a gptpipe model config (no 'model' object)"),
+    (lambda base, root: _pickled(root),
+     "pytorch_model.bin is a pickle, and gptpipe never loads pickles"),
+    (lambda base, root: _other_shape(base, root),
+     "the model has n_layer = 3 but model.n_layer is 2; set the model section"),
+    (lambda base, root: _other_vocabulary(base, root),
+     "its tokenizer is not the data's"),
+    (lambda base, root: base / "model.safetensors", "a file, not a model folder"),
+], ids=["missing", "not a model", "pickle", "other shape", "other vocabulary", "a file"])
+def test_a_bad_base_model_is_one_line_and_nothing_is_written(token_data, base_model, tmp_path,
+                                                            make, needle):
+    init_from = make(base_model, tmp_path / "base")
+    params = _write_params(tmp_path / "p.yaml", train={"init_from": str(init_from)})
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+    for output in ("models", "ckpt", "live", "metrics.json"):
+        assert not (tmp_path / output).exists()

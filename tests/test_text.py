@@ -86,7 +86,10 @@ def test_dedup_key_is_16_byte_blake2b() -> None:
 
 def test_word_shingles() -> None:
     text = "The cat sat. the CAT sat."
-    assert word_shingles(text, 2) == [b"the cat", b"cat sat.", b"sat. the"]
+    # Words as pipeline.data.units counts them: punctuation is not part of a word.
+    assert word_shingles(text, 2) == [b"the cat", b"cat sat", b"sat the"]
+    # A Chinese text gets shingles of characters, not one shingle for the whole run.
+    assert word_shingles("北京是北京", 2) == [w.encode() for w in ("北 京", "京 是", "是 北")]
     assert word_shingles("one two", 5) == [b"one two"]
     assert word_shingles(" \n ", 3) == []
     assert word_shingles("café crème", 1) == ["café".encode(), "crème".encode()]

@@ -59,8 +59,10 @@ class DataParams(_Section):
     include: str = "**/*"
     # The JSON/JSONL field or CSV/Parquet column that holds a document's text.
     text_field: str = "text"
-    # .txt/.md files: one document per file, or one per blank-line-separated paragraph.
-    txt_unit: Literal["file", "paragraph"] = "file"
+    # Plain-text files (any suffix but jsonl, json, csv, parquet): one document per file,
+    # per blank-line-separated paragraph, or per line. auto: paragraphs for a single-file
+    # corpus and for files over 1 MiB (far larger than a document), else whole files.
+    txt_unit: Literal["auto", "file", "paragraph", "line"] = "auto"
 
     def validate(self) -> None:
         if not self.corpus.strip():
@@ -76,8 +78,10 @@ class CleanParams(_Section):
     """``clean``: normalization, filters and deduplication."""
 
     normalization: Literal["NFC", "NFKC"] = "NFKC"
-    # Documents shorter than this many characters after cleaning are dropped.
-    min_chars: int = 64
+    # Documents shorter than this many UTF-8 bytes after cleaning are dropped. Bytes, not
+    # characters, so the threshold means about as much text in every script: 64 bytes are
+    # 64 Latin letters, 32 Cyrillic or Greek ones, 21 Chinese or Thai characters.
+    min_bytes: int = 64
     # Drop exact duplicates of the normalized text (the first occurrence is kept).
     dedup: bool = True
     # MinHash near-duplicate removal: off when 0, else the Jaccard threshold in (0, 1].
@@ -89,7 +93,7 @@ class CleanParams(_Section):
     workers: int = 0
 
     def validate(self) -> None:
-        self.require_non_negative("min_chars", "workers")
+        self.require_non_negative("min_bytes", "workers")
         self.require_positive("near_dup_num_perm", "near_dup_ngram")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise self.fail(
@@ -123,7 +127,9 @@ class SplitParams(_Section):
 class VocabParams(_Section):
     """``vocab``: the tokenizer, learned from the train split only."""
 
-    kind: Literal["bpe", "word", "char"] = "bpe"
+    # from_model: copy the tokenizer of the model named by train.init_from (continued
+    # pretraining keeps its base model's vocabulary).
+    kind: Literal["bpe", "word", "char", "from_model"] = "bpe"
     # bpe: the total vocabulary size, special tokens and the 256 bytes included.
     vocab_size: int = 8192
     # word and char: tokens seen fewer times are left out (they become <unk>).
@@ -194,6 +200,10 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     """``train``: optimizer, schedule, budget, evaluation and checkpoint cadence, device."""
 
+    # The weights to start from: a model folder (another run's models/pretrain/best,
+    # copied out of the way, or one kept anywhere) for continued pretraining, or the
+    # pointer data/builtin/random.init for random weights. A DVC dependency either way.
+    init_from: str = "data/builtin/random.init"
     # auto picks cuda, then mps, then cpu; or name one (cuda:1 for a given GPU).
     device: str = "auto"
     # auto: bfloat16 autocast on GPUs that support it (float16 + grad scaler otherwise),
@@ -242,6 +252,7 @@ class TrainParams(_Section):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise self.fail(key, getattr(self, key), "a number in [0, 1)")
         _check_device(self, self.device)
+        _check_path(self, "init_from", self.init_from)
 
 
 @dataclass(frozen=True)
@@ -253,7 +264,8 @@ class EvaluateParams(_Section):
     # Where to score and sample: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
     device: str = "auto"
     # Prompts completed into the samples file; empty: the openings of the first
-    # num_prompts test documents, prompt_words words each.
+    # num_prompts test documents, prompt_words words each (in any script: a Chinese or
+    # Japanese character counts as a word).
     prompts: list[str] = field(default_factory=list)
     num_prompts: int = 4
     prompt_words: int = 6
@@ -287,7 +299,8 @@ class GoldParams(_Section):
     # Penalty per repeated word n-gram (a repeated n-gram counts each time it recurs).
     repeat_ngram: int = 3
     repetition_weight: float = -1.0
-    # Reward for ending on a complete sentence (. ! ? optionally followed by a quote).
+    # Reward for ending on a complete sentence (terminal punctuation of any script, then
+    # any closing quotes) or, in code, at the end of a line or statement.
     complete_sentence_weight: float = 1.0
     # Penalty per <unk> in the completion.
     unk_weight: float = -1.0
@@ -295,9 +308,12 @@ class GoldParams(_Section):
     min_words: int = 8
     max_words: int = 40
     length_weight: float = -0.1
-    # Reward per distinct content word (3+ letters) shared with the prompt, capped.
+    # Reward per distinct content word shared with the prompt, capped (words of 3+
+    # letters; pairs of adjacent characters in scripts written without spaces).
     overlap_weight: float = 0.5
     overlap_cap: int = 4
+    # Penalty for a completion with no word at all (nothing, or punctuation only).
+    empty_weight: float = -2.0
     # Bradley-Terry noise: P(prefer a) = sigmoid((score_a - score_b) / noise); 0 = always
     # the higher score (ties broken by a seeded coin).
     noise: float = 0.0

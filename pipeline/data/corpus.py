@@ -3,8 +3,13 @@
 Formats are told apart by suffix (case-insensitive), each optionally compressed with a
 final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
 
-- ``.txt`` / ``.md``: one document per file, or one per blank-line-separated paragraph
-  (``data.txt_unit``; paragraphs are read line by line, so a huge file is fine).
+- any file whose suffix is none of those below (``.txt``, ``.md``, source code such as
+  ``.py`` or ``.c``, ``.rst``, ``.tex``, ``.log``, no suffix at all ...) is plain text
+  when its bytes are text (:func:`looks_binary`): one document per file, per
+  blank-line-separated paragraph or per line (``data.txt_unit``; ``auto``, the default,
+  reads a single-file corpus and any file over :data:`AUTO_PARAGRAPH_BYTES` in
+  paragraphs, every other file whole). Paragraphs and lines are read line by line, so a
+  huge file is fine.
 - ``.jsonl``: one JSON object per line, the text in field ``data.text_field``. This is the
   streaming format for big JSON corpora.
 - ``.json``: a list of objects or an object whose values are objects. It is parsed whole,
@@ -15,7 +20,7 @@ final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
   package ships (see data/builtin/); the package is located, never imported.
 
 A directory corpus is walked in sorted order of relative POSIX path, skipping hidden names;
-unsupported and binary files are skipped and counted, never an error.
+binary files are skipped and counted, never an error.
 
 Text is UTF-8. Invalid bytes are decoded with ``surrogateescape``, so each one survives
 CSV and JSON parsing as one lone surrogate; :func:`repair_text` then replaces them with
@@ -51,10 +56,8 @@ import zstandard
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import DataParams
 
-# suffix -> format; .md is plain text for our purposes.
+# suffix -> structured format; a file with any other suffix (or none) is plain text, "txt".
 FORMATS: dict[str, str] = {
-    ".txt": "txt",
-    ".md": "txt",
     ".jsonl": "jsonl",
     ".json": "json",
     ".csv": "csv",
@@ -65,12 +68,18 @@ COMPRESSIONS: dict[str, str] = {".gz": "gz", ".zst": "zst"}
 TEXT_FORMATS = frozenset({"txt", "jsonl", "json", "csv"})
 POINTER_SUFFIX = ".corpus"
 ALLOWED_CORPUS = (
-    "a file or directory (txt, md, jsonl, json, csv, parquet, optionally .gz/.zst) "
-    "or data/builtin/*.corpus"
+    "a file or directory of text files (any text; jsonl, json, csv and parquet by field; "
+    "optionally .gz/.zst) or data/builtin/*.corpus"
 )
-# A NUL byte this early means binary: UTF-8 text never contains one in practice, and
-# UTF-16 text (which does) is not a format we read.
+# The first bytes (decompressed) that decide whether a file is text (looks_binary).
 BINARY_PROBE_BYTES = 8192
+# More than this share of non-text bytes in them (invalid UTF-8, control bytes) is binary:
+# a text in a legacy 8-bit encoding (Latin-1, say) has a few percent, a binary file most.
+BINARY_SHARE = 0.3
+# txt_unit auto: a text file larger than this (stored size) is far larger than a document
+# (a long encyclopedia article is tens of KB): it is read in paragraphs, not whole.
+AUTO_PARAGRAPH_BYTES = 1 << 20
+TXT_UNITS = ("file", "paragraph", "line")
 READ_CHUNK_BYTES = 1 << 20
 # Compressed bytes fed to zstd at a time: text expands ~3-10x, so output stays small.
 ZSTD_INPUT_BYTES = 1 << 16
@@ -105,7 +114,10 @@ class CorpusStats:
 
     files_read: int = 0
     files_skipped_binary: int = 0
-    files_skipped_unsupported: int = 0
+    # Plain-text files by how they were read (data.txt_unit; auto chooses per file).
+    text_files_whole: int = 0
+    text_files_in_paragraphs: int = 0
+    text_files_in_lines: int = 0
     documents: int = 0
     # Documents whose text is empty or whitespace only are left out.
     documents_skipped_empty: int = 0
@@ -163,17 +175,31 @@ def make_document(source: str, text: str) -> RawDocument:
     return RawDocument(source=repair_text(source)[0], text=fixed, invalid_bytes=invalid)
 
 
-def detect_format(name: str) -> tuple[str | None, str | None]:
+def detect_format(name: str) -> tuple[str, str | None]:
     """``(format, compression)`` from a file name, e.g. ``('jsonl', 'zst')``.
 
-    The format is None when the name has no supported suffix; compression is None for an
-    uncompressed file.
+    The format is ``txt`` (plain text) for any suffix but the structured ones, or none;
+    compression is None for an uncompressed file.
     """
     path = PurePosixPath(name.lower())
     compression = COMPRESSIONS.get(path.suffix)
     if compression is not None:
         path = path.with_suffix("")
-    return FORMATS.get(path.suffix), compression
+    return FORMATS.get(path.suffix, "txt"), compression
+
+
+_PART_NUMBER = re.compile(r":\d+\Z")
+
+
+def source_unit(source: str) -> str:
+    """How the document named ``source`` was cut from its file: ``file`` (a whole text
+    file), ``part`` (a paragraph or line of a text file: ``name:N``) or ``record`` (a
+    row, line or object of structured data)."""
+    number = _PART_NUMBER.search(source)
+    name = source[: number.start()] if number else source.split("#", 1)[0]
+    if detect_format(name)[0] != "txt":
+        return "record"
+    return "part" if number else "file"
 
 
 def _segment_regex(segment: str) -> str:
@@ -229,9 +255,25 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.DOTALL)
 
 
+# C0 control bytes that no text holds (tab, line feed, form feed, carriage return and
+# escape excepted).
+_CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 11, 12, 13, 27})
+
+
 def looks_binary(head: bytes) -> bool:
-    """True when the first bytes of a (decompressed) file hold a NUL byte."""
-    return b"\x00" in head
+    """Whether the first bytes of a (decompressed) file are not text: a NUL byte (UTF-8
+    text never holds one; UTF-16, which does, is not read), or more than
+    :data:`BINARY_SHARE` of the bytes invalid as UTF-8 or control bytes."""
+    if b"\x00" in head:
+        return True
+    if not head:
+        return False
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    # final=False: a character cut by the probe's end is not counted as invalid.
+    decoded = decoder.decode(head, final=False)
+    invalid = decoded.count("\ufffd") - head.count("\ufffd".encode())
+    controls = sum(head.count(byte) for byte in _CONTROL_BYTES)
+    return invalid + controls > BINARY_SHARE * len(head)
 
 
 def _shorten(value: Any, limit: int = 60) -> str:
@@ -468,13 +510,32 @@ def read_paragraphs(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
         yield make_document(f"{source}:{first}", "".join(paragraph).rstrip("\n"))
 
 
+def read_lines(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
+    """One document per non-blank line, source ``<source>:<line number>``."""
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            yield make_document(f"{source}:{number}", line.rstrip("\n"))
+
+
 def read_txt(stream: TextIO, source: str, unit: str) -> Iterator[RawDocument]:
-    """A .txt/.md file: the whole file as one document (``unit='file'``) or paragraphs."""
+    """A plain-text file: the whole file as one document (``unit='file'``), blank-line
+    paragraphs or lines."""
     if unit == "paragraph":
         yield from read_paragraphs(stream, source)
+    elif unit == "line":
+        yield from read_lines(stream, source)
     else:
-        # One document per file is held whole by definition; paragraph mode streams.
+        # One document per file is held whole by definition; the other units stream.
         yield make_document(source, stream.read())
+
+
+def text_unit(requested: str, size: int, single: bool) -> str:
+    """The unit a plain-text file is read in: ``data.txt_unit``, or for ``auto``
+    paragraphs when the file is the whole corpus or far larger than a document
+    (:data:`AUTO_PARAGRAPH_BYTES`), else the whole file."""
+    if requested != "auto":
+        return requested
+    return "paragraph" if single or size > AUTO_PARAGRAPH_BYTES else "file"
 
 
 def record_text(record: Any, text_field: str, where: str) -> str:
@@ -630,8 +691,10 @@ def read_file(
     compression: str | None,
     params: DataParams,
     on_read: OnRead = _ignore,
+    unit: str = "file",
 ) -> Iterator[RawDocument]:
-    """The documents of one corpus file in format ``fmt``; errors name ``path``."""
+    """The documents of one corpus file in format ``fmt`` (a plain-text one in ``unit``:
+    file, paragraph or line); errors name ``path``."""
     where = path.as_posix()
     try:
         if fmt == "parquet":
@@ -641,7 +704,7 @@ def read_file(
         newline = "" if fmt == "csv" else None
         with open_text(path, compression, on_read, newline) as stream:
             if fmt == "txt":
-                yield from read_txt(stream, source, params.txt_unit)
+                yield from read_txt(stream, source, unit)
             elif fmt == "jsonl":
                 yield from read_jsonl(stream, source, params.text_field, where)
             elif fmt == "json":
@@ -807,27 +870,26 @@ def _read_path(
     on_read: OnRead,
     single: bool,
 ) -> Iterator[RawDocument]:
-    """Documents of one file; unsupported or binary files are counted (or, if single, errors)."""
+    """Documents of one file; a binary file is counted (or, if single, an error)."""
     size = path.stat().st_size
     report = _file_progress(size, on_read)
     fmt, compression = detect_format(path.name)
-    if fmt is None:
+    if fmt in TEXT_FORMATS and _is_binary(path, compression):
         if single:
             raise GptpipeError(
-                f"data.corpus: {path.as_posix()} has an unsupported extension; "
-                f"allowed: {ALLOWED_CORPUS}"
-            )
-        stats.files_skipped_unsupported += 1
-    elif fmt in TEXT_FORMATS and _is_binary(path, compression):
-        if single:
-            raise GptpipeError(
-                f"data.corpus: {path.as_posix()} is binary (a NUL byte in its first "
-                f"{BINARY_PROBE_BYTES} bytes); allowed: UTF-8 text"
+                f"data.corpus: {path.as_posix()} is not text (a NUL byte, or mostly invalid "
+                f"UTF-8 or control bytes, in its first {BINARY_PROBE_BYTES} bytes); "
+                "allowed: UTF-8 text"
             )
         stats.files_skipped_binary += 1
     else:
-        yield from read_file(path, source, fmt, compression, params, report)
+        unit = text_unit(params.txt_unit, size, single)
+        yield from read_file(path, source, fmt, compression, params, report, unit)
         stats.files_read += 1
+        if fmt == "txt":
+            counter = {"file": "text_files_whole", "paragraph": "text_files_in_paragraphs",
+                       "line": "text_files_in_lines"}[unit]
+            setattr(stats, counter, getattr(stats, counter) + 1)
     report(size)
 
 
@@ -887,9 +949,8 @@ def iter_documents(
         raise GptpipeError(
             f"data.corpus: {params.corpus}: no document with non-whitespace text "
             f"({stats.files_read} files read, {stats.documents_skipped_empty} empty documents, "
-            f"{stats.files_skipped_binary} binary and {stats.files_skipped_unsupported} "
-            "unsupported files skipped); point data.corpus at text (or data.include at its "
-            "files)"
+            f"{stats.files_skipped_binary} binary files skipped); point data.corpus at text "
+            "(or data.include at its text files)"
         )
 
 

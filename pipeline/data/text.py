@@ -12,6 +12,8 @@ import re
 import unicodedata
 from typing import Literal
 
+from pipeline.data import units
+
 NormalizationForm = Literal["NFC", "NFKC"]
 
 # Line breaks other than "\n". "\r\n" and "\r" are old Windows and Mac line ends. The
@@ -48,6 +50,7 @@ _SPACE_RUNS = re.compile(f"[\t{SPACE_SEPARATORS}]+")
 # After runs are collapsed a line edge holds at most one space on each side.
 _LINE_EDGE_SPACES = re.compile(" ?\n ?")
 _BLANK_LINE_RUNS = re.compile("\n{3,}")
+_TRAILING_SPACES = re.compile(f"[\t{SPACE_SEPARATORS}]+(?=\n|\\Z)")
 
 
 def normalize_line_breaks(text: str) -> str:
@@ -81,16 +84,28 @@ def normalize_whitespace(text: str) -> str:
     return text.strip(" \n")
 
 
+def trim_layout(text: str) -> str:
+    """The whitespace rule for code and other preformatted text: indentation, tabs, runs
+    of spaces and blank lines are kept as written (in code they carry meaning); only
+    spaces at line ends and blank lines at the start and end of the text go."""
+    text = _TRAILING_SPACES.sub("", text)
+    return text.strip("\n")
+
+
 def clean_document(text: str, form: NormalizationForm) -> tuple[str, int]:
     """Apply every cleaning rule; return the clean text and the characters removed.
 
     Invisible characters go before normalization so that, say, "e\\u200b\\u0301" can
     compose to "é"; whitespace rules come last because NFKC turns some characters
-    (no-break and ideographic spaces, for one) into plain spaces.
+    (no-break and ideographic spaces, for one) into plain spaces. Code and other
+    preformatted text (:func:`pipeline.data.units.looks_like_code`) keep their layout
+    (:func:`trim_layout`); prose gets :func:`normalize_whitespace`.
     """
     text = normalize_line_breaks(text)
     text, removed = remove_invisible(text)
     text = normalize_unicode(text, form)
+    if units.looks_like_code(text):
+        return trim_layout(text), removed
     return normalize_whitespace(text), removed
 
 
@@ -106,13 +121,15 @@ def dedup_key(text: str) -> bytes:
 def word_shingles(text: str, n: int) -> list[bytes]:
     """The distinct word n-grams of ``text``, casefolded, UTF-8, in first-seen order.
 
-    Words are runs of non-whitespace; casefolding lets a re-capitalized copy still match.
+    Words are :func:`pipeline.data.units.words` (a character of Chinese, Japanese or
+    Thai is a word, so their texts get real shingles); casefolding lets a re-capitalized
+    copy still match.
     A text with fewer than ``n`` words yields one shingle of all its words, so short texts
     still get a signature; an empty text yields none.
     """
     if n < 1:
         raise ValueError(f"shingle length must be >= 1, got {n}")
-    words = text.casefold().split()
+    words = units.words(text.casefold())
     if not words:
         return []
     count = max(len(words) - n + 1, 1)

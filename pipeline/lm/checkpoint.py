@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
@@ -88,15 +90,77 @@ def open_model_folder(directory: str | Path, tokenizer_path: str | Path | None =
     return config, meta, tokenizer
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the GPT from ``config.json`` and load ``model.safetensors`` into it."""
-    directory = Path(directory)
-    config, meta = read_config(directory)
-    model = GPT(config)
-    state = load_tensors(directory / WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
+def load_weights(model: GPT, directory: str | Path) -> None:
+    """Load a model folder's ``model.safetensors`` into ``model`` (built from its config)."""
+    path = Path(directory) / WEIGHTS
+    state = load_tensors(path)
+    tied = set(model.state_dict()) - set(unique_state(model))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        problem = str(err).strip().splitlines()[-1].strip()
+        raise GptpipeError(f"{path}: weights do not match config.json ({problem})") from None
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise GptpipeError(f"{directory / WEIGHTS}: weights do not match config.json ({problem})")
+        raise GptpipeError(f"{path}: weights do not match config.json ({problem})")
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Rebuild the GPT from ``config.json`` and load ``model.safetensors`` into it."""
+    config, meta = read_config(directory)
+    model = GPT(config)
+    load_weights(model, directory)
     return model.to(device), meta
+
+
+# ------------------------------------------------------------------- continued training
+
+RANDOM_INIT = "random"
+_PICKLES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl")
+
+
+def base_model(init_from: str | Path) -> Path | None:
+    """The model folder ``train.init_from`` names, or None for random weights (a pointer
+    file holding ``kind: random``, such as data/builtin/random.init). Anything else is
+    a one-line error naming the path and what is allowed; nothing is unpickled."""
+    path = Path(init_from)
+    allowed = ("allowed: a gptpipe model folder (models/pretrain/best of a run, copied out "
+               "of the way) or data/builtin/random.init")
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            raw = None
+        if isinstance(raw, dict) and raw.get("kind") == RANDOM_INIT:
+            return None
+        raise GptpipeError(f"train.init_from = {init_from}: a file, not a model folder; "
+                           f"{allowed}")
+    if not path.is_dir():
+        raise GptpipeError(f"train.init_from = {init_from}: not found; {allowed}")
+    if not (path / WEIGHTS).is_file():
+        pickles = [name for name in _PICKLES if (path / name).is_file()]
+        if pickles:
+            raise GptpipeError(f"train.init_from = {init_from}: {pickles[0]} is a pickle, "
+                               "and gptpipe never loads pickles (loading one runs code); "
+                               f"{allowed}, weights in {WEIGHTS}")
+        raise GptpipeError(f"train.init_from = {init_from}: no {WEIGHTS} in it; {allowed}")
+    return path
+
+
+def check_same_shape(init_from: str | Path, base: GPTConfig, wanted: GPTConfig) -> None:
+    """Refuse to continue ``base`` (the model folder's config) as the network the params
+    describe when any part of the shape differs (dropout, a training setting, may)."""
+    for item in fields(GPTConfig):
+        if item.name == "dropout":
+            continue
+        ours, theirs = getattr(wanted, item.name), getattr(base, item.name)
+        if ours != theirs:
+            key = "the data's vocabulary size" if item.name == "vocab_size" else (
+                f"model.{item.name}")
+            raise GptpipeError(
+                f"train.init_from = {init_from}: the model has {item.name} = {theirs!r} but "
+                f"{key} is {ours!r}; set the model section to the base model's shape "
+                "(a continued model keeps its shape and, with vocab.kind: from_model, its "
+                "vocabulary)"
+            )

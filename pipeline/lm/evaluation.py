@@ -40,6 +40,8 @@ from torch import nn
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import sha256_file
+from pipeline.data.doctable import iter_texts
+from pipeline.data.units import opening
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
@@ -307,6 +309,26 @@ def baseline_metrics(
 ) -> dict[str, float]:
     """{"unigram_bpb": ..., "bigram_bpb": ...} on one split, beside evaluate_split's keys."""
     return {f"{name}_bpb": baseline_bpb(m, ids, split_bytes) for name, m in baselines.items()}
+
+
+def document_openings(table_dir: Path, count: int, words: int) -> list[str]:
+    """The openings of the first ``count`` documents (of the document table ``table_dir``)
+    longer than ``words`` words, in stored order, for sample prompts: each document up to
+    the end of its ``words``-th word, as written.
+
+    Words as :mod:`pipeline.data.units` counts them in any script (a Chinese character
+    is a word), so an opening never swallows a whole unspaced paragraph and always
+    leaves the model something to continue.
+    """
+    prompts: list[str] = []
+    for batch in iter_texts(table_dir, batch_size=max(count, 1)):
+        for text in batch:
+            start = opening(text, words)
+            if start is not None and start.strip():
+                prompts.append(start)
+            if len(prompts) == count:
+                return prompts
+    return prompts
 
 
 def _fingerprint_entries(path: Path) -> list[tuple[str, Path]]:

@@ -31,7 +31,7 @@ from pipeline.core.io import atomic_dir
 from pipeline.core.params import ModelParams, TrainParams
 from pipeline.core.runs import RunFolder, StopSignals, interrupted_error, run_fingerprint
 from pipeline.lm.batching import WindowSampler, eval_windows
-from pipeline.lm.checkpoint import save_model
+from pipeline.lm.checkpoint import load_weights, save_model
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.optim import adamw
 from pipeline.lm.schedule import lr_at
@@ -113,8 +113,10 @@ class StepLog:
 
 
 class Trainer:
-    """One pretraining run. ``inputs`` (name -> file or folder: the token shards and the
-    tokenizer) are fingerprinted with the params; ``state_dir`` is the run folder."""
+    """One pretraining run. ``inputs`` (name -> file or folder: the token shards, the
+    tokenizer, a base model) are fingerprinted with the params; ``state_dir`` is the run
+    folder; ``init_from``, a model folder of this very shape to start from (continued
+    pretraining), else random weights."""
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class Trainer:
         inputs: dict[str, Path],
         state_dir: Path,
         provenance: dict[str, Any],
+        init_from: Path | None = None,
     ) -> None:
         self.train = train
         self.runtime = runtime
@@ -138,7 +141,10 @@ class Trainer:
                              writer=runtime.is_main)
         # Model init draws from the global generator: seed it from params.
         torch.manual_seed(train.seed)
-        self.model = GPT(self.config).to(runtime.device)
+        self.model = GPT(self.config)
+        if init_from is not None:
+            load_weights(self.model, init_from)
+        self.model.to(runtime.device)
         self.optimizer = adamw(self.model, lr=train.lr, weight_decay=train.weight_decay,
                                betas=(train.beta1, train.beta2), device=runtime.device)
         self.sampler = WindowSampler(

@@ -7,8 +7,10 @@ Writes: the clean document table (``--out``, data/clean: id, source, text; the r
 
 Texts are cleaned in worker processes, batch by batch and in order; the filters then run
 in the main process in document order, so the output is the same for any worker count:
-too short (``clean.min_chars``), exact duplicate (``clean.dedup``) and near duplicate
-(``clean.near_dup_threshold`` > 0). The first of two duplicates is the one kept.
+too short (``clean.min_bytes``, in UTF-8 bytes), exact duplicate (``clean.dedup``) and
+near duplicate (``clean.near_dup_threshold`` > 0). The first of two duplicates is the one
+kept. Code and other preformatted text keep their indentation and blank lines
+(:func:`pipeline.data.text.clean_document`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class _Job:
 
     texts: list[str]
     form: NormalizationForm
-    min_chars: int
+    min_bytes: int
     dedup: bool
     near_dup: bool
     ngram: int
@@ -93,7 +95,8 @@ def _clean_batch(job: _Job) -> _Cleaned:
         template = MinHash(num_perm=job.num_perm, seed=MINHASH_SEED)
         minhashes = []
         for text in texts:
-            shingles = word_shingles(text, job.ngram) if len(text) >= job.min_chars else []
+            long_enough = len(text.encode()) >= job.min_bytes
+            shingles = word_shingles(text, job.ngram) if long_enough else []
             minhash = None
             if shingles:
                 minhash = template.copy()
@@ -143,7 +146,7 @@ class _Filters:
     """
 
     def __init__(self, params: CleanParams) -> None:
-        self.min_chars = params.min_chars
+        self.min_bytes = params.min_bytes
         self.seen: set[bytes] = set()
         self.lsh = _lsh_index(params) if params.near_dup_threshold > 0 else None
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -157,7 +160,7 @@ class _Filters:
         return reason
 
     def _reason(self, text: str, key: bytes | None, minhash: MinHash | None) -> str | None:
-        if len(text) < self.min_chars:
+        if len(text.encode()) < self.min_bytes:
             return "too_short"
         if key is not None:
             if key in self.seen:
@@ -208,7 +211,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
                 _Job(
                     texts=batch.column("text").to_pylist(),
                     form=settings.normalization,
-                    min_chars=settings.min_chars,
+                    min_bytes=settings.min_bytes,
                     dedup=settings.dedup,
                     near_dup=settings.near_dup_threshold > 0,
                     ngram=settings.near_dup_ngram,
@@ -235,7 +238,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
             found = ", ".join(f"{r}: {n}" for r, n in filters.dropped.items())
             raise GptpipeError(
                 f"clean: all {total} documents of {input_dir} were dropped ({found}); "
-                "lower clean.min_chars to keep some"
+                "lower clean.min_bytes to keep some"
             )
         result = {
             "documents_in": total,

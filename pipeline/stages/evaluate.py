@@ -30,13 +30,13 @@ from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_path, write_json
 from pipeline.core.params import EvaluateParams, Params, SplitParams
 from pipeline.core.stage import say, stage_command
-from pipeline.data.doctable import iter_texts
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import require_tokenizer
 from pipeline.lm.checkpoint import load_model, open_model_folder
 from pipeline.lm.evaluation import (
     baseline_metrics,
     corpus_fingerprint,
+    document_openings,
     evaluate_split,
     fit_baselines,
 )
@@ -51,19 +51,6 @@ def _autocast(device: torch.device):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return lambda: torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext
-
-
-def default_prompts(test_dir: Path, count: int, words: int) -> list[str]:
-    """The opening ``words`` words of the first ``count`` test documents, in stored order."""
-    prompts: list[str] = []
-    for batch in iter_texts(test_dir, batch_size=max(count, 1)):
-        for text in batch:
-            opening = " ".join(text.split()[:words])
-            if opening:
-                prompts.append(opening)
-            if len(prompts) == count:
-                return prompts
-    return prompts
 
 
 def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device) -> dict:
@@ -119,7 +106,7 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
         raise GptpipeError(f"{model}: the val loss is {result['val.loss']}; the model's "
                            "weights are broken (not finite)")
     result.update(fingerprint(clean, params.split, tokenizer.sha256))
-    prompts = settings.prompts or default_prompts(
+    prompts = settings.prompts or document_openings(
         prompts_from, settings.num_prompts, settings.prompt_words)
     rows = sample_rows(network, tokenizer, prompts, settings)
     with atomic_path(samples) as tmp:

@@ -1,14 +1,15 @@
 """The ``ingest`` stage: read the corpus named by ``data.corpus`` into a raw document table.
 
-Reads:  ``data.corpus``, a file or a folder of txt, md, jsonl, json, csv or parquet files
-        (each optionally .gz or .zst), or a builtin pointer such as
+Reads:  ``data.corpus``, a file or a folder of text files (any suffix; jsonl, json, csv
+        and parquet by field; each optionally .gz or .zst), or a builtin pointer such as
         data/builtin/wikipedia-en.corpus (see :mod:`pipeline.data.corpus`).
 Params: the ``data`` section of params.yaml (:class:`pipeline.core.params.DataParams`:
         corpus, include, text_field, txt_unit).
 Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_bytes;
         ids count from 0 in corpus order) and flat JSON metrics (``--metrics``,
-        metrics/ingest.json: files_read, files_skipped_binary, files_skipped_unsupported,
-        documents, documents_skipped_empty, bytes, invalid_bytes).
+        metrics/ingest.json: files_read, files_skipped_binary, text_files_whole,
+        text_files_in_paragraphs, text_files_in_lines (how data.txt_unit read the plain-text
+        files), documents, documents_skipped_empty, bytes, invalid_bytes).
 
 Documents are streamed from the readers straight into the Parquet writer, so memory stays
 flat however big the corpus is.
@@ -47,9 +48,15 @@ def run(params: Params, *, out: Path, metrics: Path) -> dict[str, int]:
             )
     result = stats.as_metrics()
     write_json(metrics, result)
-    skipped = result["files_skipped_binary"] + result["files_skipped_unsupported"]
     say("ingest", f"{result['documents']} documents ({result['bytes']} bytes) from "
-                  f"{result['files_read']} files ({skipped} skipped) -> {out}")
+                  f"{result['files_read']} files ({result['files_skipped_binary']} skipped as "
+                  f"binary) -> {out}")
+    units = [f"{result[key]} {how}" for key, how in (
+        ("text_files_whole", "whole"), ("text_files_in_paragraphs", "in blank-line paragraphs"),
+        ("text_files_in_lines", "one document per line")) if result[key]]
+    if units:
+        say("ingest", f"plain-text files read {', '.join(units)} (data.txt_unit: "
+                      f"{data.txt_unit})")
     return result
 
 

@@ -1,7 +1,9 @@
 """pretrain: train the GPT on the tokenized train split, on CPU or GPU, resumably.
 
-Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json
-Params:  model (the network's shape), train (optimizer, budget, device, cadence)
+Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json, and
+         train.init_from: a model folder to continue (its weights; its shape must be the
+         model section's and its tokenizer the data's), or data/builtin/random.init
+Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from)
 Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,9 +32,10 @@ from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
-from pipeline.data.tokenizer import load_tokenizer, require_tokenizer
-from pipeline.lm.checkpoint import load_model
+from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_tokenizer
+from pipeline.lm.checkpoint import base_model, check_same_shape, load_model, open_model_folder
 from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.model import GPTConfig
 from pipeline.lm.training import StepLog, Trainer
 
 
@@ -44,23 +48,44 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
         _relaunch_under_torchrun(train.nproc_per_node)
         return {}
     torch.set_float32_matmul_precision("high")
+    meta = read_meta(tokens)
+    text_tokenizer = load_tokenizer(tokenizer)
+    require_tokenizer(text_tokenizer, made_with(meta, tokens))
+    require_splits(meta, tokens, "train", "val")
+    base = _check_base_model(params, text_tokenizer, int(meta["vocab_size"]))
+    inputs = {"tokens": tokens, "tokenizer": tokenizer, **({"init_from": base} if base else {})}
+    provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
+                  **({"init_from": str(base)} if base else {})}
     runtime = setup_runtime(train.device, train.dtype, train.threads)
     try:
-        meta = read_meta(tokens)
-        text_tokenizer = load_tokenizer(tokenizer)
-        require_tokenizer(text_tokenizer, made_with(meta, tokens))
-        require_splits(meta, tokens, "train", "val")
         train_tokens = read_tokens(tokens / "train")
         val_tokens = read_tokens(tokens / "val")
-        provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind")}
         if runtime.is_main:
             say("pretrain", f"device {runtime.describe()}")
+            if base is not None:
+                say("pretrain", f"continuing {base}")
         trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
-                          int(meta["vocab_size"]), {"tokens": tokens, "tokenizer": tokenizer},
-                          checkpoint, provenance)
+                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base)
         return _train_and_report(trainer, meta, tokenizer, out, live, metrics, speed)
     finally:
         teardown(runtime)
+
+
+def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int) -> Path | None:
+    """``train.init_from``'s model folder, once its tokenizer is the data's and its shape
+    the model section's; None for random weights."""
+    base = base_model(params.train.init_from)
+    if base is None:
+        return None
+    config, _, base_tokenizer = open_model_folder(base)
+    if base_tokenizer.sha256 != tokenizer.sha256:
+        raise GptpipeError(
+            f"train.init_from = {base}: its tokenizer is not the data's ({tokenizer.path}); "
+            "set vocab.kind: from_model, so that the vocab stage copies the base model's "
+            "tokenizer and the data is tokenized with it"
+        )
+    check_same_shape(base, config, GPTConfig(vocab_size=vocab_size, **asdict(params.model)))
+    return base
 
 
 def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: Path,

@@ -21,6 +21,7 @@ from pipeline.core.io import atomic_dir, write_json
 from pipeline.core.params import Params, SplitParams
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
+from pipeline.data.corpus import source_unit
 from pipeline.data.doctable import DOCUMENT_SCHEMA, DocumentWriter, count_documents, iter_batches
 from pipeline.data.splitting import SPLITS, assign_split, documents_for_nonempty
 
@@ -30,8 +31,26 @@ def _fraction(part: int, whole: int) -> float:
     return round(part / whole, 6) if whole else 0.0
 
 
+def _remedy(input_dir: Path) -> str:
+    """What would give the split more documents, read from how the documents were cut:
+    whole text files can be cut in paragraphs or lines, paragraphs in lines."""
+    units, multiline = set(), False
+    for batch in iter_batches(input_dir, columns=("source", "text")):
+        for source, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                                strict=True):
+            units.add(source_unit(source))
+            multiline = multiline or "\n" in text
+    if units == {"file"}:
+        return ("the documents are whole text files: cut them into more with "
+                "data.txt_unit: paragraph (blank-line paragraphs) or line (one per line)")
+    if units == {"part"} and multiline:
+        return ("the documents are paragraphs of text files: cut them into more with "
+                "data.txt_unit: line (one document per line)")
+    return "use a larger corpus, or larger split.val and split.test fractions"
+
+
 def _empty_split_error(params: SplitParams, counts: dict[str, int], input_dir: Path) -> None:
-    """Raise if a split got no document, saying how large a corpus avoids that."""
+    """Raise if a split got no document, saying what gives the corpus enough of them."""
     total = sum(counts.values())
     empty = next((name for name in SPLITS if counts[name] == 0), None)
     if empty is None:
@@ -41,8 +60,8 @@ def _empty_split_error(params: SplitParams, counts: dict[str, int], input_dir: P
     likely = documents_for_nonempty(fractions[smallest])
     raise GptpipeError(
         f"split: {empty} got 0 of {total} documents from {input_dir}; every split needs a "
-        f"document: at least {len(SPLITS)} documents, and about {likely} make an empty "
-        f"{smallest} split unlikely at split.{smallest} = {fractions[smallest]:g}"
+        f"document (about {likely} make an empty {smallest} split unlikely at "
+        f"split.{smallest} = {fractions[smallest]:g}): {_remedy(input_dir)}"
     )
 
 

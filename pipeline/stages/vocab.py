@@ -1,8 +1,11 @@
-"""The ``vocab`` stage: learn a bpe, word or char tokenizer from the train split.
+"""The ``vocab`` stage: learn a bpe, word or char tokenizer from the train split, or copy
+the tokenizer of the model that pretraining will continue.
 
 Reads:  the split document tables (``--input``, data/split): ``train`` to learn from,
-        ``val`` to measure the result on.
-Params: the ``vocab`` section of params.yaml (:class:`pipeline.core.params.VocabParams`).
+        ``val`` to measure the result on; with ``vocab.kind: from_model``, the model
+        folder named by ``train.init_from`` (its tokenizer.json, copied byte for byte).
+Params: the ``vocab`` section of params.yaml (:class:`pipeline.core.params.VocabParams`),
+        and ``train.init_from``.
 Writes: the tokenizer as Hugging Face tokenizer JSON (``--out``, data/vocab/tokenizer.json,
         byte-identical across runs) and flat JSON metrics (``--metrics``,
         metrics/vocab.json): vocab_size, kind, and on val: val_tokens, val_bytes,
@@ -17,12 +20,14 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from pipeline.core.errors import GptpipeError
 from pipeline.core.io import write_json
 from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
 from pipeline.data.doctable import count_documents, iter_batches, iter_texts, table_path
 from pipeline.data.tokenizer import UNK_ID, TextTokenizer, train_tokenizer
+from pipeline.lm.checkpoint import base_model, open_model_folder
 
 
 def _train_texts(train_dir: Path) -> Iterator[list[str]]:
@@ -55,13 +60,29 @@ def measure(tokenizer: TextTokenizer, split_dir: Path) -> dict[str, Any]:
     }
 
 
+def _base_tokenizer(init_from: str) -> TextTokenizer:
+    """The tokenizer of the model ``train.init_from`` names (vocab.kind: from_model)."""
+    base = base_model(init_from)
+    if base is None:
+        raise GptpipeError(
+            f"vocab.kind = 'from_model' copies the tokenizer of the model train.init_from "
+            f"names, but train.init_from = {init_from} means random weights; set "
+            "train.init_from to a model folder, or vocab.kind to bpe, word or char"
+        )
+    _, _, tokenizer = open_model_folder(base)
+    return tokenizer
+
+
 def run(params: Params, *, input: Path, out: Path, metrics: Path) -> dict[str, Any]:
     """Train on ``input``/train, save to ``out``, write and return the metrics."""
     train_dir, val_dir = Path(input) / "train", Path(input) / "val"
     # Fail on a missing val split before the (long) training, not after it.
     table_path(train_dir)
     table_path(val_dir)
-    tokenizer = train_tokenizer(params.vocab, _train_texts(train_dir), where=str(train_dir))
+    if params.vocab.kind == "from_model":
+        tokenizer = _base_tokenizer(params.train.init_from)
+    else:
+        tokenizer = train_tokenizer(params.vocab, _train_texts(train_dir), where=str(train_dir))
     result = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
     result.update(measure(tokenizer, val_dir))
     tokenizer.save(out)
@@ -73,7 +94,8 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path) -> dict[str, A
 
 
 main = stage_command(
-    "vocab", run, "Learn a bpe, word or char tokenizer from the train split; measure it on val.",
+    "vocab", run, "Learn a bpe, word or char tokenizer from the train split (or copy the base "
+    "model's); measure it on val.",
     input="The split folder holding train/ and val/ document tables (data/split).",
     out="The tokenizer JSON file to write (data/vocab/tokenizer.json).",
     metrics="",
