@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pipeline.stages.evaluate",
     "preferences": "pipeline.stages.preferences",
     "reward": "pipeline.stages.reward",
+    "sft": "pipeline.stages.sft",
     "rlhf": "pipeline.stages.rlhf",
     "generate": "pipeline.lm.generate",
 }
@@ -36,7 +37,8 @@ _SHORT_HELP = {
     "evaluate": "Score a model on every val/test token, with baselines; sample it.",
     "preferences": "Build (prompt, chosen, rejected) pairs: a JSONL file or the gold judge.",
     "reward": "Train the GPT reward model (Bradley-Terry) and a scikit-learn baseline.",
-    "rlhf": "Tune the pretrained policy: PPO with a KL penalty, DPO or REINFORCE.",
+    "sft": "Fine-tune the pretrained model on prompt/response examples before RL.",
+    "rlhf": "Tune the SFT policy (PPO, GRPO, RLOO, REINFORCE or DPO) on the chosen reward.",
     "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
 }
 

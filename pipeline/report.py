@@ -13,7 +13,9 @@ HEADLINES = {
     "metrics/evaluate.json": ("test.bpb", "test.bigram_bpb", "test.unigram_bpb", "test.ppl",
                               "test.acc"),
     "metrics/reward.json": ("gpt.heldout_accuracy", "baseline.heldout_accuracy"),
-    "metrics/rlhf.json": ("algo", "gold_before", "gold_after", "win_rate", "val_bpb_change_pct"),
+    "metrics/sft.json": ("source", "heldout_loss_before", "heldout_loss_after"),
+    "metrics/rlhf.json": ("algo", "reward", "gold_pretrained", "gold_after", "win_rate",
+                          "val_bpb_change_pct"),
 }
 
 
@@ -40,7 +42,7 @@ def main(root: Path = Path(".")) -> None:
     print("  plots:    dvclive/pretrain/, dvclive/rlhf/  (dvc plots show, then open "
           "dvc_plots/index.html)")
     print("  models:   models/pretrain/best  (model.safetensors, config.json, tokenizer.json);"
-          " RLHF-tuned: models/rlhf/best")
+          " fine-tuned: models/sft; RLHF-tuned: models/rlhf/best")
     print("  samples:  evaluation/samples.json, evaluation/samples_rlhf.json")
     print("sample from the model:")
     print("  .venv/bin/gptpipe generate --model models/pretrain/best \"The river\"")

@@ -139,7 +139,7 @@ def test_every_section_with_numbers_is_covered():
     assert {section for section, _ in FLOAT_FIELDS} >= {
         "clean", "split", "model", "train", "evaluate", "gold", "preferences", "reward", "rlhf"}
     assert {section for section, _ in SEED_FIELDS} == {
-        "split", "train", "evaluate", "preferences", "reward", "rlhf"}
+        "split", "train", "evaluate", "preferences", "reward", "sft", "rlhf"}
 
 
 @pytest.mark.parametrize(("section", "key"), FLOAT_FIELDS)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 DATA_STAGES = ["ingest", "clean", "split", "vocab", "tokenize"]
 # After pretrain, DVC may run independent stages in either order: compared as sets.
-AFTER_PRETRAIN = {"pretrain", "evaluate", "preferences", "reward", "rlhf", "evaluate_rlhf"}
+AFTER_PRETRAIN = {"pretrain", "evaluate", "preferences", "reward", "sft", "rlhf",
+                  "evaluate_rlhf"}
 TINY = {
     "data.corpus": "corpus",
     "clean.min_bytes": 20,

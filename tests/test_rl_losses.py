@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.alignment.rl_losses import (
     AdaptiveKLController,
@@ -14,6 +15,8 @@ from pipeline.alignment.rl_losses import (
     dpo_loss,
     entropy_from_logits,
     gae,
+    grpo_advantages,
+    grpo_loss,
     masked_mean,
     masked_whiten,
     pairwise_accuracy,
@@ -21,6 +24,8 @@ from pipeline.alignment.rl_losses import (
     ppo_policy_loss,
     ppo_value_loss,
     reinforce_loss,
+    response_loss,
+    rloo_baseline,
     sequence_logprobs,
     shaped_rewards,
 )
@@ -356,3 +361,85 @@ def test_fixed_kl_controller_never_moves():
     controller = FixedKLController(0.2)
     assert controller.update(100.0, n_steps=10) == 0.2
     assert controller.value == controller.coef == 0.2
+
+
+# ------------------------------------------------------------------------- RLOO, GRPO
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt():
+    returns = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])  # two prompts, 3 samples each
+    # Group 1 sums to 6: (6 - 1) / 2 = 2.5, (6 - 2) / 2 = 2, (6 - 3) / 2 = 1.5; group 2: 60.
+    assert _close(rloo_baseline(returns, 3), [2.5, 2.0, 1.5, 25.0, 20.0, 15.0])
+    # The advantages r - baseline of a group of two are +-(r1 - r2).
+    pair = torch.tensor([4.0, 1.0])
+    assert _close(pair - rloo_baseline(pair, 2), [3.0, -3.0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        rloo_baseline(returns, 4)
+
+
+def test_grpo_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    # Group 1: mean 2, sample std sqrt(((-1)^2 + 0 + 1^2) / 2) = 1: (-1, 0, 1) / (1 + 1e-4).
+    # Group 2: all equal: std 0, every advantage 0.
+    expected = [-1 / 1.0001, 0.0, 1 / 1.0001, 0.0, 0.0, 0.0]
+    assert _close(grpo_advantages(rewards, 3), expected)
+    with pytest.raises(ValueError, match="groups of 1"):
+        grpo_advantages(rewards, 1)
+
+
+def test_grpo_loss_at_the_rollout_policy_is_minus_the_advantage():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # the second row has no token: left out
+    loss, clip_fraction, kl = grpo_loss(logp, logp, logp, torch.tensor([2.0, 7.0]), mask,
+                                        clip_range=0.2, kl_coef=0.1)
+    # ratio 1, kl 0: each token -(1 * 2), the row's mean -2, the only row: -2.
+    assert _close(loss, -2.0) and _close(clip_fraction, 0.0) and _close(kl, 0.0)
+
+
+def test_grpo_loss_kl_term_is_k3_to_the_reference():
+    logp = torch.log(torch.tensor([[0.5]]))
+    ref = torch.log(torch.tensor([[0.25]]))
+    loss, _, kl = grpo_loss(logp, logp, ref, torch.tensor([0.0]), torch.ones(1, 1),
+                            clip_range=0.2, kl_coef=0.1)
+    # d = ref - logp = ln 0.5; k3 = e^d - d - 1 = 0.5 + 0.693147 - 1 = 0.193147.
+    assert _close(kl, 0.193147) and _close(loss, 0.1 * 0.193147)
+
+
+@pytest.mark.parametrize(("advantage", "expected_loss", "clipped"), [
+    (1.0, -1.2, 1.0),  # ratio 1.5 > 1.2 with A > 0: the clipped surrogate, 1.2
+    (-1.0, 1.5, 0.0),  # with A < 0 the smaller surrogate is the unclipped -1.5
+])
+def test_grpo_loss_clips_the_ratio(advantage, expected_loss, clipped):
+    old = torch.log(torch.tensor([[0.2]]))
+    new = torch.log(torch.tensor([[0.3]]))  # ratio 1.5
+    loss, clip_fraction, _ = grpo_loss(new, old, new, torch.tensor([advantage]),
+                                       torch.ones(1, 1), clip_range=0.2, kl_coef=0.0)
+    assert _close(loss, expected_loss, atol=1e-5) and _close(clip_fraction, clipped)
+
+
+def test_grpo_loss_gradient_flows_only_through_the_policy():
+    logp = torch.log(torch.tensor([[0.5, 0.4]])).requires_grad_()
+    old = logp.detach().clone()
+    loss, _, _ = grpo_loss(logp, old, old, torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.1)
+    loss.backward()
+    # d(loss)/d(logp_t) at ratio 1 with kl 0 (k3's gradient is 0 there): -A / tokens.
+    assert _close(logp.grad, [[-0.5, -0.5]])
+
+
+# -------------------------------------------------------------------------------- SFT
+
+
+def test_sft_loss_counts_response_tokens_only():
+    logits = torch.zeros(1, 4, 5)  # uniform over 5 tokens: ln 5 nats at every position
+    logits[0, 3, 2] = 10.0  # the last position is sure of token 2
+    targets = torch.tensor([[1, 1, 4, 2]])
+    response = torch.tensor([[False, False, True, True]])
+    expected = (math.log(5) + F.cross_entropy(logits[0, 3:], torch.tensor([2])).item()) / 2
+    assert _close(response_loss(logits, targets, response), expected)
+    # A prompt position's target does not matter, whatever it is.
+    changed = targets.clone()
+    changed[0, 0] = 3
+    assert response_loss(logits, changed, response) == response_loss(logits, targets, response)
+    # A response position's target does.
+    changed[0, 3] = 0
+    assert response_loss(logits, changed, response) > response_loss(logits, targets, response)

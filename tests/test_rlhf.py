@@ -100,7 +100,8 @@ def rlhf_params(**overrides):
 
 
 @pytest.mark.parametrize(
-    ("algo", "lr"), [("ppo", 3e-3), ("reinforce", 1e-2), ("dpo", 1e-2)],
+    ("algo", "lr"), [("ppo", 3e-3), ("reinforce", 1e-2), ("dpo", 1e-2), ("grpo", 3e-3),
+                     ("rloo", 1e-2)],
 )
 def test_each_algorithm_raises_the_toy_gold_score(algo, lr):
     gpt = tiny_gpt()
@@ -120,6 +121,9 @@ def test_each_algorithm_raises_the_toy_gold_score(algo, lr):
     per_step = {"ppo": ["rm_score", "kl", "entropy", "clip_fraction", "approx_kl",
                         "value_loss", "policy_loss"],
                 "reinforce": ["rm_score", "kl", "entropy", "policy_loss"],
+                "rloo": ["rm_score", "kl", "entropy", "policy_loss"],
+                "grpo": ["rm_score", "kl", "entropy", "policy_loss", "clip_fraction",
+                         "kl_term", "advantage_std"],
                 "dpo": ["dpo_loss", "reward_accuracy"]}[algo]
     for name in per_step:
         assert logged[name] == list(range(1, 31)), name
@@ -365,10 +369,10 @@ def stage_args(root: Path, work: Path | None = None) -> list[str]:
     """The rlhf command on the inputs in ``root``, writing under ``work`` (default root)."""
     work = root if work is None else work
     return ["rlhf", "--params", str(root / "params.yaml"), "--model", str(root / "pretrain"),
-            "--reward", str(root / "reward"), "--pairs", str(root / "prefs"),
-            "--tokens", str(root / "tokens"), "--out", str(work / "out"),
-            "--checkpoint", str(work / "ckpt"), "--live", str(work / "live"),
-            "--metrics", str(work / "metrics.json")]
+            "--pretrained", str(root / "pretrain"), "--reward", str(root / "reward"),
+            "--pairs", str(root / "prefs"), "--tokens", str(root / "tokens"),
+            "--out", str(work / "out"), "--checkpoint", str(work / "ckpt"),
+            "--live", str(work / "live"), "--metrics", str(work / "metrics.json")]
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dpo"])
@@ -381,14 +385,20 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
     assert result.exit_code == 0, result.output
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics) == {
-        "algo", "steps", "best_step", "gold_before", "gold_after", "rm_before", "rm_after",
-        "win_rate", "kl_final", "val_bpb_before", "val_bpb_after", "val_bpb_change_pct"}
+        "algo", "reward", "steps", "stopped_early", "best_step", "gold_pretrained",
+        "gold_before", "gold_after", "rm_pretrained", "rm_before", "rm_after",
+        "reward_before", "reward_after", "win_rate", "win_rate_vs_start", "kl_best",
+        "kl_final", "val_bpb_pretrained", "val_bpb_before", "val_bpb_after",
+        "val_bpb_change_pct"}
     assert metrics["algo"] == algo and metrics["steps"] == 4
     assert 0.0 <= metrics["win_rate"] <= 1.0
     assert metrics["gold_after"] >= metrics["gold_before"]  # best by gold; step 0 competes
-    expected = 100 * (metrics["val_bpb_after"] - metrics["val_bpb_before"])
+    expected = 100 * (metrics["val_bpb_after"] - metrics["val_bpb_pretrained"])
     assert metrics["val_bpb_change_pct"] == pytest.approx(
-        expected / metrics["val_bpb_before"], abs=1e-3)
+        expected / metrics["val_bpb_pretrained"], abs=1e-3)
+    # Here the policy starts from the pretrained model itself: the same samples, scores.
+    assert metrics["gold_pretrained"] == metrics["gold_before"]
+    assert metrics["reward_before"] == metrics["rm_before"]  # reward: model
     for which in ("best", "last"):
         files = sorted(p.name for p in (root / "out" / which).iterdir())
         assert files == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -44,6 +44,7 @@ def sequence_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
 class PolicyEval:
     """A policy's fresh samples on the evaluation prompts, and their scores."""
 
+    reward: float  # mean of what RL maximizes (rlhf.reward)
     rm_score: float  # mean reward-model score
     gold_score: float  # mean gold score
     kl: float  # mean KL to the reference, nats per sequence (exact per position)
@@ -51,8 +52,8 @@ class PolicyEval:
     completions: list[list[int]] = field(repr=False)  # ids, cut before <eos>
 
     def stats(self) -> dict[str, float]:
-        return {"rm_score": self.rm_score, "gold_score": self.gold_score, "kl": self.kl,
-                "entropy": self.entropy}
+        return {"reward": self.reward, "rm_score": self.rm_score,
+                "gold_score": self.gold_score, "kl": self.kl, "entropy": self.entropy}
 
     def to_json(self) -> dict[str, Any]:
         """A snapshot's copy (JSON keeps a float's every bit: it writes repr)."""
@@ -60,14 +61,15 @@ class PolicyEval:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PolicyEval:
-        return cls(float(raw["rm_score"]), float(raw["gold_score"]), float(raw["kl"]),
-                   float(raw["entropy"]), [[int(t) for t in ids] for ids in raw["completions"]])
+        return cls(float(raw["reward"]), float(raw["rm_score"]), float(raw["gold_score"]),
+                   float(raw["kl"]), float(raw["entropy"]),
+                   [[int(t) for t in ids] for ids in raw["completions"]])
 
 
 @torch.no_grad()
 def evaluate_policy(
     gpt: GPT, reference: GPT, prompts: torch.Tensor, config: SamplingConfig, seed: int,
-    scorer: Scorer, gold: GoldScorer, batch_size: int,
+    scorer: Scorer, gold: GoldScorer, batch_size: int, rm_scorer: Scorer | None = None,
 ) -> PolicyEval:
     """Sample one completion per (P, T0) prompt and score them.
 
@@ -76,12 +78,13 @@ def evaluate_policy(
     two evaluations of one policy give the same samples and evaluations of different
     policies are compared on the same random draws. ``batch_size`` prompts at a time
     (part of what fixes the draws: the generator serves a batch's rows together).
-    Returns the mean reward-model score, gold score, KL to ``reference``
-    (:func:`sequence_kl`) and entropy, and the completions.
+    Returns the means of ``scorer`` (what RL maximizes), of ``rm_scorer`` (the reward
+    model; None: the scorer is the reward model), of the gold score, of the KL to
+    ``reference`` (:func:`sequence_kl`) and of the entropy, and the completions.
     """
     device = gpt.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
-    rm_scores, gold_scores, kls, entropies, counts = [], [], [], [], []
+    rewards, rm_scores, gold_scores, kls, entropies, counts = [], [], [], [], [], []
     completions: list[list[int]] = []
     for first in range(0, prompts.shape[0], batch_size):
         chunk = prompts[first : first + batch_size].to(device)  # (b, T0)
@@ -94,12 +97,16 @@ def evaluate_policy(
         kls += sequence_kl(logits, ref_logits, mask).tolist()
         del logits, ref_logits
         prompt_ids, completion_ids = split_ids(chunk, new_tokens, mask)
-        rm_scores += torch.as_tensor(scorer(prompt_ids, completion_ids)).float().tolist()
+        scores = torch.as_tensor(scorer(prompt_ids, completion_ids)).float().tolist()
+        rewards += scores
+        rm_scores += scores if rm_scorer is None else torch.as_tensor(
+            rm_scorer(prompt_ids, completion_ids)).float().tolist()
         gold_scores += [float(gold(p, c)) for p, c in zip(prompt_ids, completion_ids,
                                                           strict=True)]
         completions += completion_ids
     return PolicyEval(
-        rm_score=float(np.mean(rm_scores)), gold_score=float(np.mean(gold_scores)),
+        reward=float(np.mean(rewards)), rm_score=float(np.mean(rm_scores)),
+        gold_score=float(np.mean(gold_scores)),
         kl=float(np.mean(kls)), entropy=sum(entropies) / max(sum(counts), 1.0),
         completions=completions,
     )

@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -35,8 +35,6 @@ from pipeline.data.doctable import iter_texts
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MadeWith, TextTokenizer
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig, sample_batch
-
-FIELDS = ("prompt", "chosen", "rejected")
 
 # What ``gptpipe preferences`` writes into its output folder.
 TRAIN_FILE = "train.jsonl"
@@ -62,6 +60,13 @@ class Pair:
         return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
 
 
+_Prompted = TypeVar("_Prompted", bound="HasPrompt")
+
+
+class HasPrompt(Protocol):
+    prompt: str
+
+
 class Judge(Protocol):
     """What :func:`builtin_pairs` needs of ``pipeline.alignment.gold.GoldJudge``."""
 
@@ -73,12 +78,12 @@ class Judge(Protocol):
 # ------------------------------------------------------------------------------ JSONL
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _numbered_lines(path: Path, what: str) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes without the line ending) of every line."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise GptpipeError(f"{path}: preferences file not found") from None
+        raise GptpipeError(f"{path}: {what} file not found") from None
     except IsADirectoryError:
         raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
     for number, line in enumerate(raw.split(b"\n"), start=1):
@@ -87,9 +92,12 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield number, line.removesuffix(b"\r")
 
 
-def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
-    """The pair on one line, None for a blank line; a one-line error for anything else."""
+def _parse_record(path: Path, number: int, line: bytes, fields: dict[str, bool]
+                  ) -> dict[str, str] | None:
+    """The string fields of the JSON object on one line (``fields``: name -> whether it
+    may be empty), None for a blank line; a one-line error for anything else."""
     where = f"{path}: line {number}"
+    names = ", ".join(fields)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -104,14 +112,12 @@ def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
     except json.JSONDecodeError as err:
         raise GptpipeError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
-        raise GptpipeError(
-            f"{where}: a JSON {type(record).__name__}; allowed: an object with "
-            "prompt, chosen and rejected"
-        )
-    for name in FIELDS:
+        raise GptpipeError(f"{where}: a JSON {type(record).__name__}; allowed: an object with "
+                           f"{names}")
+    for name, may_be_empty in fields.items():
         if name not in record:
             raise GptpipeError(f"{where}: field '{name}' missing; allowed: an object with "
-                               "prompt, chosen and rejected")
+                               f"{names}")
         value = record[name]
         if not isinstance(value, str):
             raise GptpipeError(f"{where}: field '{name}' is a {type(value).__name__}; "
@@ -121,20 +127,41 @@ def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
         except UnicodeEncodeError:
             raise GptpipeError(f"{where}: field '{name}' holds a lone surrogate escape "
                                "(\\ud800-\\udfff); allowed: text that is valid Unicode") from None
-        if name != "prompt" and not value.strip():
-            raise GptpipeError(f"{where}: field '{name}' is empty; allowed: a non-empty "
-                               "completion (the prompt may be empty)")
+        if not may_be_empty and not value.strip():
+            raise GptpipeError(f"{where}: field '{name}' is empty; allowed: non-empty text "
+                               "(only a prompt may be empty)")
+    return {name: record[name] for name in fields}
+
+
+def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
+    """The pair on one line, None for a blank line; a one-line error for anything else."""
+    record = _parse_record(path, number, line,
+                           {"prompt": True, "chosen": False, "rejected": False})
+    if record is None:
+        return None
     if record["chosen"] == record["rejected"]:
-        raise GptpipeError(f"{where}: chosen and rejected are the same text; allowed: two "
-                           "different completions")
+        raise GptpipeError(f"{path}: line {number}: chosen and rejected are the same text; "
+                           "allowed: two different completions")
     return Pair(record["prompt"], record["chosen"], record["rejected"])
+
+
+def read_jsonl_records(path: str | Path, fields: dict[str, bool], what: str
+                       ) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, {field: text}) of every non-blank line of a JSONL file, each checked
+    (UTF-8, a JSON object, every field of ``fields`` a string, non-empty unless allowed);
+    ``what`` names the file's purpose in a missing-file error."""
+    path = Path(path)
+    for number, line in _numbered_lines(path, what):
+        record = _parse_record(path, number, line, fields)
+        if record is not None:
+            yield number, record
 
 
 def read_pairs_jsonl(path: str | Path, min_pairs: int = 1) -> list[Pair]:
     """Every pair of a JSONL file, in file order; refuses a file with fewer than ``min_pairs``."""
     path = Path(path)
     pairs = [
-        pair for number, line in _numbered_lines(path)
+        pair for number, line in _numbered_lines(path, "preferences")
         if (pair := _parse_line(path, number, line)) is not None
     ]
     if len(pairs) < min_pairs:
@@ -189,8 +216,10 @@ def prompt_fraction(prompt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def heldout_split(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
-    """(train, heldout): a pair is held out when its prompt's hash falls below ``fraction``.
+def heldout_split(pairs: Sequence[_Prompted], fraction: float
+                  ) -> tuple[list[_Prompted], list[_Prompted]]:
+    """(train, heldout): a pair (or anything with a ``prompt``, an SFT example say) is held
+    out when its prompt's hash falls below ``fraction``.
 
     Every pair of one prompt lands on the same side, so held-out accuracy is measured on
     prompts the reward model never saw; the side never depends on the other pairs, so

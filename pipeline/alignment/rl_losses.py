@@ -1,4 +1,5 @@
-"""The mathematics of RLHF as pure functions on tensors: reward model, KL, GAE, PPO, DPO.
+"""The mathematics of RLHF as pure functions on tensors: reward model, KL, GAE, PPO, DPO,
+REINFORCE, RLOO, GRPO and supervised fine-tuning's response-only loss.
 
 Every function takes and returns plain tensors and holds no state (the two KL
 controllers at the end are the exception: they are the state). Each is tested against
@@ -11,8 +12,12 @@ even when it holds inf or NaN (values there are replaced before any arithmetic, 
 ``nan * 0`` is still NaN).
 
 Conventions follow InstructGPT (Ouyang et al. 2022), PPO (Schulman et al. 2017), GAE
-(Schulman et al. 2016), DPO (Rafailov et al. 2023) and TRL's implementations of them;
-each docstring says which.
+(Schulman et al. 2016), DPO (Rafailov et al. 2023), RLOO (Kool et al. 2019; Ahmadian et
+al. 2024), GRPO (Shao et al. 2024, DeepSeekMath) and TRL's implementations of them; each
+docstring says which.
+
+Group algorithms (RLOO, GRPO) sample ``group_size`` completions of each prompt; their
+rows are consecutive, so row ``b`` belongs to group ``b // group_size``.
 """
 
 from __future__ import annotations
@@ -312,6 +317,97 @@ def reinforce_loss(
     advantage = (returns - baseline).detach()  # (B,)
     sequence_logprob = _zero_padding(logprobs, mask).sum(dim=1)  # (B,)
     return -(advantage * sequence_logprob).mean()
+
+
+# ----------------------------------------------------------------- group baselines
+
+
+def _groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) -> (B // group_size, group_size), refusing a B that groups do not divide."""
+    if group_size < 2 or values.shape[0] % group_size:
+        raise ValueError(f"{values.shape[0]} rows do not form groups of {group_size} (>= 2)")
+    return values.reshape(-1, group_size)
+
+
+def rloo_baseline(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) each return's RLOO baseline: the mean of the other returns of its group.
+
+    baseline_i = (sum_group - r_i) / (k - 1) for a group of k samples of one prompt
+    (Ahmadian et al. 2024): unbiased like REINFORCE's batch leave-one-out, but compared
+    with answers to the same prompt, so a prompt's difficulty cancels out.
+    """
+    groups = _groups(returns, group_size)  # (G, k)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return baseline.reshape(-1)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(B,) GRPO's group-normalised advantages: (r_i - mean_group) / (std_group + eps).
+
+    The standard deviation is the sample one (divide by k - 1), as TRL's GRPO computes
+    it. A group whose rewards are all equal teaches nothing: its advantages are 0.
+    """
+    groups = _groups(rewards.float(), group_size)  # (G, k)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, keepdim=True)
+    return ((groups - mean) / (std + eps)).reshape(-1)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimize.
+
+    Per real token: ratio = exp(logprobs - old_logprobs); surrogate =
+    min(ratio * A, clip(ratio, 1 - clip_range, 1 + clip_range) * A) with A the row's
+    advantage ((B,), broadcast over its tokens); kl = k3(policy || reference) =
+    exp(ref - logp) - (ref - logp) - 1. The token's loss is -(surrogate - kl_coef * kl);
+    each row's loss is the mean over its real tokens, and the loss the mean over rows
+    with at least one. Unlike PPO the KL is a loss term, not part of the reward, and
+    there is no value head: the group is the baseline.
+
+    Returns (loss, clip_fraction, kl): kl the detached mean of the rows' mean token KL.
+    """
+    bool_mask = _as_bool(mask)
+    log_ratio = _zero_padding(logprobs - old_logprobs, bool_mask)
+    ratio = torch.exp(log_ratio)
+    advantage = advantages.detach()[:, None].to(ratio.dtype)  # (B, 1)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantage
+    surrogate = torch.minimum(unclipped, clipped)
+    kl = _zero_padding(per_token_kl(logprobs, ref_logprobs, "k3"), bool_mask)
+    per_token = -(surrogate - kl_coef * kl)
+    rows = bool_mask.any(dim=1)
+    row_loss = masked_mean(per_token, bool_mask, dim=1)  # (B,)
+    loss = row_loss[rows].mean() if rows.any() else per_token.sum() * 0.0
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped < unclipped).float(), bool_mask)
+        row_kl = masked_mean(kl, bool_mask, dim=1)
+        mean_kl = row_kl[rows].mean() if rows.any() else row_kl.sum() * 0.0
+    return loss, clip_fraction, mean_kl
+
+
+# -------------------------------------------------------------------------------- SFT
+
+
+def response_loss(logits: torch.Tensor, targets: torch.Tensor,
+                  response_mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning's loss: mean cross-entropy over response tokens only.
+
+    ``logits`` (B, T, V) predict ``targets`` (B, T); ``response_mask`` (B, T) is true
+    where the target is a response token (or its closing ``<eos>``), false on the prompt
+    and padding, whose targets then never matter: the model learns to answer, not to
+    write prompts. The mean is over all response tokens of the batch.
+    """
+    nats = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                           reduction="none").view(targets.shape)  # (B, T)
+    return masked_mean(nats, response_mask)
 
 
 def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

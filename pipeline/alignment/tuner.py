@@ -45,7 +45,13 @@ from pipeline.alignment.inputs import EncodedPair
 from pipeline.alignment.policy import PolicyWithValue, frozen_copy, kl_controller, make_optimizer
 from pipeline.alignment.policy_eval import PolicyEval, evaluate_policy
 from pipeline.alignment.rollout import GoldScorer, Scorer, collect_rollout
-from pipeline.alignment.updates import check_kl, dpo_update, ppo_update, reinforce_update
+from pipeline.alignment.updates import (
+    check_kl,
+    dpo_update,
+    grpo_update,
+    ppo_update,
+    reinforce_update,
+)
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import RlhfParams
 from pipeline.core.runs import RunFolder, StopSignals, interrupted_error
@@ -86,12 +92,13 @@ class TuneResult:
     """What :meth:`Tuner.run` leaves: the best and last policies and their evaluations."""
 
     best_state: dict[str, torch.Tensor]  # the GPT's state dict at best_step (on CPU)
-    best_step: int  # 0: no update beat the starting policy on gold score
-    start: PolicyEval  # the starting (pretrained) policy, step 0
+    best_step: int  # 0: no update beat the starting policy (by rlhf.select_by)
+    start: PolicyEval  # the starting policy, step 0
     best: PolicyEval
     last: PolicyEval
-    steps: int
+    steps: int  # updates done: rlhf.steps, or fewer when stopped early
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list, repr=False)
+    stopped_early: bool = False  # rlhf.patience evaluations in a row brought no better one
 
 
 def _cpu_state(gpt: GPT) -> dict[str, torch.Tensor]:
@@ -123,11 +130,12 @@ class Tuner:
         self, gpt: GPT, rlhf: RlhfParams, scorer: Scorer, gold: GoldScorer,
         train_prompts: torch.Tensor, eval_prompts: torch.Tensor,
         pairs: Sequence[EncodedPair] = (), state_dir: str | Path | None = None,
-        fingerprint: str = "",
+        fingerprint: str = "", rm_scorer: Scorer | None = None,
     ) -> None:
         if rlhf.algo == "dpo" and not pairs:
             raise GptpipeError("rlhf: rlhf.algo = 'dpo' needs preference pairs; none were given")
         self.gpt, self.rlhf, self.scorer, self.gold = gpt, rlhf, scorer, gold
+        self.rm_scorer = rm_scorer  # the reward model beside another reward; None: the same
         self.train_prompts, self.eval_prompts, self.pairs = train_prompts, eval_prompts, pairs
         self.folder = None if state_dir is None else RunFolder("rlhf", state_dir, fingerprint,
                                                             rlhf.steps)
@@ -142,7 +150,11 @@ class Tuner:
         self.sample_generator = torch.Generator(device).manual_seed(rlhf.seed + _SAMPLE_SEED)
         self.shuffle_generator = torch.Generator().manual_seed(rlhf.seed + _SHUFFLE_SEED)
         source = len(pairs) if rlhf.algo == "dpo" else train_prompts.shape[0]
-        self.batches = BatchCycle(source, rlhf.batch_size, self.shuffle_generator)
+        # Group algorithms sample samples_per_prompt completions of each prompt: fewer
+        # prompts per batch, the same number of completions.
+        self.group = rlhf.samples_per_prompt if rlhf.algo in rlhf.GROUP_ALGOS else 1
+        self.batches = BatchCycle(source, rlhf.batch_size // self.group,
+                                  self.shuffle_generator)
         self.step = 0
         self.history: list[tuple[int, dict[str, float]]] = []
         self.start: PolicyEval | None = None  # None until the step-0 evaluation
@@ -150,6 +162,8 @@ class Tuner:
         self.last: PolicyEval | None = None
         self.best_step = 0
         self.best_state: dict[str, torch.Tensor] = {}
+        self.since_best = 0  # evaluations since the best one (early stopping)
+        self.stopped_early = False
         self.resumed_from: int | None = None
         self._best_on_disk: int | None = None  # the step whose weights run.best holds
         self._log: Callable[[int, dict[str, float]], None] | None = None
@@ -207,6 +221,8 @@ class Tuner:
         self.best_state = _cpu_state(source)
         self.history = [(int(step), {name: float(value) for name, value in metrics.items()})
                         for step, metrics in info["history"]]
+        self.since_best = int(info["since_best"])
+        self.stopped_early = bool(info["stopped_early"])
         self.resumed_from = self.step
 
     def save_state(self) -> None:
@@ -235,6 +251,8 @@ class Tuner:
             "kl_coef": self.controller.value,
             "pending": self.batches.pending,
             "best_step": self.best_step,
+            "since_best": self.since_best,
+            "stopped_early": self.stopped_early,
             "start": self.start.to_json(),
             "best": self.best.to_json(),
             "last": self.last.to_json(),
@@ -280,11 +298,17 @@ class Tuner:
         if self._log is not None:
             self._log(step, metrics)
 
+    def evaluate_model(self, gpt: GPT) -> PolicyEval:
+        """Another model (the pretrained one, say) evaluated as the policy is: the same
+        prompts, random draws and scorers, its KL to this run's reference."""
+        rlhf = self.rlhf
+        return evaluate_policy(gpt, self.reference, self.eval_prompts, self.config,
+                               rlhf.seed + _EVAL_SEED, self.scorer, self.gold,
+                               rlhf.batch_size, self.rm_scorer)
+
     def _evaluate(self, step: int) -> PolicyEval:
         rlhf = self.rlhf
-        result = evaluate_policy(self.gpt, self.reference, self.eval_prompts, self.config,
-                                 rlhf.seed + _EVAL_SEED, self.scorer, self.gold,
-                                 rlhf.batch_size)
+        result = self.evaluate_model(self.gpt)
         self._record(step, {f"eval/{k}": v for k, v in result.stats().items()})
         check_kl(result.kl, rlhf.kl_ceiling, f"on the evaluation samples at step {step}")
         return result
@@ -295,12 +319,16 @@ class Tuner:
         if rlhf.algo == "dpo":
             return dpo_update(self.policy, self.reference, self.optimizer,
                               [self.pairs[i] for i in rows], rlhf, step)
-        rollout = collect_rollout(self.policy, self.reference, self.train_prompts[rows],
-                                  self.config, self.sample_generator, self.scorer,
-                                  self.controller.coef)
+        # (B, T0): a group algorithm's samples of one prompt sit in consecutive rows.
+        prompts = self.train_prompts[rows].repeat_interleave(self.group, dim=0)
+        rollout = collect_rollout(self.policy, self.reference, prompts, self.config,
+                                  self.sample_generator, self.scorer, self.controller.coef)
         if rlhf.algo == "ppo":
             update = ppo_update(self.policy, self.optimizer, rollout, rlhf,
                                 self.shuffle_generator, step)
+        elif rlhf.algo == "grpo":
+            update = grpo_update(self.policy, self.optimizer, rollout, rlhf,
+                                 self.shuffle_generator, step)
         else:
             update = reinforce_update(self.policy, self.optimizer, rollout, rlhf, step)
         # The rollout's entropy (of the policy that sampled) over the update's mean.
@@ -308,12 +336,27 @@ class Tuner:
         self.controller.update(metrics["kl"], 1)
         return metrics
 
+    def _selection_score(self, evaluation: PolicyEval) -> float:
+        """What picks the best policy: the gold score or the reward (rlhf.select_by)."""
+        return evaluation.gold_score if self.rlhf.select_by == "gold" else evaluation.reward
+
+    def _keep_if_best(self, step: int) -> None:
+        """After an evaluation: keep a better policy, or count one more evaluation without
+        one; ``rlhf.patience`` of those in a row stop the run (0: never)."""
+        if self._selection_score(self.last) > self._selection_score(self.best):
+            self.best, self.best_step, self.since_best = self.last, step, 0
+            self.best_state = _cpu_state(self.gpt)
+            return
+        self.since_best += 1
+        if self.rlhf.patience and self.since_best >= self.rlhf.patience:
+            self.stopped_early = True
+
     def _loop(self, progress: Callable[[int], None] | None) -> TuneResult:
         rlhf = self.rlhf
         if self.start is None:
             self.start = self.best = self.last = self._evaluate(0)
             self.best_step, self.best_state = 0, _cpu_state(self.gpt)
-        while self.step < rlhf.steps:
+        while self.step < rlhf.steps and not self.stopped_early:
             step = self.step + 1
             metrics = self._update(step)
             self.step = step
@@ -321,16 +364,14 @@ class Tuner:
             evaluated = step % rlhf.eval_every == 0 or step == rlhf.steps
             if evaluated:
                 self.last = self._evaluate(step)
-                if self.last.gold_score > self.best.gold_score:
-                    self.best, self.best_step = self.last, step
-                    self.best_state = _cpu_state(self.gpt)
+                self._keep_if_best(step)
             if progress is not None:
                 progress(step)
             stop = self._signals.requested
             if self.folder is not None and (evaluated or stop):
                 self.save_state()
-                if stop and step < rlhf.steps:
+                if stop and step < rlhf.steps and not self.stopped_early:
                     # The step in hand finished and was snapshotted; stop here.
                     raise interrupted_error("rlhf", stop, step, self.folder.path)
         return TuneResult(self.best_state, self.best_step, self.start, self.best, self.last,
-                          rlhf.steps, self.history)
+                          self.step, self.history, self.stopped_early)

@@ -26,11 +26,14 @@ from pipeline.alignment.rl_losses import (
     dpo_loss,
     entropy_from_logits,
     gae,
+    grpo_advantages,
+    grpo_loss,
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
     reinforce_loss,
+    rloo_baseline,
     sequence_logprobs,
 )
 from pipeline.alignment.rollout import Rollout
@@ -176,22 +179,71 @@ def reinforce_update(
 ) -> dict[str, float]:
     """One Monte-Carlo policy-gradient step on a rollout (on-policy: one step per batch).
 
-    Each completion's return is its reward-model score minus kl_coef times its summed KL
-    to the reference; the baseline is :func:`leave_one_out_baseline`. The loss is
-    ``rl_losses.reinforce_loss``. Returns policy_loss, the baseline's mean and the ratio
+    Each completion's return is its reward minus kl_coef times its summed KL to the
+    reference. The baseline: REINFORCE's :func:`leave_one_out_baseline` over the whole
+    batch (one sample per prompt); RLOO's ``rl_losses.rloo_baseline`` over the other
+    ``rlhf.samples_per_prompt`` samples of the same prompt. The loss is
+    ``rl_losses.reinforce_loss``. Returns policy_loss, the mean return and the ratio
     check's worst deviation.
     """
     check_kl(float(rollout.kl_per_sequence.mean()), rlhf.kl_ceiling, f"at update {update}")
     returns = rollout.returns  # (B,)
-    baseline = leave_one_out_baseline(returns)
+    if rlhf.algo == "rloo":
+        baseline = rloo_baseline(returns, rlhf.samples_per_prompt)
+    else:
+        baseline = leave_one_out_baseline(returns)
     logits = completion_logits(policy.gpt, rollout.prompts, rollout.completions)  # (B, N, V)
     logprobs = sequence_logprobs(logits, rollout.completions)  # (B, N)
     ratio_error = check_in_step(logprobs, rollout.logprobs, rollout.mask, update)
     loss = reinforce_loss(logprobs, rollout.mask, returns, baseline)
-    check_finite(loss, "REINFORCE", update)
+    check_finite(loss, "RLOO" if rlhf.algo == "rloo" else "REINFORCE", update)
     _step(optimizer, loss, policy, rlhf.grad_clip)
     return {"policy_loss": float(loss.detach()), "return": float(returns.mean()),
             "ratio_error": ratio_error}
+
+
+def grpo_update(
+    policy: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: Rollout,
+    rlhf: RlhfParams, generator: torch.Generator, update: int,
+) -> dict[str, float]:
+    """GRPO on one rollout of ``rlhf.samples_per_prompt`` samples per prompt.
+
+    Advantages are the raw rewards normalised within each prompt's group
+    (``rl_losses.grpo_advantages``; the KL is a loss term, not part of the reward); then
+    ``rlhf.ppo_epochs`` passes over shuffled minibatches of ``rlhf.minibatch_size``
+    completions minimize ``rl_losses.grpo_loss`` with the clipped ratio and
+    kl_coef * k3 KL to the reference. No value head. Returns the means over minibatches
+    of policy_loss, clip_fraction and kl_term, the advantages' spread and the ratio
+    check's worst deviation.
+    """
+    check_kl(float(rollout.kl_per_sequence.mean()), rlhf.kl_ceiling, f"at update {update}")
+    advantages = grpo_advantages(rollout.scores, rlhf.samples_per_prompt)  # (B,)
+    size = rollout.prompts.shape[0]
+    totals = dict.fromkeys(("policy_loss", "clip_fraction", "kl_term"), 0.0)
+    ratio_error, minibatches = None, 0
+    for _ in range(rlhf.ppo_epochs):
+        order = torch.randperm(size, generator=generator).to(rollout.prompts.device)
+        for first in range(0, size, rlhf.minibatch_size):
+            rows = order[first : first + rlhf.minibatch_size]
+            logits = completion_logits(policy.gpt, rollout.prompts[rows],
+                                       rollout.completions[rows])  # (b, N, V)
+            logprobs = sequence_logprobs(logits, rollout.completions[rows])  # (b, N)
+            mask = rollout.mask[rows]
+            if ratio_error is None:
+                ratio_error = check_in_step(logprobs, rollout.logprobs[rows], mask, update)
+            loss, clip_fraction, kl = grpo_loss(
+                logprobs, rollout.logprobs[rows], rollout.ref_logprobs[rows],
+                advantages[rows], mask, rlhf.clip_range, rollout.kl_coef)
+            check_finite(loss, "GRPO", update)
+            _step(optimizer, loss, policy, rlhf.grad_clip)
+            minibatches += 1
+            for name, value in (("policy_loss", loss), ("clip_fraction", clip_fraction),
+                                ("kl_term", kl)):
+                totals[name] += float(value.detach())
+    stats = {name: total / minibatches for name, total in totals.items()}
+    stats["advantage_std"] = float(advantages.std()) if size > 1 else 0.0
+    stats["ratio_error"] = ratio_error
+    return stats
 
 
 def completion_logprob_sums(model: GPT, prompts: Sequence[Sequence[int]],

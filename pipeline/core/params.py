@@ -390,24 +390,39 @@ class RewardParams(_Section):
 
 @dataclass(frozen=True)
 class RlhfParams(_Section):
-    """``rlhf``: tuning the pretrained policy against the reward model."""
+    """``rlhf``: tuning the policy (the SFT model) against the reward of your choice."""
 
-    algo: Literal["ppo", "dpo", "reinforce"] = "ppo"
-    # Policy updates: PPO/REINFORCE: rollout batches; DPO: minibatches of pairs.
+    # ppo: clipped policy and value losses, KL in the reward; reinforce: one sample per
+    # prompt, leave-one-out baseline over the batch; grpo and rloo: samples_per_prompt
+    # samples of each prompt, the group as the baseline; dpo: the preference pairs.
+    algo: Literal["ppo", "dpo", "reinforce", "grpo", "rloo"] = "ppo"
+    # What RL maximizes: model (the learned reward model), gold (the judge itself),
+    # likelihood (the frozen pretrained model's log-probability of the sample), or
+    # python:<file.py>:<function> (your function of (prompt, completion) -> float; the
+    # file must be reward_module, which dvc.yaml tracks).
+    reward: str = "model"
+    reward_module: str = "data/builtin/example_rewards.py"
+    # likelihood: the mean log-probability per token (true) or the sum (false: favours
+    # short completions, whose sum is nearer 0).
+    likelihood_per_token: bool = True
+    # Policy updates: rollout batches (ppo, reinforce, grpo, rloo) or pair batches (dpo).
     steps: int = 60
-    # Prompts per rollout batch (PPO/REINFORCE) or pairs per step (DPO).
+    # Completions sampled per rollout batch (every algorithm samples the same number, so
+    # budgets compare): grpo and rloo take batch_size / samples_per_prompt prompts.
+    # DPO: pairs per step.
     batch_size: int = 16
+    samples_per_prompt: int = 4
     max_new_tokens: int = 40
     temperature: float = 1.0
     lr: float = 1e-5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # KL penalty to the reference: reward - kl_coef * KL per token. adaptive: the
-    # coefficient is adjusted so that the KL tracks target_kl (Ziegler et al.).
+    # KL penalty to the reference: reward - kl_coef * KL per token (grpo: a loss term).
+    # adaptive: the coefficient tracks target_kl (Ziegler et al.).
     kl_coef: float = 0.05
     adaptive_kl: bool = False
     target_kl: float = 6.0
-    # PPO
+    # PPO (ppo_epochs, minibatch_size and clip_range serve GRPO too)
     ppo_epochs: int = 4
     minibatch_size: int = 8
     clip_range: float = 0.2
@@ -418,26 +433,87 @@ class RlhfParams(_Section):
     entropy_coef: float = 0.0
     # DPO
     dpo_beta: float = 0.1
-    # Evaluation of fresh samples on held-out prompts, and the best checkpoint by it.
+    # Evaluation of fresh samples on held-out prompts every eval_every steps; the best
+    # policy by select_by (gold: the judge, the stand-in for people; reward: what RL
+    # maximizes) is kept, and patience evaluations in a row without a better one stop
+    # the run early (0: never).
     eval_every: int = 10
     eval_prompts: int = 32
+    select_by: Literal["gold", "reward"] = "gold"
+    patience: int = 0
     # Stop with an error when the policy's KL to the reference exceeds this (nats/sequence).
     kl_ceiling: float = 50.0
     seed: int = 13
     device: str = "auto"
 
+    GROUP_ALGOS = ("grpo", "rloo")
+
     def validate(self) -> None:
         self.require_positive("steps", "batch_size", "max_new_tokens", "temperature", "lr",
                               "ppo_epochs", "minibatch_size", "eval_every", "eval_prompts",
-                              "kl_ceiling", "dpo_beta", "target_kl")
+                              "kl_ceiling", "dpo_beta", "target_kl", "samples_per_prompt")
         self.require_non_negative("weight_decay", "grad_clip", "kl_coef", "clip_range",
-                                  "value_clip", "value_coef", "entropy_coef")
+                                  "value_clip", "value_coef", "entropy_coef", "patience")
         for key in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise self.fail(key, getattr(self, key), "a number in [0, 1]")
         if self.minibatch_size > self.batch_size:
             raise self.fail("minibatch_size", self.minibatch_size,
                             f"at most rlhf.batch_size ({self.batch_size})")
+        if self.algo in self.GROUP_ALGOS:
+            if self.samples_per_prompt < 2:
+                raise self.fail("samples_per_prompt", self.samples_per_prompt,
+                                f"2 or more for rlhf.algo = {self.algo!r} (the other samples "
+                                "of a prompt are its baseline)")
+            if self.batch_size % self.samples_per_prompt:
+                raise self.fail("batch_size", self.batch_size, "a multiple of "
+                                f"rlhf.samples_per_prompt ({self.samples_per_prompt})")
+        _check_path(self, "reward_module", self.reward_module)
+        self.python_reward()  # checks the form of a python: reward
+
+    def python_reward(self) -> tuple[str, str] | None:
+        """(module file, function name) of a ``python:`` reward, else None."""
+        if self.reward in ("model", "gold", "likelihood"):
+            return None
+        parts = self.reward.split(":")
+        allowed = ("model, gold, likelihood or python:<file.py>:<function> (for example "
+                   "python:data/builtin/example_rewards.py:concise)")
+        if len(parts) != 3 or parts[0] != "python" or not parts[1].endswith(".py") \
+                or not parts[2].isidentifier():
+            raise self.fail("reward", self.reward, allowed)
+        if parts[1] != self.reward_module:
+            raise self.fail("reward", self.reward,
+                            f"a function of rlhf.reward_module ({self.reward_module}), the "
+                            "file dvc.yaml tracks: set rlhf.reward_module to the same file")
+        return parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class SftParams(_Section):
+    """``sft``: supervised fine-tuning of the pretrained model before RL (InstructGPT's
+    first step). The loss counts response tokens only."""
+
+    # pairs: the chosen completions of the preference pairs (best-of-n sampling judged by
+    # gold: rejection-sampling fine-tuning, as Llama 2 used it); file: a JSONL of
+    # prompt/response, held out by prompt hash (heldout_fraction) to measure the loss.
+    source: Literal["pairs", "file"] = "pairs"
+    file: str = "data/builtin/example-sft.jsonl"
+    heldout_fraction: float = 0.1
+    # 0: no fine-tuning, the pretrained model goes on to RL unchanged.
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 17
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check_path(self, "file", self.file)
+        self.require_positive("batch_size", "lr")
+        self.require_non_negative("epochs", "weight_decay", "grad_clip")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise self.fail("heldout_fraction", self.heldout_fraction, "a number in (0, 1)")
         _check_device(self, self.device)
 
 
@@ -473,6 +549,7 @@ class Params:
     gold: GoldParams = field(default_factory=GoldParams)
     preferences: PreferencesParams = field(default_factory=PreferencesParams)
     reward: RewardParams = field(default_factory=RewardParams)
+    sft: SftParams = field(default_factory=SftParams)
     rlhf: RlhfParams = field(default_factory=RlhfParams)
 
 

@@ -206,7 +206,7 @@ class RunFolder:
         step = info.get("step")
         if not isinstance(step, int) or step < 0:
             return "the checkpoint folder holds an unreadable snapshot"
-        if step >= self.total_steps and info.get("finished_fingerprint") != self.finished:
+        if self.is_finished(info) and info.get("finished_fingerprint") != self.finished:
             return ("the checkpoint folder holds a run finished with another eval, log or "
                     "snapshot cadence")
         return check(info) if check is not None else None
@@ -228,12 +228,17 @@ class RunFolder:
             if self.writer:
                 self.clear()
             return None
-        if info["step"] >= self.total_steps:
+        if self.is_finished(info):
             self._say(f"the checkpoint folder holds this run, finished at step {info['step']}: "
                       "writing its outputs")
         else:
             self._say(f"resuming from step {info['step']} of {self.total_steps}")
         return info
+
+    def is_finished(self, info: dict[str, Any]) -> bool:
+        """Whether a snapshot is of a run that is over: at its last step, or stopped early
+        (``info["stopped_early"]``, as an RL run without progress is)."""
+        return info["step"] >= self.total_steps or bool(info.get("stopped_early"))
 
     def clear(self) -> None:
         """Delete the snapshot and the best weights, and nothing else in the folder."""

@@ -1,0 +1,103 @@
+"""sft: fine-tune the pretrained model on prompt/response examples before RL.
+
+Reads:   --model (models/pretrain/best: the model to fine-tune, with its tokenizer);
+         sft.source = pairs: --pairs (data/preferences: the chosen completions of
+         train.jsonl are the examples, those of heldout.jsonl measure the loss);
+         sft.source = file: --file (JSONL of prompt and response, checked line by line;
+         held out by a hash of the prompt). --file is a dependency either way.
+Params:  sft (source, file, held-out fraction, epochs, batch size, optimizer, seed,
+         device)
+Writes:  --out (models/sft/): a model checkpoint (model.safetensors, config.json,
+         tokenizer.json), the policy RL starts from; --metrics (metrics/sft.json):
+         source, examples.train, examples.heldout, heldout_loss_before,
+         heldout_loss_after (response-token cross-entropy, nats), train_loss.
+
+``sft.epochs: 0`` writes the pretrained model through unchanged, so RL starts from it.
+The loss counts response tokens only (``pipeline.alignment.sft``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.alignment.preference_data import heldout_split, read_pairs_dir
+from pipeline.alignment.preference_data import made_with as pairs_made_with
+from pipeline.alignment.sft import (
+    Example,
+    encode_examples,
+    from_pairs,
+    read_examples,
+    sft_loss,
+    train_sft,
+)
+from pipeline.core.device import pick_device
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import write_json
+from pipeline.core.params import Params
+from pipeline.core.stage import say, stage_command
+from pipeline.data.tokenizer import require_tokenizer
+from pipeline.lm.checkpoint import TOKENIZER, load_model, open_model_folder, save_model
+
+
+def _examples(params: Params, pairs: Path, file: Path, tokenizer
+              ) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples from the pairs or the file."""
+    settings = params.sft
+    if settings.source == "pairs":
+        train, heldout, meta = read_pairs_dir(pairs)
+        require_tokenizer(tokenizer, pairs_made_with(meta, pairs))
+        return from_pairs(train), from_pairs(heldout)
+    # Held out by a hash of the prompt, as the preference pairs are.
+    train, heldout = heldout_split(read_examples(file), settings.heldout_fraction)
+    if not train:
+        raise GptpipeError(f"{file}: no example left to train on after holding out "
+                           f"sft.heldout_fraction = {settings.heldout_fraction:g} by prompt; "
+                           "add examples with other prompts")
+    return train, heldout
+
+
+def run(params: Params, *, model: Path, pairs: Path, file: Path, out: Path,
+        metrics: Path) -> dict[str, Any]:
+    """Fine-tune (or pass through) the pretrained model; write the model and metrics."""
+    settings = params.sft
+    device = pick_device(settings.device, key="sft.device")
+    config, meta, tokenizer = open_model_folder(model)
+    train, heldout = _examples(params, pairs, file, tokenizer)
+    torch.manual_seed(settings.seed)
+    network, _ = load_model(model, device)
+    train_ids = encode_examples(tokenizer, train, config.context)
+    heldout_ids = encode_examples(tokenizer, heldout, config.context)
+    before = sft_loss(network, heldout_ids)
+    say("sft", f"{len(train)} train and {len(heldout)} held-out examples "
+               f"({settings.source}); {settings.epochs} epochs on {device}")
+    losses = train_sft(network, train_ids, settings, device,
+                       on_epoch=lambda epoch, loss: say("sft", f"epoch {epoch}: loss {loss:.4f}"))
+    after = sft_loss(network, heldout_ids)
+    provenance = {key: meta[key] for key in ("tokenizer_sha256", "vocab_kind") if key in meta}
+    save_model(out, network, config, {**provenance, "sft_epochs": settings.epochs,
+                                      "sft_source": settings.source}, model / TOKENIZER)
+    result = {
+        "source": settings.source,
+        "examples.train": len(train),
+        "examples.heldout": len(heldout),
+        "heldout_loss_before": round(before, 6),
+        "heldout_loss_after": round(after, 6),
+        "train_loss": round(losses[-1], 6) if losses else None,
+    }
+    write_json(metrics, result)
+    say("sft", f"held-out response loss {before:.4f} -> {after:.4f} nats/token -> {out}")
+    return result
+
+
+main = stage_command(
+    "sft", run, "Fine-tune the pretrained model on prompt/response examples (the chosen "
+    "completions of the pairs, or a JSONL file); the loss counts response tokens only.",
+    model="The pretrained model to fine-tune (models/pretrain/best).",
+    pairs="",
+    file="The JSONL of prompt/response examples, read when sft.source is file.",
+    out="The model folder to write (models/sft).",
+    metrics="",
+)
