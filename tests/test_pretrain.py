@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
 from conftest import BIN, REPO_ROOT, synthetic_documents
 
-from pipeline.core.device import Runtime
+from pipeline.core.device import Runtime, cpu_has_native_bf16
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import parse_params
 from pipeline.data.shards import read_meta, read_tokens
@@ -114,10 +117,11 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert [int(r.split("\t")[0]) for r in val_rows] == [6, 12, 18, 24]
 
 
-def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
+def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32, **train
+             ) -> Trainer:
     params = parse_params({"model": TINY_MODEL, "train": {**TINY_TRAIN, **train}})
     meta = read_meta(data / "tokens")
-    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), dtype),
                    read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
                    meta["vocab_size"],
                    {"tokens": data / "tokens", "tokenizer": data / "tokenizer.json"},
@@ -126,6 +130,22 @@ def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
 
 class _Crash(Exception):
     pass
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_autocast_trains_on_a_cpu_that_runs_it_natively(token_data, tmp_path):
+    losses: dict[int, float] = {}
+    trainer = _trainer(token_data, tmp_path / "bf16", dtype=torch.bfloat16, steps=12)
+    trainer.fit(lambda log: losses.update({log.step: log.train_loss}), lambda s, v: None)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[12] < losses[1] - 0.5
+    reference: dict[int, float] = {}
+    _trainer(token_data, tmp_path / "fp32", steps=12).fit(
+        lambda log: reference.update({log.step: log.train_loss}), lambda s, v: None)
+    # Autocast, not float32 under another name: bfloat16 rounding moves the loss a little,
+    # while the weights (and so the snapshot) stay float32.
+    assert losses[1] != reference[1] and abs(losses[1] - reference[1]) < 0.05
+    assert trainer.model.blocks[0].mlp.down.weight.dtype == torch.float32
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(token_data, tmp_path):
@@ -366,7 +386,7 @@ def test_nan_guard_in_process(token_data, tmp_path):
         ({}, {"device": "cuda"}, "no CUDA GPU"),
         ({}, {"device": "tpu"}, "train.device = 'tpu'"),
         ({}, {"batch_size": 10**6}, "do not fit in cpu memory"),
-        ({}, {"dtype": "bfloat16"}, "train.dtype = 'bfloat16' on cpu"),
+        ({}, {"dtype": "float16"}, "train.dtype = 'float16' on cpu"),
     ],
 )
 def test_bad_settings_give_one_clear_line(token_data, tmp_path, model, train, needle):
@@ -546,3 +566,178 @@ def test_a_bad_base_model_is_one_line_and_nothing_is_written(token_data, base_mo
     assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     for output in ("models", "ckpt", "live", "metrics.json"):
         assert not (tmp_path / output).exists()
+
+
+# ------------------------------------------------------------------ tokens on disk
+
+
+def test_windows_read_from_disk_are_the_in_memory_windows_bit_for_bit(token_data):
+    from pipeline.lm.batching import WindowSampler, eval_windows
+
+    on_disk = read_tokens(token_data / "tokens/train")
+    in_memory = np.asarray(on_disk)
+    a = WindowSampler(on_disk, 32, 8, seed=5, rank=1, world_size=2)
+    b = WindowSampler(in_memory, 32, 8, seed=5, rank=1, world_size=2)
+    for _ in range(20):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(eval_windows(on_disk, 32, 16), eval_windows(in_memory, 32, 16))
+
+
+@pytest.fixture(scope="module")
+def small_shards(token_data, tmp_path_factory) -> Path:
+    """token_data re-tokenized into shards of 500 tokens: windows straddle shards."""
+    import shutil
+
+    from pipeline.stages import tokenize
+
+    root = tmp_path_factory.mktemp("small-shards")
+    shutil.copytree(token_data / "split", root / "split")
+    shutil.copy(token_data / "tokenizer.json", root / "tokenizer.json")
+    tokenize.run(parse_params({"tokenize": {"shard_tokens": 500}}), input=root / "split",
+                 tokenizer=root / "tokenizer.json", out=root / "tokens",
+                 metrics=root / "m.json")
+    assert read_meta(root / "tokens")["splits"]["train"]["shards"] > 20
+    return root
+
+
+def test_a_resume_across_shard_boundaries_continues_bit_for_bit(small_shards, tmp_path):
+    straight: dict[int, float] = {}
+    _trainer(small_shards, tmp_path / "a").fit(
+        lambda log: straight.__setitem__(log.step, log.train_loss), lambda s, v: None)
+    resumed: dict[int, float] = {}
+
+    def crash_at_9(log):
+        resumed[log.step] = log.train_loss
+        if log.step == 9:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _trainer(small_shards, tmp_path / "b").fit(crash_at_9, lambda s, v: None)
+    second = _trainer(small_shards, tmp_path / "b")
+    assert second.resumed_from == 6
+    second.fit(lambda log: resumed.__setitem__(log.step, log.train_loss), lambda s, v: None)
+    assert resumed == straight
+
+
+# --- several machines, simulated on this one -----------------------------------------------
+
+NODE_TRAIN = {"steps": 160, "checkpoint_every": 10, "eval_every": 40, "log_every": 10}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _node_checkout(token_data: Path, root: Path, train: dict | None = None) -> Path:
+    """A machine's own checkout: its own copy of the data and params, no shared folder."""
+    root.mkdir(parents=True)
+    shutil.copytree(token_data / "tokens", root / "data/tokens")
+    shutil.copyfile(token_data / "tokenizer.json", root / "data/tokenizer.json")
+    _write_params(root / "params.yaml", WIDER, {**NODE_TRAIN, **(train or {})})
+    return root
+
+
+def _launch_nodes(nodes: list[Path], run_id: str) -> list[subprocess.Popen]:
+    """The README's multi-machine command on each node: torchrun --nnodes=2, a c10d
+    rendezvous on localhost, one CPU (gloo) process per node, each in its own checkout."""
+    endpoint = f"localhost:{_free_port()}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    args = ["pretrain", "--params", "params.yaml", "--tokens", "data/tokens", "--tokenizer",
+            "data/tokenizer.json", "--out", "models", "--checkpoint", "ckpt", "--live", "live",
+            "--metrics", "metrics.json", "--speed", "speed.json"]
+    return [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), f"--nnodes={len(nodes)}", "--nproc_per_node=1",
+             f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+             f"--rdzv_id={run_id}", "-m", "pipeline.cli", *args],
+            cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, node in enumerate(nodes)
+    ]
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    outputs = [p.communicate(timeout=240) for p in processes]
+    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)]
+
+
+def _outputs(node: Path) -> tuple:
+    return (_losses(node), (node / "metrics.json").read_text(),
+            (node / "models/best/model.safetensors").read_bytes(),
+            (node / "models/last/model.safetensors").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def two_node_run(token_data, tmp_path_factory) -> Path:
+    """An uninterrupted two-node run."""
+    root = tmp_path_factory.mktemp("two-nodes")
+    nodes = [_node_checkout(token_data, root / f"node{rank}") for rank in range(2)]
+    for code, out, err in _finish(_launch_nodes(nodes, "straight")):
+        assert code == 0, out + err
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_each_keep_the_whole_run(two_node_run):
+    first, second = (_outputs(two_node_run / f"node{rank}") for rank in range(2))
+    assert first == second
+    assert len(first[0]) == NODE_TRAIN["steps"] // NODE_TRAIN["log_every"]
+    for rank in range(2):
+        speed = json.loads((two_node_run / f"node{rank}/speed.json").read_text())
+        assert speed["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_killed_during_training_resume_and_match_an_uninterrupted_run(
+    token_data, two_node_run, tmp_path
+):
+    nodes = [_node_checkout(token_data, tmp_path / f"node{rank}") for rank in range(2)]
+    processes = _launch_nodes(nodes, "killed")
+    states = [node / "ckpt/snapshot/state.json" for node in nodes]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        if any(s.is_file() and json.loads(s.read_text())["step"] >= 40 for s in states):
+            break
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in processes), "a node ended before it could be killed"
+    # A machine going down: torchrun and its worker (in a session of its own) at once.
+    doomed = [psutil.Process(p.pid) for p in processes]
+    doomed += [child for parent in list(doomed) for child in parent.children(recursive=True)]
+    for victim in doomed:
+        victim.kill()
+    _finish(processes)
+    steps = [json.loads(s.read_text())["step"] for s in states]
+    assert 40 <= max(steps) < NODE_TRAIN["steps"]
+    assert not any((node / "models").exists() for node in nodes)
+    # The second machine is replaced by a fresh one: no snapshot at all on its disk.
+    shutil.rmtree(nodes[1] / "ckpt")
+    results = _finish(_launch_nodes(nodes, "resumed"))
+    for code, out, err in results:
+        assert code == 0, out + err
+    said = "".join(out for _, out, _ in results)
+    assert f"resuming from step {steps[0]}" in said
+    assert f"holds none: continuing from step {steps[0]} with process" in said
+    expected = _outputs(two_node_run / "node0")
+    for node in nodes:
+        assert _outputs(node) == expected
+        assert json.loads((node / "ckpt/snapshot/state.json").read_text())["step"] == 160
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_with_other_params_stops_both_with_one_line(token_data, tmp_path):
+    nodes = [_node_checkout(token_data, tmp_path / "node0"),
+             _node_checkout(token_data, tmp_path / "node1", {"lr": 1e-3})]
+    for code, _, err in _finish(_launch_nodes(nodes, "mixed")):
+        assert code != 0
+        lines = [line for line in err.splitlines() if "runs another run than process 0" in line]
+        assert len(lines) == 1, err
+        assert "params, token data or gptpipe code differ" in lines[0]
+        assert "give every machine the same commit, params.yaml and data" in lines[0]
+    assert not any((node / "models").exists() for node in nodes)

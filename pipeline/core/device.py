@@ -2,8 +2,10 @@
 
 ``device: auto`` picks cuda, then mps, then cpu and says so. Mixed precision is chosen
 per device: bfloat16 autocast on GPUs that support it, float16 with a gradient scaler on
-older GPUs, float32 on CPU (this project's reference processor runs bfloat16 matmuls far
-slower than float32, so "auto" never picks it there).
+older GPUs, float32 on CPU. ``bfloat16`` on a CPU is allowed where the processor runs it
+natively (AVX512-BF16 or AMX on x86, the BF16 extension on Arm) and refused elsewhere,
+where it is emulated and far slower than float32; "auto" keeps float32 on every CPU so
+that the default run's outputs are the same bits on any machine (see params.yaml).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes the run folder and the stage's outputs: the first
+        process of each machine, so that every machine holds the whole run (a torchrun
+        rendezvous may give global rank 0 to any machine)."""
+        return self.local_rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -87,6 +96,22 @@ def pick_device(requested: str, local_rank: int = 0, key: str = "train.device") 
     raise GptpipeError(f"{key} = {requested!r}; allowed: auto, cpu, cuda, cuda:N or mps")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX tiles (x86), or
+    the BF16 extension (Arm). Asked of torch where it can tell, else of the kernel."""
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = {word for line in info if line.lower().startswith(("flags", "features"))
+                     for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def pick_dtype(requested: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
@@ -97,10 +122,17 @@ def pick_dtype(requested: str, device: torch.device, key: str = "train.dtype") -
         return getattr(torch, requested)
     if requested in ("auto", "float32"):
         return torch.float32
+    if device.type == "cpu" and requested == "bfloat16":
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        raise GptpipeError(
+            f"{key} = 'bfloat16' on cpu, but this CPU has no native bfloat16 (AVX512-BF16, "
+            "AMX or Arm BF16), where it runs far slower than float32; allowed: auto or float32"
+        )
     if device.type == "cpu":
         raise GptpipeError(
-            f"{key} = {requested!r} on cpu; allowed: auto or float32 (reduced precision on "
-            "this CPU runs far slower than float32)"
+            f"{key} = {requested!r} on cpu; allowed: auto or float32, or bfloat16 on a CPU "
+            "with native bfloat16 (float16 on a CPU runs far slower than float32)"
         )
     return getattr(torch, requested)
 

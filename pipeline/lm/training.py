@@ -10,6 +10,7 @@ good snapshot. Only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import time
@@ -29,7 +30,17 @@ from pipeline.core.device import Runtime
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir
 from pipeline.core.params import ModelParams, TrainParams
-from pipeline.core.runs import RunFolder, StopSignals, interrupted_error, run_fingerprint
+from pipeline.core.runs import (
+    SNAPSHOT,
+    STATE_JSON,
+    STATE_TENSORS,
+    RunFolder,
+    StopSignals,
+    apply_training_state,
+    interrupted_error,
+    run_fingerprint,
+)
+from pipeline.core.stage import say
 from pipeline.lm.batching import WindowSampler, eval_windows
 from pipeline.lm.checkpoint import load_weights, save_model
 from pipeline.lm.model import GPT, GPTConfig
@@ -138,7 +149,7 @@ class Trainer:
         self.total_steps = total_steps(train, self.config.context, runtime.world_size)
         resume, finished = fingerprints(model_params, train, runtime.world_size, inputs)
         self.run = RunFolder("pretrain", state_dir, resume, self.total_steps, finished,
-                             writer=runtime.is_main)
+                             writer=runtime.writes_files)
         # Model init draws from the global generator: seed it from params.
         torch.manual_seed(train.seed)
         self.model = GPT(self.config)
@@ -151,6 +162,7 @@ class Trainer:
             train_tokens, self.config.context, train.batch_size, train.seed + 1,
             runtime.rank, runtime.world_size,
         )
+        self.pin_memory = runtime.device.type == "cuda"
         self.val_tokens = val_tokens
         self.val_windows = eval_windows(val_tokens, self.config.context, train.eval_windows)
         self.scaler = torch.amp.GradScaler(
@@ -202,11 +214,75 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        info = self.run.start()
-        self._barrier()  # the writer may be clearing the folder
-        if info is None:
+        """Resume from the run folder's snapshot when it is one of this run.
+
+        In a distributed run every machine's first process keeps a run folder on its own
+        disk (no shared file system is needed, and a rendezvous may hand global rank 0 to
+        any machine after a restart). First every process must run the same run: one
+        whose params, token data or code differ from process 0's stops with one line, as
+        does a machine whose folder holds a snapshot of another run while another machine
+        holds one of this run. Then the process holding the newest snapshot of this run
+        sends it (and the best weights) to all: every process continues from the same
+        step, and every machine's folder holds the run again.
+        """
+        if not self.runtime.distributed:
+            info = self.run.start()
+            if info is not None:
+                self._restore(*self.run.load(self.model, self.optimizer))
             return
-        rng, info = self.run.load(self.model, self.optimizer)
+        self._check_same_run()
+        held = self._gather(self.run.held_run() if self.run.writer else None)
+        ours = [rank for rank, run in enumerate(held) if run and run[0] == self.run.fingerprint]
+        other = [rank for rank, run in enumerate(held) if run and run[0] != self.run.fingerprint]
+        if ours and other:
+            raise GptpipeError(
+                f"pretrain: process {other[0]}'s checkpoint folder ({self.state_dir} on its "
+                f"machine) holds a snapshot of another run, while process {ours[0]}'s holds "
+                "one of this run; delete that machine's snapshot to resume this run from the "
+                "others', or every machine's to start afresh"
+            )
+        info = self.run.start() if self.run.writer else None
+        steps = self._gather(None if info is None else int(info["step"]))
+        holders = [rank for rank, step in enumerate(steps) if step is not None]
+        if not holders:
+            self._barrier()
+            return
+        source = max(holders, key=lambda rank: (steps[rank], -rank))
+        payload = [self.run.share() if self.runtime.rank == source else None]
+        dist.broadcast_object_list(payload, src=source)
+        shared = payload[0]
+        mine = steps[self.runtime.rank]
+        if self.runtime.rank != source and self.run.writer:
+            if mine != steps[source]:
+                have = "none" if mine is None else f"one of step {mine}"
+                say("pretrain", f"this machine's checkpoint folder holds {have}: continuing "
+                                f"from step {steps[source]} with process {source}'s snapshot")
+            self.run.adopt(shared)
+        snapshot = shared[SNAPSHOT]
+        info = json.loads(snapshot[STATE_JSON])
+        self._restore(*apply_training_state(snapshot[STATE_TENSORS], info, self.model,
+                                            self.optimizer))
+        self._barrier()
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, by global rank."""
+        found: list[Any] = [None] * self.runtime.world_size
+        dist.all_gather_object(found, value)
+        return found
+
+    def _check_same_run(self) -> None:
+        """Every process's run fingerprint (params, data bytes, code) must be process 0's."""
+        found = self._gather(self.run.fingerprint)
+        odd = [rank for rank, fingerprint in enumerate(found) if fingerprint != found[0]]
+        if odd:
+            raise GptpipeError(
+                f"pretrain: process {odd[0]} of {self.runtime.world_size} runs another run "
+                "than process 0: its machine's params, token data or gptpipe code differ "
+                f"(run fingerprint {str(found[odd[0]])[:12]} against {str(found[0])[:12]}); "
+                "give every machine the same commit, params.yaml and data (dvc pull)"
+            )
+
+    def _restore(self, rng: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         _set_rng_state(rng, self.runtime)
         self.sampler.load_state_dict(
             {"generator": rng["sampler"], "batches_drawn": info["batches_drawn"]}
@@ -217,7 +293,8 @@ class Trainer:
         self.resumed_from = self.step
 
     def save_state(self, rng: dict[str, torch.Tensor], sampler_state: dict) -> None:
-        """Snapshot (rank 0 only); rng and sampler state are those at the step's start."""
+        """Snapshot (each machine's first process); rng and sampler state are those at the
+        step's start."""
         info = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -239,9 +316,10 @@ class Trainer:
         accum = self.train.grad_accum
         loss_sum = torch.zeros((), device=self.runtime.device)
         for micro in range(accum):
-            x, y = self.sampler.next_batch()
-            x = x.to(self.runtime.device, non_blocking=True)
-            y = y.to(self.runtime.device, non_blocking=True)
+            # One copy of the (B, T + 1) windows, from pinned memory on a GPU, sliced there.
+            window = self.sampler.next_windows(pin_memory=self.pin_memory).to(
+                self.runtime.device, non_blocking=True)
+            x, y = window[:, :-1], window[:, 1:]
             last = micro == accum - 1
             sync = contextlib.nullcontext()
             if self.runtime.distributed and not last:
@@ -276,7 +354,7 @@ class Trainer:
     def _keep_if_best(self, val_loss: float) -> None:
         if val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
-            if self.runtime.is_main:
+            if self.runtime.writes_files:
                 save_model(self.run.best, self.model, self.config,
                            {**self.provenance, "step": self.step, "val_loss": val_loss})
 
@@ -345,8 +423,9 @@ class Trainer:
                 raise interrupted_error("pretrain", signame, self.step, self.state_dir)
 
     def finish(self, out_dir: Path, tokenizer_path: Path) -> None:
-        """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints."""
-        if not self.runtime.is_main:
+        """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints
+        (on every machine: each has the whole run)."""
+        if not self.runtime.writes_files:
             return
         if not self.run.best.is_dir():
             raise GptpipeError(

@@ -7,8 +7,10 @@ Params:  evaluate (batch size, device, prompts, temperatures, seed, sampling lim
          split (seed and ratios, recorded in the fingerprint)
 Writes:  --metrics (metrics/evaluate.json): flat keys per split, e.g. ``val.bpb``,
          ``test.ppl``: loss (nats/token), ppl, bpb (bits per UTF-8 byte), acc (next-token
-         top-1), tokens, unigram_bpb and bigram_bpb (baselines fitted on the train split with
-         the same tokenizer), plus ``fingerprint.*``: what the numbers depend on;
+         top-1), tokens and bytes (what was scored: every token, or evaluate.max_tokens
+         of them in evenly spread windows, the same ones every time), unigram_bpb and
+         bigram_bpb (baselines fitted on the train split with the same tokenizer, scored
+         on the same windows), plus ``fingerprint.*``: what the numbers depend on;
          --samples (evaluation/samples.json): each prompt completed once per temperature
          with a fixed seed.
 
@@ -23,6 +25,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.core.device import pick_device
@@ -39,6 +42,7 @@ from pipeline.lm.evaluation import (
     document_openings,
     evaluate_split,
     fit_baselines,
+    scoring_plan,
 )
 from pipeline.lm.sampling import SamplingConfig, sample_text
 
@@ -53,23 +57,26 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext
 
 
-def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device) -> dict:
-    """Every token of val and test through the model, and the two baselines."""
+def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device,
+          byte_lengths: np.ndarray) -> dict:
+    """val and test through the model (every token, or ``evaluate.max_tokens`` of them in
+    evenly spread windows) and the two baselines on the same windows."""
     context = model.config.context
-    train_ids = read_tokens(tokens_dir / "train")
     vocab = int(meta["vocab_size"])
-    baselines = fit_baselines(train_ids, vocab)
+    baselines = fit_baselines(read_tokens(tokens_dir / "train"), vocab)
     metrics: dict[str, float] = {}
     for split in SCORED_SPLITS:
         ids = read_tokens(tokens_dir / split)
-        split_bytes = int(meta["splits"][split]["bytes"])
+        counts = meta["splits"][split]
         if len(ids) < 2:
             raise GptpipeError(f"{tokens_dir / split}: fewer than 2 tokens; nothing to score")
-        result = evaluate_split(model, ids, split_bytes, context, params.batch_size, device,
-                                _autocast(device))
+        result = evaluate_split(model, ids, int(counts["bytes"]), context, params.batch_size,
+                                device, _autocast(device), params.budget, byte_lengths,
+                                counts.get("token_bytes"))
         for key, value in result.items():
             metrics[f"{split}.{key}"] = value
-        for key, value in baseline_metrics(baselines, ids, split_bytes).items():
+        plan = scoring_plan(len(ids), context, params.budget)
+        for key, value in baseline_metrics(baselines, ids, result["bytes"], plan).items():
             metrics[f"{split}.{key}"] = value
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
 
@@ -101,7 +108,7 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
     require_splits(meta, tokens, "train", *SCORED_SPLITS)
     network, _ = load_model(model, device)
     say("evaluate", f"{model} on {device}")
-    result = score(network, meta, tokens, settings, device)
+    result = score(network, meta, tokens, settings, device, tokenizer.byte_lengths())
     if not math.isfinite(result["val.loss"]):
         raise GptpipeError(f"{model}: the val loss is {result['val.loss']}; the model's "
                            "weights are broken (not finite)")

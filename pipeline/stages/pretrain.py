@@ -3,7 +3,8 @@
 Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json, and
          train.init_from: a model folder to continue (its weights; its shape must be the
          model section's and its tokenizer the data's), or data/builtin/random.init
-Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from)
+Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from),
+         evaluate.max_tokens (the most val tokens the final bits per byte score)
 Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
@@ -66,7 +67,16 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
                 say("pretrain", f"continuing {base}")
         trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
                           int(meta["vocab_size"]), inputs, checkpoint, provenance, base)
-        return _train_and_report(trainer, meta, tokenizer, out, live, metrics, speed)
+        val = meta["splits"]["val"]
+
+        def score_val(model) -> dict:
+            """The final val metrics: every token, or evaluate.max_tokens of them."""
+            return evaluate_split(model, val_tokens, val["bytes"], trainer.config.context,
+                                  train.batch_size, runtime.device, runtime.autocast,
+                                  params.evaluate.budget, text_tokenizer.byte_lengths(),
+                                  val.get("token_bytes"))
+
+        return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
     finally:
         teardown(runtime)
 
@@ -88,10 +98,11 @@ def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int)
     return base
 
 
-def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: Path,
+def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Path,
                       live_dir: Path, metrics: Path, speed: Path) -> dict:
     runtime = trainer.runtime
-    live = start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
+    # Every machine's first process writes the outputs (see Runtime.writes_files).
+    live = start_live(live_dir, trainer.resumed_from) if runtime.writes_files else None
     if runtime.is_main:
         n = trainer.model.num_parameters()
         say("pretrain", f"{n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
@@ -115,34 +126,34 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
         live.log_metric("train/loss", log.train_loss)
         live.log_metric("lr", log.lr)
         live.log_metric("tokens_per_second", round(log.tokens_per_second, 1))
-        bar.set_postfix(loss=f"{log.train_loss:.3f}", tok_s=f"{log.tokens_per_second:,.0f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{log.train_loss:.3f}", tok_s=f"{log.tokens_per_second:,.0f}")
 
     def on_eval(step: int, val_loss: float) -> None:
         if live is None:
             return
         live.step = step
         live.log_metric("val/loss", val_loss)
-        bar.write(f"pretrain: step {step}: val loss {val_loss:.4f}")
+        if bar is not None:
+            bar.write(f"pretrain: step {step}: val loss {val_loss:.4f}")
 
     trainer.fit(on_log, on_eval, bar)
     wall = time.perf_counter() - started
     if bar is not None:
         bar.close()
     trainer.finish(out, tokenizer_path)
-    if not runtime.is_main:
+    if not runtime.writes_files:
         return {}
     finish_live(live)
     steady = timed["tokens"] / timed["seconds"] if timed["seconds"] > 0 else None
-    return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
+    return _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady)
 
 
-def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady) -> dict:
+def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady) -> dict:
     runtime = trainer.runtime
-    # The best checkpoint, scored on every val token (the periodic evals use a subset).
+    # The best checkpoint, scored on the val split (the periodic evals use a few windows).
     best, _ = load_model(out / "best", runtime.device)
-    scores = evaluate_split(best, trainer.val_tokens, meta["splits"]["val"]["bytes"],
-                            trainer.config.context, trainer.train.batch_size, runtime.device,
-                            runtime.autocast)
+    scores = score_val(best)
     val_loss, bits_per_byte = scores["loss"], scores["bpb"]
     steps_run = trainer.step - start_step
     tokens_run = steps_run * trainer.tokens_per_step
@@ -153,6 +164,7 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
         "best_step": trainer.best_step,
         "val_loss": round(val_loss, 6),
         "val_bpb": round(bits_per_byte, 6),
+        "val_tokens_scored": scores["tokens"],
         "steps": trainer.step,
         "tokens_seen": trainer.step * trainer.tokens_per_step,
         "parameters": trainer.model.num_parameters(),
