@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_path, read_json
+from pipeline.core.io import atomic_path, json_line, numbered_lines, read_json
 from pipeline.core.params import PreferencesParams
 from pipeline.data.doctable import iter_texts
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MadeWith, TextTokenizer
@@ -73,36 +73,12 @@ class Judge(Protocol):
 # ------------------------------------------------------------------------------ JSONL
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the line ending) of every line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise GptpipeError(f"{path}: preferences file not found") from None
-    except IsADirectoryError:
-        raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark, as some editors write
-        yield number, line.removesuffix(b"\r")
-
-
 def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
     """The pair on one line, None for a blank line; a one-line error for anything else."""
     where = f"{path}: line {number}"
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise GptpipeError(
-            f"{where}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1}); "
-            "allowed: UTF-8 text"
-        ) from None
-    if not text.strip():
+    record = json_line(where, line)
+    if record is None:
         return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
         raise GptpipeError(
             f"{where}: a JSON {type(record).__name__}; allowed: an object with "
@@ -134,7 +110,7 @@ def read_pairs_jsonl(path: str | Path, min_pairs: int = 1) -> list[Pair]:
     """Every pair of a JSONL file, in file order; refuses a file with fewer than ``min_pairs``."""
     path = Path(path)
     pairs = [
-        pair for number, line in _numbered_lines(path)
+        pair for number, line in numbered_lines(path, "preferences file")
         if (pair := _parse_line(path, number, line)) is not None
     ]
     if len(pairs) < min_pairs:
