@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "preferences": "pipeline.stages.preferences",
     "reward": "pipeline.stages.reward",
     "rlhf": "pipeline.stages.rlhf",
+    "export": "pipeline.stages.export",
     "generate": "pipeline.lm.generate",
 }
 
@@ -37,6 +38,7 @@ _SHORT_HELP = {
     "preferences": "Build (prompt, chosen, rejected) pairs: a JSONL file or the gold judge.",
     "reward": "Train the GPT reward model (Bradley-Terry) and a scikit-learn baseline.",
     "rlhf": "Tune the pretrained policy: PPO with a KL penalty, DPO or REINFORCE.",
+    "export": "Write a model as a Hugging Face Transformers folder (Llama or GPT-2).",
     "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
 }
 

@@ -39,7 +39,7 @@ def main(root: Path = Path(".")) -> None:
     print("  metrics:  metrics/*.json        (dvc metrics show)")
     print("  plots:    dvclive/pretrain/, dvclive/rlhf/  (dvc plots show, then open "
           "dvc_plots/index.html)")
-    print("  models:   models/pretrain/best  (model.safetensors, config.json, tokenizer.json);"
+    print("  models:   models/pretrain/best  (model.safetensors, gptpipe.json, tokenizer.json);"
           " RLHF-tuned: models/rlhf/best")
     print("  samples:  evaluation/samples.json, evaluation/samples_rlhf.json")
     print("sample from the model:")

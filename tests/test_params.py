@@ -59,6 +59,7 @@ def test_missing_sections_take_defaults():
         ({"evaluate": {"top_p": 0}}, "evaluate.top_p = 0.0"),
         ({"evaluate": {"prompts": ["ok", " "]}}, "evaluate.prompts = ['ok', ' ']"),
         ({"evaluate": {"device": "tpu"}}, "evaluate.device = 'tpu'"),
+        ({"export": {"dtype": "int8"}}, "export.dtype = 'int8'; allowed: 'float32'"),
         ({"gold": {"min_words": 50, "max_words": 40}}, "gold.min_words = 50; allowed: at most"),
         ({"gold": {"repeat_ngram": 0}}, "gold.repeat_ngram = 0"),
         ({"gold": {"noise": -0.5}}, "gold.noise = -0.5"),

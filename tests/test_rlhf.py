@@ -391,10 +391,10 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
         expected / metrics["val_bpb_before"], abs=1e-3)
     for which in ("best", "last"):
         files = sorted(p.name for p in (root / "out" / which).iterdir())
-        assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert files == ["gptpipe.json", "model.safetensors", "tokenizer.json"]
         _, meta = load_model(root / "out" / which)
         assert meta["tokenizer_sha256"] == json.loads(
-            (root / "pretrain/config.json").read_text())["tokenizer_sha256"]
+            (root / "pretrain/gptpipe.json").read_text())["tokenizer_sha256"]
         assert meta["rlhf_algo"] == algo
     plots = root / "live/plots/metrics"
     assert (plots / "eval/gold_score.tsv").is_file()

@@ -292,6 +292,15 @@ class EvaluateParams(_Section):
 
 
 @dataclass(frozen=True)
+class ExportParams(_Section):
+    """``export``: the Hugging Face Transformers folders written from the best models."""
+
+    # The dtype of the written weights: float32 is exactly the trained weights (the
+    # exported model's logits equal gptpipe's); bfloat16 and float16 halve the size.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
 class GoldParams(_Section):
     """``gold``: the rule-based judge that stands in for human labelers (builtin preferences)
     and scores policies in evaluation. A completion's score is the weighted sum below."""
@@ -470,6 +479,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
     gold: GoldParams = field(default_factory=GoldParams)
     preferences: PreferencesParams = field(default_factory=PreferencesParams)
     reward: RewardParams = field(default_factory=RewardParams)

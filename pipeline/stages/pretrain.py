@@ -4,7 +4,7 @@ Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.js
          train.init_from: a model folder to continue (its weights; its shape must be the
          model section's and its tokenizer the data's), or data/builtin/random.init
 Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from)
-Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
+Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
          metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);

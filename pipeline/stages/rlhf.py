@@ -9,7 +9,7 @@ Reads:   --model (models/pretrain/best: the starting policy, also the frozen KL 
 Params:  rlhf (algorithm, budget, sampling, optimizer, KL penalty, PPO/DPO settings,
          evaluation cadence, seed, device), gold (the judge)
 Writes:  --out (models/rlhf/): best/ and last/, GPT checkpoints (model.safetensors,
-         config.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
+         gptpipe.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
          --checkpoint (checkpoints/rlhf/: the resumable state, a DVC `persist` output);
          --live (dvclive/rlhf/): per-step plots; --metrics (metrics/rlhf.json): algo,
          steps, best_step, gold_before, gold_after, rm_before, rm_after, win_rate,
