@@ -275,9 +275,23 @@ class EvaluateParams(_Section):
     top_k: int = 0
     top_p: float = 0.95
     max_new_tokens: int = 48
+    # Downstream multiple-choice tasks, scored by the log-likelihood of each choice:
+    # builtin (next sentence, built from the test split), file (task_file), both or none.
+    task: Literal["builtin", "file", "both", "none"] = "builtin"
+    # builtin: items from the first task_items test documents with two sentences, each
+    # with its true second sentence among task_choices (the rest from other documents).
+    task_items: int = 1000
+    task_choices: int = 4
+    task_seed: int = 4242
+    # file: JSONL lines {"context": ..., "choices": [...], "label": i}. A dependency of the
+    # stage either way (so DVC tracks its content); the default is a small example.
+    task_file: str = "data/builtin/example-task.jsonl"
 
     def validate(self) -> None:
-        self.require_positive("batch_size", "prompt_words", "max_new_tokens")
+        _check_path(self, "task_file", self.task_file)
+        self.require_positive("batch_size", "prompt_words", "max_new_tokens", "task_items")
+        if self.task_choices < 2:
+            raise self.fail("task_choices", self.task_choices, "an integer >= 2")
         self.require_non_negative("num_prompts", "top_k")
         if not self.temperatures:
             raise self.fail("temperatures", self.temperatures, "a non-empty list of numbers >= 0")
