@@ -11,7 +11,8 @@ HEADLINES = {
     "metrics/pretrain.json": ("val_bpb", "val_loss", "best_step", "tokens_seen"),
     "metrics/pretrain_speed.json": ("tokens_per_second", "wall_seconds", "device"),
     "metrics/evaluate.json": ("test.bpb", "test.bigram_bpb", "test.unigram_bpb", "test.ppl",
-                              "test.acc"),
+                              "test.acc", "next_sentence.acc_pmi",
+                              "next_sentence.bigram_acc_pmi"),
     "metrics/reward.json": ("gpt.heldout_accuracy", "baseline.heldout_accuracy"),
     "metrics/rlhf.json": ("algo", "gold_before", "gold_after", "win_rate", "val_bpb_change_pct"),
 }
@@ -41,6 +42,8 @@ def main(root: Path = Path(".")) -> None:
           "dvc_plots/index.html)")
     print("  models:   models/pretrain/best  (model.safetensors, gptpipe.json, tokenizer.json);"
           " RLHF-tuned: models/rlhf/best")
+    print("  Transformers: models/hf/pretrain, models/hf/rlhf  "
+          "(AutoModelForCausalLM.from_pretrained)")
     print("  samples:  evaluation/samples.json, evaluation/samples_rlhf.json")
     print("sample from the model:")
     print("  .venv/bin/gptpipe generate --model models/pretrain/best \"The river\"")

@@ -90,7 +90,13 @@ def architecture(config: GPTConfig) -> str:
 
 def _layout(config: GPTConfig, arch: str) -> list[Entry]:
     """Every gptpipe tensor (the tied lm_head aside) and the Transformers tensors it maps to.
-    GPT-2's biases are listed whatever ``config.bias`` says (bias false: zeros)."""
+    GPT-2's biases are listed whatever ``config.bias`` says (bias false: zeros).
+
+    Shapes (C = n_embd, H = the SwiGLU width): ``qkv.weight`` (3C, C) stacks q_proj, k_proj
+    and v_proj, (C, C) each, in that order; ``gate_up.weight`` (2H, C) stacks gate_proj and
+    up_proj, (H, C) each; a GPT-2 Conv1D weight is (in, out), the transpose of a Linear's:
+    c_attn (C, 3C), attn c_proj (C, C), c_fc (C, 4C), mlp c_proj (4C, C).
+    """
     if arch == LLAMA:
         entries = [("wte.weight", ("model.embed_tokens.weight",), SAME),
                    ("norm_f.weight", ("model.norm.weight",), SAME)]
@@ -225,9 +231,7 @@ def write_transformers_folder(directory: Path, model: GPT, tokenizer: TextTokeni
     arch = architecture(config)
     save_tensors(transformers_state(model, dtype), directory / HF_WEIGHTS, {"format": "pt"})
     (directory / HF_CONFIG).write_bytes(_json_bytes(transformers_config(config, dtype)))
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                  # Positions past the context are untrained (learned: absent).
-                  "max_length": config.context}
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
     (directory / GENERATION_CONFIG).write_bytes(_json_bytes(generation))
     for name, data in tokenizer_files(tokenizer, config.context).items():
         (directory / name).write_bytes(data)
@@ -321,7 +325,7 @@ def _llama_config(raw: dict[str, Any], where: str) -> GPTConfig:
                        n_layer=_integer(raw, where, "num_hidden_layers"), n_head=n_head,
                        n_embd=n_embd, vocab_size=_integer(raw, where, "vocab_size"),
                        rope_base=_rope_base(raw, where),
-                       dropout=float(raw.get("attention_dropout") or 0.0))
+                       dropout=raw.get("attention_dropout") or 0.0)
 
 
 def _gpt2_config(raw: dict[str, Any], where: str, bias: bool) -> GPTConfig:
@@ -341,7 +345,7 @@ def _gpt2_config(raw: dict[str, Any], where: str, bias: bool) -> GPTConfig:
                        n_layer=_integer(raw, where, "n_layer"),
                        n_head=_integer(raw, where, "n_head"), n_embd=n_embd,
                        vocab_size=_integer(raw, where, "vocab_size"),
-                       dropout=float(raw.get("resid_pdrop") or 0.0))
+                       dropout=raw.get("resid_pdrop") or 0.0)
 
 
 def _gpt_config(where: str, **fields: Any) -> GPTConfig:
