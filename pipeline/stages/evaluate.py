@@ -11,8 +11,9 @@ Writes:  --metrics (metrics/evaluate.json): flat keys per split, e.g. ``val.bpb`
          ``test.ppl``: loss (nats/token), ppl, bpb (bits per UTF-8 byte), acc (next-token
          top-1), tokens, unigram_bpb and bigram_bpb (baselines fitted on the train split with
          the same tokenizer); per task (``next_sentence.*`` for the builtin one,
-         ``task_file.*``): items, acc, acc_norm (per byte of the choice), bigram_acc,
-         bigram_acc_norm and chance (pipeline/lm/tasks.py); plus ``fingerprint.*``: what
+         ``task_file.*``): items, acc, acc_norm (per byte of the choice), acc_pmi (given
+         the context minus alone), the bigram's bigram_acc, bigram_acc_norm and
+         bigram_acc_pmi, and chance (pipeline/lm/tasks.py); plus ``fingerprint.*``: what
          the numbers depend on;
          --samples (evaluation/samples.json): each prompt completed once per temperature
          with a fixed seed.
@@ -150,12 +151,13 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
                         f"{result[f'{split}.ppl']:.2f}, top-1 {result[f'{split}.acc']:.3f}")
     for name in ("next_sentence", "task_file"):
         if f"{name}.acc" in result:
-            say("evaluate", f"{name}: accuracy {result[f'{name}.acc']:.3f}, per byte "
-                            f"{result[f'{name}.acc_norm']:.3f} (bigram "
-                            f"{result[f'{name}.bigram_acc']:.3f}, "
-                            f"{result[f'{name}.bigram_acc_norm']:.3f}; chance "
-                            f"{result[f'{name}.chance']:.3f}) on {result[f'{name}.items']} "
-                            "items")
+            figures = {key: result[f"{name}.{key}"] for key in (
+                "acc", "acc_norm", "acc_pmi", "bigram_acc", "bigram_acc_norm",
+                "bigram_acc_pmi", "chance", "items")}
+            say("evaluate", "{0}: acc {acc:.3f}, acc_norm {acc_norm:.3f}, acc_pmi {acc_pmi:.3f} "
+                            "(bigram {bigram_acc:.3f}, {bigram_acc_norm:.3f}, "
+                            "{bigram_acc_pmi:.3f}; chance {chance:.3f}) on {items} items"
+                            .format(name, **figures))
     return result
 
 
