@@ -96,7 +96,7 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert "pretrain: device cpu" in result.stdout
     for which in ("best", "last"):
         files = sorted(p.name for p in (tmp_path / "models" / which).iterdir())
-        assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert files == ["gptpipe.json", "model.safetensors", "tokenizer.json"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 24
     assert metrics["tokens_seen"] == 24 * 4 * 32
@@ -485,7 +485,7 @@ def test_continued_pretraining_through_the_stage(token_data, base_model, tmp_pat
     params = _write_params(tmp_path / "p.yaml", train={"steps": 6, "init_from": str(base_model)})
     result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
     assert f"pretrain: continuing {base_model}" in result.stdout
-    config = json.loads((tmp_path / "models/best/config.json").read_text())
+    config = json.loads((tmp_path / "models/best/gptpipe.json").read_text())
     assert config["init_from"] == str(base_model)
     # It went on from the base model: its first step's loss is below the base run's last
     # (which started from random weights with the same params and data).
@@ -511,6 +511,55 @@ def test_vocab_from_model_copies_the_base_tokenizer_byte_for_byte(token_data, ba
     assert not (tmp_path / "t2.json").exists()
 
 
+@pytest.fixture(scope="module")
+def hf_base(base_model, tmp_path_factory) -> Path:
+    """The base model exported as a Transformers folder (a Llama), as a user would bring
+    one from elsewhere."""
+    from pipeline.stages import export
+
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    export.run(parse_params({}), model=base_model, out=out)
+    return out
+
+
+def test_init_from_a_transformers_folder_starts_from_its_weights_exactly(token_data, base_model,
+                                                                         hf_base, tmp_path):
+    from pipeline.lm.checkpoint import load_model
+
+    params = parse_params({"model": TINY_MODEL,
+                           "train": {**TINY_TRAIN, "init_from": str(hf_base)}})
+    meta = read_meta(token_data / "tokens")
+    trainer = Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+                      read_tokens(token_data / "tokens/train"),
+                      read_tokens(token_data / "tokens/val"), meta["vocab_size"],
+                      {"tokens": token_data / "tokens", "init_from": hf_base},
+                      tmp_path / "s", {}, init_from=hf_base)
+    source, _ = load_model(base_model)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+def test_continued_pretraining_of_a_transformers_folder_through_the_stages(
+        token_data, base_model, hf_base, tmp_path):
+    from pipeline.stages import vocab
+
+    before = sorted(p.name for p in hf_base.iterdir())
+    # vocab.kind from_model: the folder's tokenizer.json less the post-processor that puts
+    # <bos> first for Transformers, which is the base model's tokenizer byte for byte.
+    params = parse_params({"vocab": {"kind": "from_model"}, "train": {"init_from": str(hf_base)}})
+    vocab.run(params, input=token_data / "split", out=tmp_path / "tokenizer.json",
+              metrics=tmp_path / "m.json")
+    assert (tmp_path / "tokenizer.json").read_bytes() == (
+        base_model / "tokenizer.json").read_bytes()
+    # So the data's shards are the base model's, and pretraining goes on from it.
+    params = _write_params(tmp_path / "p.yaml", train={"steps": 6, "init_from": str(hf_base)})
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
+    assert f"pretrain: continuing {hf_base}" in result.stdout
+    base_losses = _losses(base_model.parent.parent)
+    assert _losses(tmp_path)[0][1] < base_losses[-1][1] < base_losses[0][1]
+    assert sorted(p.name for p in hf_base.iterdir()) == before  # converted in memory only
+
+
 def _not_a_model(root: Path) -> Path:
     (root / "config.json").parent.mkdir(parents=True)
     (root / "config.json").write_text('{"architectures": ["BertModel"]}')
@@ -524,13 +573,33 @@ def _pickled(root: Path) -> Path:
     return root
 
 
+def _transformers(base: Path, root: Path, drop: str | None = None,
+                  drop_tensor: str | None = None, **changes) -> Path:
+    """The base model exported as a Transformers folder (a Llama), then spoiled: a file
+    or a tensor dropped, config.json keys changed."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.stages import export
+
+    export.run(parse_params({}), model=base, out=root)
+    if drop:
+        (root / drop).unlink()
+    if drop_tensor:
+        state = load_file(root / "model.safetensors")
+        del state[drop_tensor]
+        save_file(state, root / "model.safetensors", {"format": "pt"})
+    hf_config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**hf_config, **changes}))
+    return root
+
+
 def _other_shape(base: Path, root: Path) -> Path:
     import shutil
 
     shutil.copytree(base, root)
-    config = json.loads((root / "config.json").read_text())
+    config = json.loads((root / "gptpipe.json").read_text())
     config["model"]["n_layer"] = 3
-    (root / "config.json").write_text(json.dumps(config))
+    (root / "gptpipe.json").write_text(json.dumps(config))
     return root
 
 
@@ -540,15 +609,16 @@ def _other_vocabulary(base: Path, root: Path) -> Path:
     shutil.copytree(base, root)
     text = (root / "tokenizer.json").read_text()
     (root / "tokenizer.json").write_text(text.replace('"version"', '"version" ', 1))
-    config = json.loads((root / "config.json").read_text())
+    config = json.loads((root / "gptpipe.json").read_text())
     config["tokenizer_sha256"] = None
-    (root / "config.json").write_text(json.dumps(config))
+    (root / "gptpipe.json").write_text(json.dumps(config))
     return root
 
 
 @pytest.mark.parametrize(("make", "needle"), [
     (lambda base, root: root / "absent", "absent: not found; allowed: a gptpipe model folder"),
-    (lambda base, root: _not_a_model(root), "not a gptpipe model config (no 'model' object)"),
+    (lambda base, root: _not_a_model(root),
+     "architectures = ['BertModel']: not an architecture gptpipe computes"),
     (lambda base, root: _pickled(root),
      "pytorch_model.bin is a pickle, and gptpipe never loads pickles"),
     (lambda base, root: _other_shape(base, root),
@@ -556,7 +626,18 @@ def _other_vocabulary(base: Path, root: Path) -> Path:
     (lambda base, root: _other_vocabulary(base, root),
      "its tokenizer is not the data's"),
     (lambda base, root: base / "model.safetensors", "a file, not a model folder"),
-], ids=["missing", "not a model", "pickle", "other shape", "other vocabulary", "a file"])
+    (lambda base, root: _transformers(base, root, model_type="bert"),
+     "model_type = 'bert': not an architecture gptpipe computes; allowed: llama"),
+    (lambda base, root: _transformers(base, root, drop="tokenizer.json"),
+     "tokenizer.json: missing; a Transformers folder used by gptpipe holds its tokenizer"),
+    (lambda base, root: _transformers(base, root, max_position_embeddings=64),
+     "the model has context = 64 but model.context is 32"),
+    (lambda base, root: _transformers(base, root,
+                                      drop_tensor="model.layers.1.mlp.down_proj.weight"),
+     "model.safetensors: weights do not match config.json (missing "
+     "model.layers.1.mlp.down_proj.weight)"),
+], ids=["missing", "not a model", "pickle", "other shape", "other vocabulary", "a file",
+        "hf architecture", "hf no tokenizer", "hf other shape", "hf weights"])
 def test_a_bad_base_model_is_one_line_and_nothing_is_written(token_data, base_model, tmp_path,
                                                             make, needle):
     init_from = make(base_model, tmp_path / "base")

@@ -290,6 +290,17 @@ class EvaluateParams(_Section):
     top_k: int = 0
     top_p: float = 0.95
     max_new_tokens: int = 48
+    # Downstream multiple-choice tasks, scored by the log-likelihood of each choice:
+    # builtin (next sentence, built from the test split), file (task_file), both or none.
+    task: Literal["builtin", "file", "both", "none"] = "builtin"
+    # builtin: items from the first task_items test documents with two sentences, each
+    # with its true second sentence among task_choices (the rest from other documents).
+    task_items: int = 1000
+    task_choices: int = 4
+    task_seed: int = 4242
+    # file: JSONL lines {"context": ..., "choices": [...], "label": i}. A dependency of the
+    # stage either way (so DVC tracks its content); the default is a small example.
+    task_file: str = "data/builtin/example-task.jsonl"
 
     @property
     def budget(self) -> int | None:
@@ -297,7 +308,10 @@ class EvaluateParams(_Section):
         return self.max_tokens or None
 
     def validate(self) -> None:
-        self.require_positive("batch_size", "prompt_words", "max_new_tokens")
+        _check_path(self, "task_file", self.task_file)
+        self.require_positive("batch_size", "prompt_words", "max_new_tokens", "task_items")
+        if self.task_choices < 2:
+            raise self.fail("task_choices", self.task_choices, "an integer >= 2")
         self.require_non_negative("num_prompts", "top_k", "max_tokens")
         if not self.temperatures:
             raise self.fail("temperatures", self.temperatures, "a non-empty list of numbers >= 0")
@@ -309,6 +323,15 @@ class EvaluateParams(_Section):
         if any(not p.strip() for p in self.prompts):
             raise self.fail("prompts", self.prompts, "non-empty strings")
         _check_device(self, self.device)
+
+
+@dataclass(frozen=True)
+class ExportParams(_Section):
+    """``export``: the Hugging Face Transformers folders written from the best models."""
+
+    # The dtype of the written weights: float32 is exactly the trained weights (the
+    # exported model's logits equal gptpipe's); bfloat16 and float16 halve the size.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -566,6 +589,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
     gold: GoldParams = field(default_factory=GoldParams)
     preferences: PreferencesParams = field(default_factory=PreferencesParams)
     reward: RewardParams = field(default_factory=RewardParams)

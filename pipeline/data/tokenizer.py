@@ -202,6 +202,13 @@ def load_tokenizer(path: str | Path, fast: bool = True, threads: int = 0) -> Tex
         raise GptpipeError(f"{path}: tokenizer not found (run gptpipe vocab first)") from None
     except IsADirectoryError:
         raise GptpipeError(f"{path}: is a directory; allowed: a tokenizer.json file") from None
+    return tokenizer_from_json(raw, path, fast, threads)
+
+
+def tokenizer_from_json(raw: bytes, path: Path, fast: bool = True, threads: int = 0
+                        ) -> TextTokenizer:
+    """A tokenizer from the bytes of a tokenizer JSON (``path`` names them in errors and
+    is recorded as the tokenizer's path); the same checks as :func:`load_tokenizer`."""
     try:
         config = json.loads(raw.decode("utf-8"))
         hf = HFTokenizer.from_str(raw.decode("utf-8"))
@@ -309,6 +316,11 @@ class TextTokenizer:
     def sha256(self) -> str:
         """The sha256 of the JSON bytes (the file's bytes when loaded from disk)."""
         return hashlib.sha256(self._json).hexdigest()
+
+    @property
+    def json_bytes(self) -> bytes:
+        """The tokenizer JSON, byte for byte what :meth:`save` writes."""
+        return self._json
 
     @property
     def uses_fast_encoder(self) -> bool:

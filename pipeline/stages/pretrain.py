@@ -5,7 +5,7 @@ Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.js
          model section's and its tokenizer the data's), or data/builtin/random.init
 Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from),
          evaluate.max_tokens (the most val tokens the final bits per byte score)
-Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
+Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
          metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);

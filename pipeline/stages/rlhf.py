@@ -13,7 +13,7 @@ Params:  rlhf (algorithm, reward, budget, sampling, optimizer, KL penalty, PPO/G
          settings, evaluation cadence, selection and patience, seed, device), gold (the
          judge), evaluate.max_tokens (the most val tokens the bits per byte score)
 Writes:  --out (models/rlhf/): best/ and last/, GPT checkpoints (model.safetensors,
-         config.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
+         gptpipe.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
          --checkpoint (checkpoints/rlhf/: the resumable state, a DVC `persist` output);
          --live (dvclive/rlhf/): per-step plots; --metrics (metrics/rlhf.json): algo,
          reward, steps, stopped_early, best_step, gold_pretrained, gold_before,
