@@ -281,3 +281,20 @@ def test_tokens_are_the_same_with_one_thread_or_two(tmp_path, setup):
                 p.read_bytes() for p in sorted(two.iterdir())]
         else:
             assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_corpus_too_big_for_the_free_disk_is_one_line_and_writes_nothing(
+        tmp_path, setup, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    split, tok_path, _ = setup
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(GptpipeError) as caught:
+        run(tokenize_params(), input=split, tokenizer=tok_path, out=tmp_path / "tokens",
+            metrics=tmp_path / "m.json")
+    message = str(caught.value)
+    assert "the flat token files need at least" in message and "GiB free" in message
+    assert "\n" not in message
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "m.json").exists()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, write_json
@@ -59,11 +60,19 @@ def tokenize_split(
             "shards": writer.shards, "token_bytes": token_bytes}
 
 
+def _text_bytes(table: Path) -> int:
+    """The uncompressed size of a document table's text column (Parquet's own count)."""
+    metadata = pq.ParquetFile(table).metadata
+    column = metadata.schema.names.index("text")
+    return sum(metadata.row_group(g).column(column).total_uncompressed_size
+               for g in range(metadata.num_row_groups))
+
+
 def _check_disk(split_dirs: dict[str, Path], out: Path, itemsize: int) -> None:
     """Refuse up front a corpus whose flat token files cannot fit on the disk even at
     eight bytes of text per token (more than any tokenizer packs); a closer call is
     caught when the disk fills (one line, and nothing is replaced)."""
-    text = sum(table_path(d).stat().st_size for d in split_dirs.values())
+    text = sum(_text_bytes(table_path(d)) for d in split_dirs.values())
     needed = text // 8 * itemsize
     where = out.parent if out.parent.exists() else Path(".")
     free = shutil.disk_usage(where).free
