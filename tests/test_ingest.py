@@ -408,3 +408,21 @@ def test_a_binary_single_file_fails_in_one_line_with_workers_too(tmp_path):
     with pytest.raises(GptpipeError, match="blob is not text"):
         run(params, out=tmp_path / "raw", metrics=tmp_path / "m.json", range_bytes=100)
     assert not (tmp_path / "raw").exists()
+
+
+def test_with_workers_the_first_error_in_corpus_order_is_the_one_reported(tmp_path):
+    # a.jsonl fails while it is read; z.txt.gz fails already while the files are planned,
+    # which, with workers, happens ahead of reading: still a.jsonl's error comes first.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n', encoding="utf-8")
+    (corpus / "m.txt").write_text("a middle file\n", encoding="utf-8")
+    (corpus / "z.txt.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    messages = set()
+    for workers in (1, 2):
+        params = Params(data=DataParams(corpus=str(corpus), workers=workers))
+        with pytest.raises(GptpipeError) as caught:
+            run(params, out=tmp_path / "raw", metrics=tmp_path / "m.json", range_bytes=64)
+        messages.add(str(caught.value))
+    assert len(messages) == 1
+    assert "a.jsonl: line 2: not JSON" in messages.pop()

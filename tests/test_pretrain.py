@@ -822,3 +822,28 @@ def test_a_node_with_other_params_stops_both_with_one_line(token_data, tmp_path)
         assert "params, token data or gptpipe code differ" in lines[0]
         assert "give every machine the same commit, params.yaml and data" in lines[0]
     assert not any((node / "models").exists() for node in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_with_damaged_data_stops_both_with_its_one_line(token_data, tmp_path):
+    """A failure on one machine before any collective must not leave the other waiting."""
+    nodes = [_node_checkout(token_data, tmp_path / f"node{rank}") for rank in range(2)]
+    flat = nodes[1] / "data/tokens/train/tokens.bin"
+    flat.write_bytes(flat.read_bytes()[:-2])
+    results = _finish(_launch_nodes(nodes, "damaged"))
+    for code, _, err in results:
+        assert code != 0
+        assert "tokens.bin: " in err and "tokens but the shards hold" in err, err
+    assert not any((node / "models").exists() for node in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_sharing_one_checkout_write_it_once(token_data, two_node_run, tmp_path):
+    """A checkout on a network file system: one writer, the same result."""
+    shared = _node_checkout(token_data, tmp_path / "shared")
+    for code, out, err in _finish(_launch_nodes([shared, shared], "shared")):
+        assert code == 0, out + err
+    assert _outputs(shared) == _outputs(two_node_run / "node0")
+    assert not list((shared / "ckpt").glob(".gptpipe-writer-*"))

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,17 +34,15 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Whether this process writes the run folder and the stage's outputs: the first
+    # process of each machine, so that every machine holds the whole run (a torchrun
+    # rendezvous may give global rank 0 to any machine), but only one of the machines
+    # that share a folder (see pipeline.lm.training.one_writer_per_folder).
+    writes_files: bool = True
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def writes_files(self) -> bool:
-        """Whether this process writes the run folder and the stage's outputs: the first
-        process of each machine, so that every machine holds the whole run (a torchrun
-        rendezvous may give global rank 0 to any machine)."""
-        return self.local_rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -98,11 +99,19 @@ def pick_device(requested: str, local_rank: int = 0, key: str = "train.device") 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX tiles (x86), or
-    the BF16 extension (Arm). Asked of torch where it can tell, else of the kernel."""
+    the BF16 extension (Arm). Asked of torch where it can tell, else of the kernel
+    (/proc/cpuinfo on Linux, sysctl on macOS)."""
     probes = [getattr(torch.cpu, name, None)
               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(probe is not None and probe() for probe in probes):
         return True
+    if sys.platform == "darwin":  # Apple silicon: the kernel reports FEAT_BF16
+        try:
+            found = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"],
+                                   capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return found.strip() == "1"
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             flags = {word for line in info if line.lower().startswith(("flags", "features"))
@@ -193,7 +202,44 @@ def setup_runtime(device: str, dtype: str, threads: int = 0) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    return Runtime(chosen, pick_dtype(dtype, chosen), rank, world_size, local_rank)
+    runtime = Runtime(chosen, torch.float32, rank, world_size, local_rank,
+                      writes_files=local_rank == 0)
+    # After joining: a dtype one machine's hardware refuses stops every process.
+    return replace(runtime, dtype=together(runtime, lambda: pick_dtype(dtype, chosen)))
+
+
+_Result = TypeVar("_Result")
+
+
+def together(runtime: Runtime, action: Callable[[], _Result]) -> _Result:
+    """Run ``action`` in every process of a distributed run; if it fails in any, fail in
+    all, so that no process is left waiting in a collective for one that stopped.
+
+    Work that can fail in one process only (its machine's files, memory or hardware)
+    goes through here. The process that failed raises its own error; the others raise a
+    GptpipeError with the same line (or naming the failed process and its error). Every
+    process must call it at the same point: it is itself a collective.
+    """
+    if not runtime.distributed:
+        return action()
+    result: Any = None
+    own: BaseException | None = None
+    failure: tuple[str, bool] | None = None
+    try:
+        result = action()
+    except Exception as err:  # every failure must reach the other processes
+        own = err
+        failure = (str(err), isinstance(err, GptpipeError))
+    failures: list[tuple[str, bool] | None] = [None] * runtime.world_size
+    dist.all_gather_object(failures, failure)
+    failed = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if failed is None:
+        return result
+    if own is not None:
+        raise own
+    rank, (message, clear) = failed
+    raise GptpipeError(message if clear else f"process {rank} of {runtime.world_size} "
+                       f"failed: {message}")
 
 
 def teardown(runtime: Runtime) -> None:

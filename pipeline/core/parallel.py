@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -14,6 +15,14 @@ from pipeline.core.errors import GptpipeError
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 _Meta = TypeVar("_Meta")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and batch
+    schedulers set), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def ordered_map(func: Callable[[_In], _Out], items: Iterable[tuple[_Meta, _In]], workers: int,

@@ -23,7 +23,8 @@ What a stage gets from :class:`RunFolder`:
   schedulers and ``timeout`` send first, both ask the loop to stop at the next step
   boundary; the stage then snapshots and exits with one line. A second signal aborts.
 
-Tensors are safetensors and the rest JSON: no snapshot is ever unpickled.
+Tensors are safetensors and the rest JSON: no snapshot file is ever unpickled (a
+distributed run passes a snapshot's file bytes between its own processes).
 """
 
 from __future__ import annotations

@@ -935,6 +935,8 @@ def plan_ranges(path: Path, unit: str, range_bytes: int) -> Iterator[tuple[int, 
     a file with no such place is one range. ``first_line`` numbers lines as the whole
     file's reader does, so sources and error messages are the same.
     """
+    if range_bytes <= 0:
+        raise ValueError(f"range_bytes must be > 0, got {range_bytes}")
     size = path.stat().st_size
     if size <= range_bytes:
         yield 0, size, 1
@@ -984,8 +986,10 @@ def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats, 
         setattr(stats, counter, getattr(stats, counter) + 1)
     if size > range_bytes and _can_cut(fmt, compression, unit):
         for start, end, first_line in plan_ranges(path, unit, range_bytes):
+            # A stretch with no place to cut (no blank line, CR line ends) can be the
+            # whole file: too big to hand over, so it is streamed here instead.
             yield ReadTask(path, source, fmt, compression, unit, end - start,
-                           (start, end, first_line))
+                           (start, end, first_line), in_process=end - start > 2 * range_bytes)
     else:
         yield ReadTask(path, source, fmt, compression, unit, size,
                        in_process=size > range_bytes)
@@ -1024,6 +1028,22 @@ def run_task(task: ReadTask, params: DataParams, on_read: OnRead = _ignore
     report(task.size)
 
 
+@dataclass(frozen=True)
+class _PlanFailure:
+    """A planning error met while workers still read earlier files: raised in its turn,
+    so the error reported is the one a single process would meet first."""
+
+    error: Exception
+    in_process: bool = True
+
+
+def _deferring_errors(tasks: Iterator[ReadTask]) -> Iterator[ReadTask | _PlanFailure]:
+    try:
+        yield from tasks
+    except GptpipeError as err:
+        yield _PlanFailure(err)
+
+
 def _task_documents(job: tuple[ReadTask, DataParams]) -> list[RawDocument]:
     """A worker process's whole share: one task's documents as a list."""
     return list(run_task(*job))
@@ -1056,9 +1076,11 @@ def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead, workers: 
         for task in tasks:
             yield from run_task(task, params, on_read)
         return
-    jobs = ((task, (task, params)) for task in tasks)
+    jobs = ((task, (task, params)) for task in _deferring_errors(tasks))
     for task, documents in ordered_map(_task_documents, jobs, workers, "ingest",
                                        in_process=lambda job: job[0].in_process):
+        if isinstance(task, _PlanFailure):
+            raise task.error
         if documents is None:
             yield from run_task(task, params, on_read)
         else:

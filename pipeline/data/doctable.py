@@ -131,6 +131,16 @@ def iter_batches(
         raise GptpipeError(f"{path}: not a readable Parquet file ({err})") from None
 
 
+def read_row_groups(directory: str | Path, groups: Sequence[int],
+                    columns: Sequence[str]) -> pa.Table:
+    """Some row groups of a document table; a damaged file is a one-line error."""
+    path = table_path(directory)
+    try:
+        return open_table(directory).read_row_groups(list(groups), columns=list(columns))
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise GptpipeError(f"{path}: not a readable document table ({err})") from None
+
+
 def iter_texts(directory: str | Path, batch_size: int = 1024) -> Iterator[list[str]]:
     """Stream only the ``text`` column, as lists of Python strings."""
     for batch in iter_batches(directory, columns=("text",), batch_size=batch_size):

@@ -192,12 +192,21 @@ class TokenFile:
                                "under a running stage?); run gptpipe tokenize again")
         return np.frombuffer(data, self.dtype)
 
+    def __reduce__(self) -> tuple:
+        # A file descriptor means nothing in another process: reopen by path there.
+        return (TokenFile, (self.path, self.dtype, self.length))
+
     def __getitem__(self, key: slice | int) -> np.ndarray | np.integer:
         if isinstance(key, slice):
             start, stop, step = key.indices(self.length)
-            if step != 1:
-                return self.read(start, stop - start)[::step]
-            return self.read(start, stop - start)
+            if step == 1:
+                return self.read(start, stop - start)
+            picked = range(start, stop, step)
+            if not picked:
+                return np.empty(0, self.dtype)
+            low = min(picked[0], picked[-1])
+            span = self.read(low, max(picked[0], picked[-1]) - low + 1)
+            return span[np.asarray(picked) - low]
         index = key + self.length if key < 0 else key
         if not 0 <= index < self.length:
             raise IndexError(f"token {key} of {self.length}")

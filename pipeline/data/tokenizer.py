@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_path
+from pipeline.core.parallel import usable_cores
 from pipeline.core.params import VocabParams
 
 Kind = Literal["bpe", "word", "char"]
@@ -234,12 +234,8 @@ def tokenizer_from_json(raw: bytes, path: Path, fast: bool = True, threads: int 
 
 
 def _threads() -> int:
-    """Encoding threads: the usable cores, at most tiktoken's own batch default of 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    """Encoding threads: one per usable core (tiktoken releases the GIL while encoding)."""
+    return usable_cores()
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

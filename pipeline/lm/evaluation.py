@@ -193,10 +193,14 @@ def scored_bytes(tokens: TokenStream, plan: ScoringPlan, split_bytes: int,
     over the split is ``split_token_bytes``) that the predicted tokens hold. For
     byte-level BPE every byte of the text is in exactly one token, so this is exact;
     for word and char vocabularies (separators and <unk> stand for bytes no single token
-    holds) it assumes the subset has the split's share of them.
+    holds) it assumes the subset has the split's share of them. Without byte lengths
+    (token folders written before they were counted) the share is the tokens' own.
     """
-    if plan.whole or byte_lengths is None or not split_token_bytes:
+    if plan.whole:
         return float(split_bytes)
+    if byte_lengths is None or not split_token_bytes:
+        predicted = sum(batch[:, 1:].size for batch in iter_windows(tokens, plan, 256))
+        return split_bytes * predicted / max(1, len(tokens) - 1)
     held = sum(int(byte_lengths[batch[:, 1:].astype(np.int64)].sum())
                for batch in iter_windows(tokens, plan, 256))
     return split_bytes * held / split_token_bytes
@@ -228,7 +232,9 @@ def evaluate_split(
         "bpb": bits_per_byte(scores.loss, scores.tokens, size),
         "acc": scores.accuracy,
         "tokens": scores.tokens,
-        "bytes": round(size, 3),
+        # Exact and whole for a whole split; a subset's share otherwise (unrounded: the
+        # baselines divide by the same figure).
+        "bytes": int(split_bytes) if plan.whole else size,
     }
 
 
@@ -283,6 +289,20 @@ class UnigramModel:
         return _total_nats(self.token_probabilities(ids))
 
 
+def _merge_counts(codes: np.ndarray, counts: np.ndarray, new_codes: np.ndarray,
+                  new_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted, distinct code arrays and their counts merged into one, in time linear
+    in their sizes (no re-sort of what was already counted)."""
+    at = np.searchsorted(codes, new_codes)  # (k,) where each new code goes
+    known = at < len(codes)
+    known[known] = codes[at[known]] == new_codes[known]
+    counts = counts.copy()
+    counts[at[known]] += new_counts[known]
+    fresh = ~known
+    return (np.insert(codes, at[fresh], new_codes[fresh]),
+            np.insert(counts, at[fresh], new_counts[fresh]))
+
+
 @dataclass(frozen=True, eq=False)
 class BigramModel:
     """P(w | h), the bigram estimate interpolated with the add-alpha unigram, Witten-Bell:
@@ -316,14 +336,8 @@ class BigramModel:
             ids = np.concatenate((previous, _check_ids(chunk, vocab_size)))
             codes = ids[:-1] * vocab_size + ids[1:]  # (n - 1,) the pairs ending in this chunk
             found, counts = np.unique(codes, return_counts=True)
-            if len(pair_codes):
-                merged, where = np.unique(np.concatenate((pair_codes, found)),
-                                          return_inverse=True)
-                pair_counts = np.bincount(where, np.concatenate((pair_counts, counts)),
-                                          len(merged)).astype(np.int64)
-                pair_codes = merged
-            else:
-                pair_codes, pair_counts = found, counts.astype(np.int64)
+            pair_codes, pair_counts = _merge_counts(pair_codes, pair_counts, found,
+                                                    counts.astype(np.int64))
             context_counts += np.bincount(ids[:-1], minlength=vocab_size)
             previous = ids[-1:]
         return cls(

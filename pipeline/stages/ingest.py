@@ -19,11 +19,11 @@ any number of them.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.parallel import usable_cores
 from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
@@ -40,7 +40,7 @@ def run(params: Params, *, out: Path, metrics: Path,
     needs the usual ``if __name__ == "__main__":`` guard.
     """
     data = params.data
-    workers = data.workers or os.cpu_count() or 1
+    workers = data.workers or usable_cores()
     stats = CorpusStats()
     # The total needs a second walk over a folder corpus; only a visible bar is worth it.
     total = corpus_bytes(data) if sys.stderr.isatty() else None

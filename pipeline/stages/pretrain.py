@@ -11,8 +11,9 @@ Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenize
          metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);
          metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
 
-Runs unchanged under `torchrun --nproc_per_node=N` (DDP: nccl on GPU, gloo on CPU); only
-rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
+Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
+several: the first process of each machine writes the outputs (one per shared folder).
+Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.device import setup_runtime, teardown
+from pipeline.core.device import setup_runtime, teardown, together
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import write_json
 from pipeline.core.live import finish_live, start_live
@@ -37,7 +38,7 @@ from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_token
 from pipeline.lm.checkpoint import base_model, check_same_shape, load_model, open_model_folder
 from pipeline.lm.evaluation import evaluate_split
 from pipeline.lm.model import GPTConfig
-from pipeline.lm.training import StepLog, Trainer
+from pipeline.lm.training import StepLog, Trainer, one_writer_per_folder
 
 
 def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint: Path,
@@ -49,24 +50,23 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
         _relaunch_under_torchrun(train.nproc_per_node)
         return {}
     torch.set_float32_matmul_precision("high")
-    meta = read_meta(tokens)
-    text_tokenizer = load_tokenizer(tokenizer)
-    require_tokenizer(text_tokenizer, made_with(meta, tokens))
-    require_splits(meta, tokens, "train", "val")
-    base = _check_base_model(params, text_tokenizer, int(meta["vocab_size"]))
-    inputs = {"tokens": tokens, "tokenizer": tokenizer, **({"init_from": base} if base else {})}
-    provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
-                  **({"init_from": str(base)} if base else {})}
     runtime = setup_runtime(train.device, train.dtype, train.threads)
     try:
-        train_tokens = read_tokens(tokens / "train")
-        val_tokens = read_tokens(tokens / "val")
+        # Each machine checks its own checkout; one that fails stops every process.
+        meta, text_tokenizer, base, train_tokens, val_tokens = together(
+            runtime, lambda: _read_inputs(params, tokens, tokenizer))
+        inputs = {"tokens": tokens, "tokenizer": tokenizer,
+                  **({"init_from": base} if base else {})}
+        provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
+                      **({"init_from": str(base)} if base else {})}
         if runtime.is_main:
             say("pretrain", f"device {runtime.describe()}")
             if base is not None:
                 say("pretrain", f"continuing {base}")
+        runtime = one_writer_per_folder(runtime, checkpoint)
         trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
-                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base)
+                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
+                          shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens})
         val = meta["splits"]["val"]
 
         def score_val(model) -> dict:
@@ -79,6 +79,17 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
         return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
     finally:
         teardown(runtime)
+
+
+def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
+    """(meta, tokenizer, base model or None, train tokens, val tokens), each checked."""
+    meta = read_meta(tokens)
+    text_tokenizer = load_tokenizer(tokenizer)
+    require_tokenizer(text_tokenizer, made_with(meta, tokens))
+    require_splits(meta, tokens, "train", "val")
+    base = _check_base_model(params, text_tokenizer, int(meta["vocab_size"]))
+    return (meta, text_tokenizer, base, read_tokens(tokens / "train"),
+            read_tokens(tokens / "val"))
 
 
 def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int) -> Path | None:

@@ -14,18 +14,16 @@ and identical texts never straddle two splits.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, write_json
-from pipeline.core.parallel import ordered_map
+from pipeline.core.parallel import ordered_map, usable_cores
 from pipeline.core.params import Params, SplitParams
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
@@ -35,7 +33,7 @@ from pipeline.data.doctable import (
     DocumentWriter,
     iter_batches,
     open_table,
-    table_path,
+    read_row_groups,
 )
 from pipeline.data.splitting import SPLITS, assign_split, documents_for_nonempty
 
@@ -79,13 +77,14 @@ def _empty_split_error(params: SplitParams, counts: dict[str, int], input_dir: P
     )
 
 
-# Row groups hashed per worker task (a row group is ROWS_PER_GROUP documents).
-GROUPS_PER_TASK = 4
+# Row groups hashed per worker task (a row group is ROWS_PER_GROUP documents): one, so
+# that a task of long documents (whole files) stays one row group's texts in memory.
+GROUPS_PER_TASK = 1
 
 
 @dataclass(frozen=True)
 class _Job:
-    table: Path
+    table: Path  # the document table's folder
     row_groups: list[int]
     seed: int
     train: float
@@ -96,7 +95,7 @@ def _assign(job: _Job) -> tuple[np.ndarray, list[int]]:
     """The split of each document of some row groups (an index into SPLITS, uint8) and
     the UTF-8 bytes each split gets: the hashing, which is what costs, done by a worker
     that reads the texts itself so that only the answers travel back."""
-    texts = pq.ParquetFile(job.table).read_row_groups(job.row_groups, columns=["text"])
+    texts = read_row_groups(job.table, job.row_groups, ["text"])
     codes = np.empty(texts.num_rows, dtype=np.uint8)
     sizes = [0] * len(SPLITS)
     for row, text in enumerate(texts.column(0).to_pylist()):
@@ -108,7 +107,7 @@ def _assign(job: _Job) -> tuple[np.ndarray, list[int]]:
 
 def _worker_count(settings: SplitParams, tasks: int) -> int:
     """Processes to use: ``split.workers`` (0 = one per core), never more than tasks."""
-    return max(1, min(settings.workers or os.cpu_count() or 1, tasks))
+    return max(1, min(settings.workers or usable_cores(), tasks))
 
 
 def run(params: Params, *, input: Path, out: Path, metrics: Path,
@@ -125,7 +124,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
     total = table.metadata.num_rows
     groups = list(range(table.num_row_groups))
     tasks = [groups[i:i + groups_per_task] for i in range(0, len(groups), groups_per_task)]
-    jobs = ((chunk, _Job(table_path(input_dir), chunk, split.seed, split.train, split.val))
+    jobs = ((chunk, _Job(Path(input_dir), chunk, split.seed, split.train, split.val))
             for chunk in tasks)
     documents = dict.fromkeys(SPLITS, 0)
     sizes = dict.fromkeys(SPLITS, 0)
@@ -141,7 +140,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
         for chunk, answer in ordered_map(_assign, jobs, _worker_count(split, len(tasks)),
                                          "split"):
             codes, chunk_sizes = answer
-            rows = table.read_row_groups(chunk, columns=["id", "source", "text"])
+            rows = read_row_groups(input_dir, chunk, ["id", "source", "text"])
             for code, name in enumerate(SPLITS):
                 mask = codes == code
                 writers[name].extend(rows.filter(pa.array(mask)))

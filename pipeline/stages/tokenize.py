@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -62,8 +63,11 @@ def tokenize_split(
 
 def _text_bytes(table: Path) -> int:
     """The uncompressed size of a document table's text column (Parquet's own count)."""
-    metadata = pq.ParquetFile(table).metadata
-    column = metadata.schema.names.index("text")
+    try:
+        metadata = pq.ParquetFile(table).metadata
+        column = metadata.schema.names.index("text")
+    except (pa.ArrowInvalid, OSError, ValueError) as err:
+        raise GptpipeError(f"{table}: not a readable document table ({err})") from None
     return sum(metadata.row_group(g).column(column).total_uncompressed_size
                for g in range(metadata.num_row_groups))
 
