@@ -819,8 +819,8 @@ def test_a_node_with_other_params_stops_both_with_one_line(token_data, tmp_path)
         assert code != 0
         lines = [line for line in err.splitlines() if "runs another run than process 0" in line]
         assert len(lines) == 1, err
-        assert "params, token data or gptpipe code differ" in lines[0]
-        assert "give every machine the same commit, params.yaml and data" in lines[0]
+        assert "params, token data, gptpipe code or resolved train.dtype differ" in lines[0]
+        assert "give every machine the same commit, params.yaml, data (dvc pull)" in lines[0]
     assert not any((node / "models").exists() for node in nodes)
 
 
