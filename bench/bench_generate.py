@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT, str]:
     """The model to time and a line describing it."""
-    if args.context is None and (args.model / "config.json").is_file():
+    if args.context is None and args.model.is_dir():
         model, _ = load_model(args.model, device)
         return model, f"`{args.model}`"
     context = args.context or 128

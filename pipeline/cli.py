@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "reward": "pipeline.stages.reward",
     "sft": "pipeline.stages.sft",
     "rlhf": "pipeline.stages.rlhf",
+    "export": "pipeline.stages.export",
     "generate": "pipeline.lm.generate",
 }
 
@@ -39,6 +40,7 @@ _SHORT_HELP = {
     "reward": "Train the GPT reward model (Bradley-Terry) and a scikit-learn baseline.",
     "sft": "Fine-tune the pretrained model on prompt/response examples before RL.",
     "rlhf": "Tune the SFT policy (PPO, GRPO, RLOO, REINFORCE or DPO) on the chosen reward.",
+    "export": "Write a model as a Hugging Face Transformers folder (Llama or GPT-2).",
     "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
 }
 

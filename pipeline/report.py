@@ -11,7 +11,8 @@ HEADLINES = {
     "metrics/pretrain.json": ("val_bpb", "val_loss", "best_step", "tokens_seen"),
     "metrics/pretrain_speed.json": ("tokens_per_second", "wall_seconds", "device"),
     "metrics/evaluate.json": ("test.bpb", "test.bigram_bpb", "test.unigram_bpb", "test.ppl",
-                              "test.acc"),
+                              "test.acc", "next_sentence.acc_pmi",
+                              "next_sentence.bigram_acc_pmi"),
     "metrics/reward.json": ("gpt.heldout_accuracy", "baseline.heldout_accuracy"),
     "metrics/sft.json": ("source", "heldout_loss_before", "heldout_loss_after"),
     "metrics/rlhf.json": ("algo", "reward", "gold_pretrained", "gold_after", "win_rate",
@@ -41,8 +42,10 @@ def main(root: Path = Path(".")) -> None:
     print("  metrics:  metrics/*.json        (dvc metrics show)")
     print("  plots:    dvclive/pretrain/, dvclive/rlhf/  (dvc plots show, then open "
           "dvc_plots/index.html)")
-    print("  models:   models/pretrain/best  (model.safetensors, config.json, tokenizer.json);"
+    print("  models:   models/pretrain/best  (model.safetensors, gptpipe.json, tokenizer.json);"
           " fine-tuned: models/sft; RLHF-tuned: models/rlhf/best")
+    print("  Transformers: models/hf/pretrain, models/hf/rlhf  "
+          "(AutoModelForCausalLM.from_pretrained)")
     print("  samples:  evaluation/samples.json, evaluation/samples_rlhf.json")
     print("sample from the model:")
     print("  .venv/bin/gptpipe generate --model models/pretrain/best \"The river\"")

@@ -29,7 +29,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
         assert torch.equal(model(idx)[0], loaded.eval()(idx)[0])
     assert loaded.lm_head.weight is loaded.wte.weight  # still tied after loading
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "config.json", "model.safetensors"
+        "gptpipe.json", "model.safetensors"
     ]
 
 
@@ -46,7 +46,7 @@ def test_missing_checkpoint_and_config_are_clear_errors(tmp_path):
     with pytest.raises(GptpipeError, match="checkpoint directory not found"):
         load_model(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GptpipeError, match=r"config\.json: missing"):
+    with pytest.raises(GptpipeError, match=r"gptpipe\.json: missing"):
         load_model(tmp_path / "empty")
 
 

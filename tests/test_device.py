@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.core import device
 from pipeline.core.device import pick_device, pick_dtype
 from pipeline.core.errors import GptpipeError
 
@@ -56,7 +59,33 @@ def test_cpu_is_always_available_and_unknown_devices_are_refused():
         pick_device("tpu")
 
 
-def test_cpu_refuses_reduced_precision():
+def test_cpu_auto_is_float32_even_with_native_bfloat16(monkeypatch):
+    # The default run's outputs stay the same bits on every machine.
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
-    with pytest.raises(GptpipeError, match=r"train.dtype = 'bfloat16' on cpu"):
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_cpu_bfloat16_is_allowed_only_where_the_cpu_runs_it_natively(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(GptpipeError) as caught:
         pick_dtype("bfloat16", torch.device("cpu"))
+    assert str(caught.value) == (
+        "train.dtype = 'bfloat16' on cpu, but this CPU has no native bfloat16 (AVX512-BF16, "
+        "AMX or Arm BF16), where it runs far slower than float32; allowed: auto or float32")
+
+
+def test_cpu_float16_is_refused():
+    with pytest.raises(GptpipeError, match=r"train.dtype = 'float16' on cpu; allowed: auto or"):
+        pick_dtype("float16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo")
+def test_native_bfloat16_detection_agrees_with_the_kernels_cpu_flags():
+    text = Path("/proc/cpuinfo").read_text(errors="replace")
+    flags = set(re.findall(r"[\w.]+", " ".join(
+        line.split(":", 1)[1] for line in text.splitlines()
+        if line.lower().startswith(("flags", "features")))))
+    assert device.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})

@@ -25,6 +25,7 @@ from pipeline.lm.evaluation import (
     fit_baselines,
     perplexity,
     score_tokens,
+    scoring_plan,
 )
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.training import mean_loss
@@ -144,11 +145,72 @@ def test_evaluate_split_reports_flat_consistent_metrics():
     model = tiny_gpt()
     tokens = random_stream(30)
     metrics = evaluate_split(model, tokens, 100, CONTEXT, 4, CPU)
-    assert set(metrics) == {"loss", "ppl", "bpb", "acc", "tokens"}
-    assert metrics["tokens"] == 29
+    assert set(metrics) == {"loss", "ppl", "bpb", "acc", "tokens", "bytes"}
+    assert metrics["tokens"] == 29 and metrics["bytes"] == 100
     assert metrics["ppl"] == pytest.approx(math.exp(metrics["loss"]))
     assert metrics["bpb"] == pytest.approx(metrics["loss"] * 29 / 100 / math.log(2))
     assert 0.0 <= metrics["acc"] <= 1.0
+
+
+# --- a budget of tokens --------------------------------------------------------------
+
+
+def test_a_budget_scores_evenly_spread_windows_the_same_every_time():
+    whole = scoring_plan(1001, 10)
+    assert whole.whole and whole.predicted == 1000 and whole.tail is None
+    plan = scoring_plan(1001, 10, max_tokens=300)
+    assert not plan.whole and plan.predicted == 300 and plan.tail is None
+    # 30 of the 100 windows, first and last among them, spread evenly.
+    assert plan.starts[0] == 0 and plan.starts[-1] == 990 and len(plan.starts) == 30
+    assert np.array_equal(plan.starts, scoring_plan(1001, 10, max_tokens=300).starts)
+    assert len(set(np.diff(plan.starts)) - {30, 40}) == 0
+    # A split within the budget is scored whole, tail included.
+    small = scoring_plan(1006, 10, max_tokens=5000)
+    assert small.whole and small.predicted == 1005 and small.tail == 1000
+
+
+def test_a_budget_counts_the_scored_tokens_own_bytes():
+    model = tiny_gpt()
+    tokens = random_stream(401)  # ids 0..VOCAB-1
+    lengths = np.arange(VOCAB) % 3 + 1  # each id stands for 1 to 3 bytes
+    total = int(lengths[tokens].sum())
+    plan = scoring_plan(len(tokens), CONTEXT, max_tokens=4 * CONTEXT)
+    metrics = evaluate_split(model, tokens, 5000, CONTEXT, 4, CPU, max_tokens=4 * CONTEXT,
+                             byte_lengths=lengths, split_token_bytes=total)
+    targets = np.concatenate([tokens[start + 1 : start + CONTEXT + 1] for start in plan.starts])
+    assert metrics["tokens"] == len(targets) == 4 * CONTEXT
+    # The split's 5000 bytes, times the share of its token bytes the targets hold.
+    assert metrics["bytes"] == pytest.approx(5000 * lengths[targets].sum() / total, abs=1e-3)
+    scores = score_tokens(model, tokens, CONTEXT, 4, CPU, plan=plan)
+    assert metrics["bpb"] == pytest.approx(scores.loss * scores.tokens / metrics["bytes"]
+                                           / math.log(2))
+
+
+def test_streams_on_disk_score_and_fit_exactly_as_in_memory(tmp_path):
+    from pipeline.data.shards import ShardWriter, read_tokens
+
+    stream = random_stream(3000)
+    with ShardWriter(tmp_path, np.dtype(np.uint16), 700) as writer:
+        writer.append(stream)
+    on_disk = read_tokens(tmp_path)
+    model = tiny_gpt()
+    for budget in (None, 200):
+        plan = scoring_plan(len(stream), CONTEXT, budget)
+        assert score_tokens(model, on_disk, CONTEXT, 8, CPU, plan=plan) == score_tokens(
+            model, stream, CONTEXT, 8, CPU, plan=plan)
+    # Baselines fitted chunk by chunk (chunks smaller than the stream) equal one pass.
+    import pipeline.data.shards as shards
+
+    original = shards._READ_TOKENS
+    shards._READ_TOKENS = 256
+    try:
+        streamed = fit_baselines(read_tokens(tmp_path), VOCAB)
+    finally:
+        shards._READ_TOKENS = original
+    whole = fit_baselines(stream, VOCAB)
+    assert np.array_equal(streamed["unigram"].probabilities, whole["unigram"].probabilities)
+    for name in ("pair_codes", "pair_counts", "context_counts", "distinct_followers"):
+        assert np.array_equal(getattr(streamed["bigram"], name), getattr(whole["bigram"], name))
 
 
 # --- baselines -------------------------------------------------------------------------

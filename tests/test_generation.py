@@ -386,7 +386,7 @@ def test_cli_refuses_a_tokenizer_of_another_size(checkpoint, tmp_path):
                             synthetic_documents(20))
     other.save(tmp_path / "other.json")
     result = _invoke("--model", str(checkpoint), "--tokenizer", str(tmp_path / "other.json"), "x")
-    _one_line_error(result, "other.json", "20 tokens", "config.json")
+    _one_line_error(result, "other.json", "20 tokens", "gptpipe.json")
 
 
 def test_cli_refuses_a_tokenizer_of_the_same_size_but_other_contents(checkpoint, tmp_path,
@@ -397,7 +397,7 @@ def test_cli_refuses_a_tokenizer_of_the_same_size_but_other_contents(checkpoint,
     assert other.vocab_size == word_tokenizer.vocab_size and other.sha256 != word_tokenizer.sha256
     other.save(tmp_path / "cased.json")
     result = _invoke("--model", str(checkpoint), "--tokenizer", str(tmp_path / "cased.json"))
-    _one_line_error(result, "cased.json", "sha256", "config.json")
+    _one_line_error(result, "cased.json", "sha256", "gptpipe.json")
 
 
 def test_cli_refuses_missing_files_and_bad_options(checkpoint, tmp_path):
@@ -410,8 +410,8 @@ def test_cli_refuses_missing_files_and_bad_options(checkpoint, tmp_path):
     _one_line_error(_invoke("--model", str(checkpoint), "--device", "tpu"), "--device")
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("config.json", "tokenizer.json"):
+    for name in ("gptpipe.json", "tokenizer.json"):
         (broken / name).write_bytes((checkpoint / name).read_bytes())
     _one_line_error(_invoke("--model", str(broken)), "model.safetensors")
-    (broken / "config.json").unlink()
-    _one_line_error(_invoke("--model", str(broken)), "config.json")
+    (broken / "gptpipe.json").unlink()
+    _one_line_error(_invoke("--model", str(broken)), "gptpipe.json")

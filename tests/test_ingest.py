@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import zstandard
 from click.testing import CliRunner, Result
 from conftest import BIN, run_cmd
 
+from pipeline.core.errors import GptpipeError
 from pipeline.core.io import sha256_file
 from pipeline.core.params import DataParams, Params
+from pipeline.data.corpus import CorpusStats, iter_documents, plan_ranges
 from pipeline.data.doctable import PART_NAME, RAW_SCHEMA
 from pipeline.stages.ingest import main, run
 
@@ -297,3 +300,129 @@ def test_a_failed_run_keeps_the_previous_output(tmp_path):
     assert "line 2: field 'text' is a NoneType None" in result.output
     assert sha256_file(tmp_path / "raw" / PART_NAME) == before
     assert leftovers(tmp_path) == []
+
+
+# --- parallel reading: byte ranges and workers -------------------------------------------
+
+
+def tricky_text_bytes(paragraphs: int = 40) -> bytes:
+    """Plain text that cuts badly: a byte-order mark, CRLF, lone CR and LF line ends,
+    blank lines of spaces, tabs or an ideographic space, invalid UTF-8 and multi-byte
+    characters in every script."""
+    pieces = ["\ufeff"]
+    words = ["alpha", "βήτα", "гамма", "数据", "ข้อมูล", "🙂", "x"]
+    ends = ["\n", "\r\n", "\r"]
+    blanks = ["\n", "\r\n", "  \n", "\t\r\n", "\u3000\n"]
+    for index in range(paragraphs):
+        for line in range(1 + index % 4):
+            text = " ".join(words[(index + line + k) % len(words)] for k in range(3 + line))
+            pieces.append(f"{index}.{line} {text}{ends[(index + line) % 3]}")
+        pieces.append(blanks[index % len(blanks)])
+    data = "".join(pieces).encode("utf-8")
+    return data[:100] + b"\xff\xfe" + data[100:]
+
+
+def jsonl_bytes(lines: int = 60) -> bytes:
+    rows = []
+    for index in range(lines):
+        rows.append(json.dumps({"text": f"record {index} " + "数据 " * (index % 5)}))
+        if index % 7 == 3:
+            rows.append("   ")  # blank lines are skipped but still numbered
+    return ("\r\n".join(rows) + "\n").encode("utf-8")
+
+
+def read_all(corpus: Path, range_bytes: int, **data: str) -> tuple[list, dict]:
+    stats = CorpusStats()
+    params = DataParams(corpus=str(corpus), **data)
+    return list(iter_documents(params, stats, range_bytes=range_bytes)), stats.as_metrics()
+
+
+@pytest.mark.parametrize(("name", "unit", "make"), [
+    ("notes", "paragraph", tricky_text_bytes),
+    ("notes", "line", tricky_text_bytes),
+    ("records.jsonl", "auto", jsonl_bytes),
+])
+def test_byte_ranges_read_exactly_what_the_whole_file_gives(tmp_path, name, unit, make):
+    corpus = tmp_path / name
+    corpus.write_bytes(make())
+    ranges = list(plan_ranges(corpus, "paragraph" if unit == "paragraph" else "line", 97))
+    assert len(ranges) > 3
+    # The ranges tile the file, and each starts just after a line feed.
+    assert ranges[0][0] == 0 and ranges[-1][1] == corpus.stat().st_size
+    data = corpus.read_bytes()
+    assert all(a[1] == b[0] and data[b[0] - 1:b[0]] == b"\n" for a, b in itertools.pairwise(ranges))
+    whole = read_all(corpus, 1 << 30, txt_unit=unit)
+    cut = read_all(corpus, 97, txt_unit=unit)
+    assert cut == whole
+    assert len(whole[0]) > 20 and whole[1]["invalid_bytes"] == (2 if name == "notes" else 0)
+
+
+def test_a_bad_record_in_a_later_range_names_its_line_as_a_whole_read_does(tmp_path):
+    corpus = tmp_path / "records.jsonl"
+    corpus.write_bytes(jsonl_bytes() + b'{"text": "fine"}\r\n{"oops"\n')
+    messages = []
+    for range_bytes in (1 << 30, 97):
+        with pytest.raises(GptpipeError) as caught:
+            read_all(corpus, range_bytes)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "line 71: not JSON" in messages[0]
+
+
+def make_parallel_corpus(root: Path) -> Path:
+    """A folder whose files go every way: whole to a worker, in byte ranges, or (too big
+    to hand over and impossible to cut) streamed by ingest itself."""
+    make_mixed_corpus(root)
+    (root / "big").mkdir()
+    (root / "big" / "notes.txt").write_bytes(tricky_text_bytes(60))
+    (root / "big" / "records.jsonl").write_bytes(jsonl_bytes(80))
+    (root / "big" / "packed.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(90), mtime=0))
+    for index in range(12):
+        (root / "small" / f"{index:02d}").mkdir(parents=True)
+        (root / "small" / f"{index:02d}" / "doc.rst").write_text(
+            f"Title {index}\n\nBody of small file {index}.\n", encoding="utf-8")
+    return root
+
+
+def test_ingest_is_byte_identical_for_any_number_of_workers(tmp_path):
+    corpus = make_parallel_corpus(tmp_path / "corpus")
+    digests = set()
+    for workers, range_bytes in ((1, 1 << 30), (1, 300), (2, 300), (2, 1 << 30)):
+        params = Params(data=DataParams(corpus=str(corpus), txt_unit="paragraph",
+                                        workers=workers))
+        out = tmp_path / f"raw-{workers}-{range_bytes}"
+        metrics = tmp_path / f"m-{workers}-{range_bytes}.json"
+        run(params, out=out, metrics=metrics, range_bytes=range_bytes)
+        digests.add((sha256_file(out / PART_NAME), sha256_file(metrics)))
+    assert len(digests) == 1
+    table = pq.read_table(out / PART_NAME)
+    sources = table.column("source").to_pylist()
+    assert "big/packed.jsonl.gz:1" in sources and "small/11/doc.rst:3" in sources
+    assert table.column("id").to_pylist() == list(range(table.num_rows))
+
+
+def test_a_binary_single_file_fails_in_one_line_with_workers_too(tmp_path):
+    corpus = tmp_path / "blob"
+    corpus.write_bytes(b"\x00" * 5000)
+    params = Params(data=DataParams(corpus=str(corpus), workers=2))
+    with pytest.raises(GptpipeError, match="blob is not text"):
+        run(params, out=tmp_path / "raw", metrics=tmp_path / "m.json", range_bytes=100)
+    assert not (tmp_path / "raw").exists()
+
+
+def test_with_workers_the_first_error_in_corpus_order_is_the_one_reported(tmp_path):
+    # a.jsonl fails while it is read; z.txt.gz fails already while the files are planned,
+    # which, with workers, happens ahead of reading: still a.jsonl's error comes first.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken}\n', encoding="utf-8")
+    (corpus / "m.txt").write_text("a middle file\n", encoding="utf-8")
+    (corpus / "z.txt.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    messages = set()
+    for workers in (1, 2):
+        params = Params(data=DataParams(corpus=str(corpus), workers=workers))
+        with pytest.raises(GptpipeError) as caught:
+            run(params, out=tmp_path / "raw", metrics=tmp_path / "m.json", range_bytes=64)
+        messages.add(str(caught.value))
+    assert len(messages) == 1
+    assert "a.jsonl: line 2: not JSON" in messages.pop()

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 DATA_STAGES = ["ingest", "clean", "split", "vocab", "tokenize"]
 # After pretrain, DVC may run independent stages in either order: compared as sets.
-AFTER_PRETRAIN = {"pretrain", "evaluate", "preferences", "reward", "sft", "rlhf",
-                  "evaluate_rlhf"}
+AFTER_PRETRAIN = {"pretrain", "evaluate", "export", "preferences", "reward", "sft", "rlhf",
+                  "evaluate_rlhf", "export_rlhf"}
 TINY = {
     "data.corpus": "corpus",
     "clean.min_bytes": 20,
@@ -113,11 +113,16 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
     _set_param(repo, "max_new_tokens: 8", "max_new_tokens: 9")
     assert _repro(repo) == ["evaluate", "evaluate_rlhf"]
 
-    # Only an RLHF param changed: rlhf runs, and the evaluation of its policy only if the
-    # best policy's bytes changed (in a 2-step run the starting policy may stay the best).
+    # Only an RLHF param changed: rlhf runs, and the evaluation and export of its policy
+    # only if the best policy's bytes changed (in a 2-step run the starting policy may stay
+    # the best).
     _set_param(repo, "kl_coef: 0.05", "kl_coef: 0.1")
     ran = _repro(repo)
-    assert ran[0] == "rlhf" and set(ran) <= {"rlhf", "evaluate_rlhf"}
+    assert ran[0] == "rlhf" and set(ran) <= {"rlhf", "evaluate_rlhf", "export_rlhf"}
+
+    # Only the export dtype changed: only the two exports run.
+    _set_param(repo, "dtype: float32", "dtype: bfloat16")
+    assert set(_repro(repo)) == {"export", "export_rlhf"}
 
     # Editing the corpus re-runs the pipeline from ingest.
     (repo / "corpus" / "doc0000.txt").write_text("A brand new first document about rivers.\n")

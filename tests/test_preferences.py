@@ -198,7 +198,7 @@ def test_stage_builtin_writes_splits_meta_and_metrics(tiny_setup, tmp_path):
     train = read_pairs_jsonl(out / "train.jsonl")
     heldout = read_pairs_jsonl(out / "heldout.jsonl")
     meta = json.loads((out / "meta.json").read_text())
-    tokenizer_sha = json.loads((tiny_setup / "model/config.json").read_text())["tokenizer_sha256"]
+    tokenizer_sha = json.loads((tiny_setup / "model/gptpipe.json").read_text())["tokenizer_sha256"]
     assert meta["source"] == "builtin" and meta["tokenizer_sha256"] == tokenizer_sha
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["pairs.train"] == len(train) and metrics["pairs.heldout"] == len(heldout)

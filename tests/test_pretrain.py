@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
 from conftest import BIN, REPO_ROOT, synthetic_documents
 
-from pipeline.core.device import Runtime
+from pipeline.core.device import Runtime, cpu_has_native_bf16
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import parse_params
 from pipeline.data.shards import read_meta, read_tokens
@@ -93,7 +96,7 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert "pretrain: device cpu" in result.stdout
     for which in ("best", "last"):
         files = sorted(p.name for p in (tmp_path / "models" / which).iterdir())
-        assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert files == ["gptpipe.json", "model.safetensors", "tokenizer.json"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 24
     assert metrics["tokens_seen"] == 24 * 4 * 32
@@ -114,10 +117,11 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert [int(r.split("\t")[0]) for r in val_rows] == [6, 12, 18, 24]
 
 
-def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
+def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32, **train
+             ) -> Trainer:
     params = parse_params({"model": TINY_MODEL, "train": {**TINY_TRAIN, **train}})
     meta = read_meta(data / "tokens")
-    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), dtype),
                    read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
                    meta["vocab_size"],
                    {"tokens": data / "tokens", "tokenizer": data / "tokenizer.json"},
@@ -126,6 +130,22 @@ def _trainer(data: Path, state_dir: Path, **train) -> Trainer:
 
 class _Crash(Exception):
     pass
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_autocast_trains_on_a_cpu_that_runs_it_natively(token_data, tmp_path):
+    losses: dict[int, float] = {}
+    trainer = _trainer(token_data, tmp_path / "bf16", dtype=torch.bfloat16, steps=12)
+    trainer.fit(lambda log: losses.update({log.step: log.train_loss}), lambda s, v: None)
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses[12] < losses[1] - 0.5
+    reference: dict[int, float] = {}
+    _trainer(token_data, tmp_path / "fp32", steps=12).fit(
+        lambda log: reference.update({log.step: log.train_loss}), lambda s, v: None)
+    # Autocast, not float32 under another name: bfloat16 rounding moves the loss a little,
+    # while the weights (and so the snapshot) stay float32.
+    assert losses[1] != reference[1] and abs(losses[1] - reference[1]) < 0.05
+    assert trainer.model.blocks[0].mlp.down.weight.dtype == torch.float32
 
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(token_data, tmp_path):
@@ -366,7 +386,7 @@ def test_nan_guard_in_process(token_data, tmp_path):
         ({}, {"device": "cuda"}, "no CUDA GPU"),
         ({}, {"device": "tpu"}, "train.device = 'tpu'"),
         ({}, {"batch_size": 10**6}, "do not fit in cpu memory"),
-        ({}, {"dtype": "bfloat16"}, "train.dtype = 'bfloat16' on cpu"),
+        ({}, {"dtype": "float16"}, "train.dtype = 'float16' on cpu"),
     ],
 )
 def test_bad_settings_give_one_clear_line(token_data, tmp_path, model, train, needle):
@@ -465,7 +485,7 @@ def test_continued_pretraining_through_the_stage(token_data, base_model, tmp_pat
     params = _write_params(tmp_path / "p.yaml", train={"steps": 6, "init_from": str(base_model)})
     result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
     assert f"pretrain: continuing {base_model}" in result.stdout
-    config = json.loads((tmp_path / "models/best/config.json").read_text())
+    config = json.loads((tmp_path / "models/best/gptpipe.json").read_text())
     assert config["init_from"] == str(base_model)
     # It went on from the base model: its first step's loss is below the base run's last
     # (which started from random weights with the same params and data).
@@ -491,6 +511,55 @@ def test_vocab_from_model_copies_the_base_tokenizer_byte_for_byte(token_data, ba
     assert not (tmp_path / "t2.json").exists()
 
 
+@pytest.fixture(scope="module")
+def hf_base(base_model, tmp_path_factory) -> Path:
+    """The base model exported as a Transformers folder (a Llama), as a user would bring
+    one from elsewhere."""
+    from pipeline.stages import export
+
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    export.run(parse_params({}), model=base_model, out=out)
+    return out
+
+
+def test_init_from_a_transformers_folder_starts_from_its_weights_exactly(token_data, base_model,
+                                                                         hf_base, tmp_path):
+    from pipeline.lm.checkpoint import load_model
+
+    params = parse_params({"model": TINY_MODEL,
+                           "train": {**TINY_TRAIN, "init_from": str(hf_base)}})
+    meta = read_meta(token_data / "tokens")
+    trainer = Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
+                      read_tokens(token_data / "tokens/train"),
+                      read_tokens(token_data / "tokens/val"), meta["vocab_size"],
+                      {"tokens": token_data / "tokens", "init_from": hf_base},
+                      tmp_path / "s", {}, init_from=hf_base)
+    source, _ = load_model(base_model)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+def test_continued_pretraining_of_a_transformers_folder_through_the_stages(
+        token_data, base_model, hf_base, tmp_path):
+    from pipeline.stages import vocab
+
+    before = sorted(p.name for p in hf_base.iterdir())
+    # vocab.kind from_model: the folder's tokenizer.json less the post-processor that puts
+    # <bos> first for Transformers, which is the base model's tokenizer byte for byte.
+    params = parse_params({"vocab": {"kind": "from_model"}, "train": {"init_from": str(hf_base)}})
+    vocab.run(params, input=token_data / "split", out=tmp_path / "tokenizer.json",
+              metrics=tmp_path / "m.json")
+    assert (tmp_path / "tokenizer.json").read_bytes() == (
+        base_model / "tokenizer.json").read_bytes()
+    # So the data's shards are the base model's, and pretraining goes on from it.
+    params = _write_params(tmp_path / "p.yaml", train={"steps": 6, "init_from": str(hf_base)})
+    result = _gptpipe(_cli_args(token_data, tmp_path, params), tmp_path)
+    assert f"pretrain: continuing {hf_base}" in result.stdout
+    base_losses = _losses(base_model.parent.parent)
+    assert _losses(tmp_path)[0][1] < base_losses[-1][1] < base_losses[0][1]
+    assert sorted(p.name for p in hf_base.iterdir()) == before  # converted in memory only
+
+
 def _not_a_model(root: Path) -> Path:
     (root / "config.json").parent.mkdir(parents=True)
     (root / "config.json").write_text('{"architectures": ["BertModel"]}')
@@ -504,13 +573,33 @@ def _pickled(root: Path) -> Path:
     return root
 
 
+def _transformers(base: Path, root: Path, drop: str | None = None,
+                  drop_tensor: str | None = None, **changes) -> Path:
+    """The base model exported as a Transformers folder (a Llama), then spoiled: a file
+    or a tensor dropped, config.json keys changed."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.stages import export
+
+    export.run(parse_params({}), model=base, out=root)
+    if drop:
+        (root / drop).unlink()
+    if drop_tensor:
+        state = load_file(root / "model.safetensors")
+        del state[drop_tensor]
+        save_file(state, root / "model.safetensors", {"format": "pt"})
+    hf_config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({**hf_config, **changes}))
+    return root
+
+
 def _other_shape(base: Path, root: Path) -> Path:
     import shutil
 
     shutil.copytree(base, root)
-    config = json.loads((root / "config.json").read_text())
+    config = json.loads((root / "gptpipe.json").read_text())
     config["model"]["n_layer"] = 3
-    (root / "config.json").write_text(json.dumps(config))
+    (root / "gptpipe.json").write_text(json.dumps(config))
     return root
 
 
@@ -520,15 +609,16 @@ def _other_vocabulary(base: Path, root: Path) -> Path:
     shutil.copytree(base, root)
     text = (root / "tokenizer.json").read_text()
     (root / "tokenizer.json").write_text(text.replace('"version"', '"version" ', 1))
-    config = json.loads((root / "config.json").read_text())
+    config = json.loads((root / "gptpipe.json").read_text())
     config["tokenizer_sha256"] = None
-    (root / "config.json").write_text(json.dumps(config))
+    (root / "gptpipe.json").write_text(json.dumps(config))
     return root
 
 
 @pytest.mark.parametrize(("make", "needle"), [
     (lambda base, root: root / "absent", "absent: not found; allowed: a gptpipe model folder"),
-    (lambda base, root: _not_a_model(root), "not a gptpipe model config (no 'model' object)"),
+    (lambda base, root: _not_a_model(root),
+     "architectures = ['BertModel']: not an architecture gptpipe computes"),
     (lambda base, root: _pickled(root),
      "pytorch_model.bin is a pickle, and gptpipe never loads pickles"),
     (lambda base, root: _other_shape(base, root),
@@ -536,7 +626,18 @@ def _other_vocabulary(base: Path, root: Path) -> Path:
     (lambda base, root: _other_vocabulary(base, root),
      "its tokenizer is not the data's"),
     (lambda base, root: base / "model.safetensors", "a file, not a model folder"),
-], ids=["missing", "not a model", "pickle", "other shape", "other vocabulary", "a file"])
+    (lambda base, root: _transformers(base, root, model_type="bert"),
+     "model_type = 'bert': not an architecture gptpipe computes; allowed: llama"),
+    (lambda base, root: _transformers(base, root, drop="tokenizer.json"),
+     "tokenizer.json: missing; a Transformers folder used by gptpipe holds its tokenizer"),
+    (lambda base, root: _transformers(base, root, max_position_embeddings=64),
+     "the model has context = 64 but model.context is 32"),
+    (lambda base, root: _transformers(base, root,
+                                      drop_tensor="model.layers.1.mlp.down_proj.weight"),
+     "model.safetensors: weights do not match config.json (missing "
+     "model.layers.1.mlp.down_proj.weight)"),
+], ids=["missing", "not a model", "pickle", "other shape", "other vocabulary", "a file",
+        "hf architecture", "hf no tokenizer", "hf other shape", "hf weights"])
 def test_a_bad_base_model_is_one_line_and_nothing_is_written(token_data, base_model, tmp_path,
                                                             make, needle):
     init_from = make(base_model, tmp_path / "base")
@@ -546,3 +647,203 @@ def test_a_bad_base_model_is_one_line_and_nothing_is_written(token_data, base_mo
     assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
     for output in ("models", "ckpt", "live", "metrics.json"):
         assert not (tmp_path / output).exists()
+
+
+# ------------------------------------------------------------------ tokens on disk
+
+
+def test_windows_read_from_disk_are_the_in_memory_windows_bit_for_bit(token_data):
+    from pipeline.lm.batching import WindowSampler, eval_windows
+
+    on_disk = read_tokens(token_data / "tokens/train")
+    in_memory = np.asarray(on_disk)
+    a = WindowSampler(on_disk, 32, 8, seed=5, rank=1, world_size=2)
+    b = WindowSampler(in_memory, 32, 8, seed=5, rank=1, world_size=2)
+    for _ in range(20):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(eval_windows(on_disk, 32, 16), eval_windows(in_memory, 32, 16))
+
+
+@pytest.fixture(scope="module")
+def small_shards(token_data, tmp_path_factory) -> Path:
+    """token_data re-tokenized into shards of 500 tokens: windows straddle shards."""
+    import shutil
+
+    from pipeline.stages import tokenize
+
+    root = tmp_path_factory.mktemp("small-shards")
+    shutil.copytree(token_data / "split", root / "split")
+    shutil.copy(token_data / "tokenizer.json", root / "tokenizer.json")
+    tokenize.run(parse_params({"tokenize": {"shard_tokens": 500}}), input=root / "split",
+                 tokenizer=root / "tokenizer.json", out=root / "tokens",
+                 metrics=root / "m.json")
+    assert read_meta(root / "tokens")["splits"]["train"]["shards"] > 20
+    return root
+
+
+def test_a_resume_across_shard_boundaries_continues_bit_for_bit(small_shards, tmp_path):
+    straight: dict[int, float] = {}
+    _trainer(small_shards, tmp_path / "a").fit(
+        lambda log: straight.__setitem__(log.step, log.train_loss), lambda s, v: None)
+    resumed: dict[int, float] = {}
+
+    def crash_at_9(log):
+        resumed[log.step] = log.train_loss
+        if log.step == 9:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _trainer(small_shards, tmp_path / "b").fit(crash_at_9, lambda s, v: None)
+    second = _trainer(small_shards, tmp_path / "b")
+    assert second.resumed_from == 6
+    second.fit(lambda log: resumed.__setitem__(log.step, log.train_loss), lambda s, v: None)
+    assert resumed == straight
+
+
+# --- several machines, simulated on this one -----------------------------------------------
+
+NODE_TRAIN = {"steps": 160, "checkpoint_every": 10, "eval_every": 40, "log_every": 10}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _node_checkout(token_data: Path, root: Path, train: dict | None = None) -> Path:
+    """A machine's own checkout: its own copy of the data and params, no shared folder."""
+    root.mkdir(parents=True)
+    shutil.copytree(token_data / "tokens", root / "data/tokens")
+    shutil.copyfile(token_data / "tokenizer.json", root / "data/tokenizer.json")
+    _write_params(root / "params.yaml", WIDER, {**NODE_TRAIN, **(train or {})})
+    return root
+
+
+def _launch_nodes(nodes: list[Path], run_id: str) -> list[subprocess.Popen]:
+    """The README's multi-machine command on each node: torchrun --nnodes=2, a c10d
+    rendezvous on localhost, one CPU (gloo) process per node, each in its own checkout."""
+    endpoint = f"localhost:{_free_port()}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    args = ["pretrain", "--params", "params.yaml", "--tokens", "data/tokens", "--tokenizer",
+            "data/tokenizer.json", "--out", "models", "--checkpoint", "ckpt", "--live", "live",
+            "--metrics", "metrics.json", "--speed", "speed.json"]
+    return [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), f"--nnodes={len(nodes)}", "--nproc_per_node=1",
+             f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+             f"--rdzv_id={run_id}", "-m", "pipeline.cli", *args],
+            cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, node in enumerate(nodes)
+    ]
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    outputs = [p.communicate(timeout=240) for p in processes]
+    return [(p.returncode, out, err) for p, (out, err) in zip(processes, outputs, strict=True)]
+
+
+def _outputs(node: Path) -> tuple:
+    return (_losses(node), (node / "metrics.json").read_text(),
+            (node / "models/best/model.safetensors").read_bytes(),
+            (node / "models/last/model.safetensors").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def two_node_run(token_data, tmp_path_factory) -> Path:
+    """An uninterrupted two-node run."""
+    root = tmp_path_factory.mktemp("two-nodes")
+    nodes = [_node_checkout(token_data, root / f"node{rank}") for rank in range(2)]
+    for code, out, err in _finish(_launch_nodes(nodes, "straight")):
+        assert code == 0, out + err
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_each_keep_the_whole_run(two_node_run):
+    first, second = (_outputs(two_node_run / f"node{rank}") for rank in range(2))
+    assert first == second
+    assert len(first[0]) == NODE_TRAIN["steps"] // NODE_TRAIN["log_every"]
+    for rank in range(2):
+        speed = json.loads((two_node_run / f"node{rank}/speed.json").read_text())
+        assert speed["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_killed_during_training_resume_and_match_an_uninterrupted_run(
+    token_data, two_node_run, tmp_path
+):
+    nodes = [_node_checkout(token_data, tmp_path / f"node{rank}") for rank in range(2)]
+    processes = _launch_nodes(nodes, "killed")
+    states = [node / "ckpt/snapshot/state.json" for node in nodes]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        if any(s.is_file() and json.loads(s.read_text())["step"] >= 40 for s in states):
+            break
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in processes), "a node ended before it could be killed"
+    # A machine going down: torchrun and its worker (in a session of its own) at once.
+    doomed = [psutil.Process(p.pid) for p in processes]
+    doomed += [child for parent in list(doomed) for child in parent.children(recursive=True)]
+    for victim in doomed:
+        victim.kill()
+    _finish(processes)
+    steps = [json.loads(s.read_text())["step"] for s in states]
+    assert 40 <= max(steps) < NODE_TRAIN["steps"]
+    assert not any((node / "models").exists() for node in nodes)
+    # The second machine is replaced by a fresh one: no snapshot at all on its disk.
+    shutil.rmtree(nodes[1] / "ckpt")
+    results = _finish(_launch_nodes(nodes, "resumed"))
+    for code, out, err in results:
+        assert code == 0, out + err
+    said = "".join(out for _, out, _ in results)
+    assert f"resuming from step {steps[0]}" in said
+    assert f"holds none: continuing from step {steps[0]} with process" in said
+    expected = _outputs(two_node_run / "node0")
+    for node in nodes:
+        assert _outputs(node) == expected
+        assert json.loads((node / "ckpt/snapshot/state.json").read_text())["step"] == 160
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_with_other_params_stops_both_with_one_line(token_data, tmp_path):
+    nodes = [_node_checkout(token_data, tmp_path / "node0"),
+             _node_checkout(token_data, tmp_path / "node1", {"lr": 1e-3})]
+    for code, _, err in _finish(_launch_nodes(nodes, "mixed")):
+        assert code != 0
+        lines = [line for line in err.splitlines() if "runs another run than process 0" in line]
+        assert len(lines) == 1, err
+        assert "params, token data, gptpipe code or resolved train.dtype differ" in lines[0]
+        assert "give every machine the same commit, params.yaml, data (dvc pull)" in lines[0]
+    assert not any((node / "models").exists() for node in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_node_with_damaged_data_stops_both_with_its_one_line(token_data, tmp_path):
+    """A failure on one machine before any collective must not leave the other waiting."""
+    nodes = [_node_checkout(token_data, tmp_path / f"node{rank}") for rank in range(2)]
+    flat = nodes[1] / "data/tokens/train/tokens.bin"
+    flat.write_bytes(flat.read_bytes()[:-2])
+    results = _finish(_launch_nodes(nodes, "damaged"))
+    for code, _, err in results:
+        assert code != 0
+        assert "tokens.bin: " in err and "tokens but the shards hold" in err, err
+    assert not any((node / "models").exists() for node in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_sharing_one_checkout_write_it_once(token_data, two_node_run, tmp_path):
+    """A checkout on a network file system: one writer, the same result."""
+    shared = _node_checkout(token_data, tmp_path / "shared")
+    for code, out, err in _finish(_launch_nodes([shared, shared], "shared")):
+        assert code == 0, out + err
+    assert _outputs(shared) == _outputs(two_node_run / "node0")
+    assert not list((shared / "ckpt").glob(".gptpipe-writer-*"))

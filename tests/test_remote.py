@@ -37,7 +37,7 @@ def test_push_then_pull_in_a_fresh_clone_restores_everything(tmp_path, tiny_corp
     run_cmd(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / MODEL).exists()
     run_cmd(["dvc", "pull"], clone)
-    for path in (MODEL, "models/rlhf/best/model.safetensors", "models/reward/config.json",
+    for path in (MODEL, "models/rlhf/best/model.safetensors", "models/reward/gptpipe.json",
                  "data/tokens/meta.json", "evaluation/samples.json"):
         assert _digest(clone / path) == _digest(repo / path), path
     output = run_cmd(["dvc", "repro"], clone).stdout

@@ -131,7 +131,7 @@ def test_save_then_load_gives_identical_scores(setup, tmp_path):
     assert config["kind"] == "reward" and config["note"] == 1
     assert config["tokenizer_sha256"] == tokenizer.sha256
     assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "gptpipe.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_a_pretrained_checkpoint_is_not_a_reward_model(setup):

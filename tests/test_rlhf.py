@@ -401,10 +401,10 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
     assert metrics["reward_before"] == metrics["rm_before"]  # reward: model
     for which in ("best", "last"):
         files = sorted(p.name for p in (root / "out" / which).iterdir())
-        assert files == ["config.json", "model.safetensors", "tokenizer.json"]
+        assert files == ["gptpipe.json", "model.safetensors", "tokenizer.json"]
         _, meta = load_model(root / "out" / which)
         assert meta["tokenizer_sha256"] == json.loads(
-            (root / "pretrain/config.json").read_text())["tokenizer_sha256"]
+            (root / "pretrain/gptpipe.json").read_text())["tokenizer_sha256"]
         assert meta["rlhf_algo"] == algo
     plots = root / "live/plots/metrics"
     assert (plots / "eval/gold_score.tsv").is_file()

@@ -100,7 +100,7 @@ def test_a_crashed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, alg
     snapshot = json.loads((tmp_path / "snapshot/state.json").read_text())
     assert (snapshot["step"], snapshot["best_step"]) == (resume_at, best)
     # The best weights are not in the snapshot (its policy is step resume_at's): in best/.
-    assert json.loads((tmp_path / "best/config.json").read_text())["rlhf_step"] == best
+    assert json.loads((tmp_path / "best/gptpipe.json").read_text())["rlhf_step"] == best
 
     tuner = _tuner(params, tmp_path)
     assert tuner.resumed_from == resume_at
@@ -219,7 +219,7 @@ def test_a_stopped_stage_resumes_and_matches_an_uninterrupted_run(inputs, straig
     summary = "live/metrics.json"
     assert (tmp_path / summary).read_bytes() == (straight / summary).read_bytes()
     for which in ("best", "last"):
-        for name in ("model.safetensors", "config.json"):
+        for name in ("model.safetensors", "gptpipe.json"):
             ours = (tmp_path / "out" / which / name).read_bytes()
             assert ours == (straight / "out" / which / name).read_bytes(), (which, name)
     # Every plot: the same rows, so no step twice and none missing, with the same values.
@@ -244,7 +244,7 @@ def test_a_kill_after_the_last_snapshot_only_writes_the_outputs(inputs, straight
     for name in ("metrics.json", "live/metrics.json"):
         assert (work / name).read_bytes() == (straight / name).read_bytes(), name
     for which in ("best", "last"):
-        for name in ("model.safetensors", "config.json"):
+        for name in ("model.safetensors", "gptpipe.json"):
             assert (work / "out" / which / name).read_bytes() == (
                 straight / "out" / which / name).read_bytes(), (which, name)
     assert _plots(work) == _plots(straight)

@@ -55,8 +55,8 @@ def test_sft_learns_the_chosen_completions_of_the_pairs(inputs):
     after, _ = load_model(inputs / "sft")
     assert sft_loss(after, examples) < 0.75 * sft_loss(before, examples)
     assert sorted(p.name for p in (inputs / "sft").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
-    config = json.loads((inputs / "sft/config.json").read_text())
+        "gptpipe.json", "model.safetensors", "tokenizer.json"]
+    config = json.loads((inputs / "sft/gptpipe.json").read_text())
     assert config["sft_epochs"] == 8 and config["sft_source"] == "pairs"
 
 

@@ -192,3 +192,22 @@ def test_a_split_left_empty_names_the_param_that_fixes_it(tmp_path, sources, tex
     code, output = _invoke(tmp_path, "split:\n  seed: 1\n", clean)
     assert code == 2
     assert output.count("\n") == 1 and remedy in output
+
+
+def test_split_is_byte_identical_for_any_number_of_workers(tmp_path: Path) -> None:
+    # 9,000 documents are three row groups: one task each, hashed by one or two workers.
+    clean = write_clean(tmp_path / "clean", synthetic_documents(9000, seed=8, sentences=1))
+    digests = set()
+    for workers, groups in ((1, 4), (1, 1), (2, 1)):
+        out = tmp_path / f"split-{workers}-{groups}"
+        run(split_params(workers=workers), input=clean, out=out,
+            metrics=tmp_path / f"{workers}-{groups}.json", groups_per_task=groups)
+        tables = [sha256_file(out / name / PART_NAME) for name in SPLITS]
+        digests.add((*tables, sha256_file(tmp_path / f"{workers}-{groups}.json")))
+    assert len(digests) == 1
+    # The same rows as the plain rule gives, in input order.
+    texts = synthetic_documents(9000, seed=8, sentences=1)
+    expected = [i for i, text in enumerate(texts) if assign_split(text, 1337, 0.8, 0.1) == "val"]
+    val = pq.read_table(out / "val" / PART_NAME, columns=["id"])["id"].to_pylist()
+    assert val == expected
+    assert pq.ParquetFile(out / "train" / PART_NAME).metadata.num_row_groups == 2

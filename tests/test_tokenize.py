@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import synthetic_documents
 
 from pipeline.cli import cli
+from pipeline.core.errors import GptpipeError
 from pipeline.core.params import Params, parse_params
 from pipeline.data.doctable import DocumentWriter
 from pipeline.data.shards import iter_shards, made_with, read_meta, read_tokens, shard_paths
@@ -66,6 +67,7 @@ def tokenize_params(**values: object) -> Params:
 
 def documents_of(stream: np.ndarray) -> list[np.ndarray]:
     """Cut a token stream into its `<bos> ids <eos>` documents (it ends with <eos>)."""
+    stream = np.asarray(stream)  # a split's flat file, read whole
     assert stream[-1] == EOS_ID
     pieces = np.split(stream, np.flatnonzero(stream == EOS_ID) + 1)[:-1]
     assert all(piece[0] == BOS_ID for piece in pieces)
@@ -95,7 +97,7 @@ def test_counts_shards_and_meta_add_up(tmp_path: Path, setup: tuple) -> None:
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     for name, texts in splits.items():
         counts = meta["splits"][name]
-        stream = read_tokens(out / name)
+        stream = np.asarray(read_tokens(out / name))
         sizes = [len(a) for a in iter_shards(out / name)]
         assert all(size <= 256 for size in sizes)
         assert counts["shards"] == len(sizes) == len(shard_paths(out / name))
@@ -240,3 +242,59 @@ def test_missing_split_names_it_and_keeps_old_output(tmp_path: Path, setup: tupl
     assert result.exit_code == 2
     assert f"{split / 'test'}: no document table" in result.output
     assert read_meta(tmp_path / "data" / "tokens") == before
+
+
+def test_the_flat_copy_holds_the_shards_stream_and_any_damage_is_one_line(tmp_path, setup):
+    split, tok_path, _ = setup
+    out = tmp_path / "tokens"
+    run(tokenize_params(), input=split, tokenizer=tok_path, out=out, metrics=tmp_path / "m.json")
+    for name in ("train", "val", "test"):
+        shards = np.concatenate(list(iter_shards(out / name)))
+        assert np.array_equal(np.asarray(read_tokens(out / name)), shards)
+    flat = out / "train" / "tokens.bin"
+    data = flat.read_bytes()
+    flat.write_bytes(data[:-2])  # cut short by one uint16 token
+    with pytest.raises(GptpipeError, match=r"tokens.bin: \d+ tokens but the shards hold"):
+        read_tokens(out / "train")
+    flat.write_bytes(data[:-1])  # not even whole ids
+    with pytest.raises(GptpipeError, match="not whole uint16 ids: cut short"):
+        read_tokens(out / "train")
+    swapped = bytearray(data)
+    swapped[2:4], swapped[4:6] = data[4:6], data[2:4]  # the same length, other tokens
+    flat.write_bytes(bytes(swapped))
+    with pytest.raises(GptpipeError, match="its tokens differ from the shards'"):
+        read_tokens(out / "train")
+    flat.unlink()
+    with pytest.raises(GptpipeError, match=r"tokens\.bin: missing"):
+        read_tokens(out / "train")
+
+
+def test_tokens_are_the_same_with_one_thread_or_two(tmp_path, setup):
+    split, tok_path, _ = setup
+    for workers in (1, 2):
+        run(tokenize_params(workers=workers), input=split, tokenizer=tok_path,
+            out=tmp_path / f"t{workers}", metrics=tmp_path / f"m{workers}.json")
+    for name in ("train", "val", "test", "train/tokens.bin", "meta.json"):
+        one, two = tmp_path / "t1" / name, tmp_path / "t2" / name
+        if one.is_dir():
+            assert [p.read_bytes() for p in sorted(one.iterdir())] == [
+                p.read_bytes() for p in sorted(two.iterdir())]
+        else:
+            assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_corpus_too_big_for_the_free_disk_is_one_line_and_writes_nothing(
+        tmp_path, setup, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    split, tok_path, _ = setup
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(GptpipeError) as caught:
+        run(tokenize_params(), input=split, tokenizer=tok_path, out=tmp_path / "tokens",
+            metrics=tmp_path / "m.json")
+    message = str(caught.value)
+    assert "the flat token files need at least" in message and "GiB free" in message
+    assert "\n" not in message
+    assert not (tmp_path / "tokens").exists() and not (tmp_path / "m.json").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from pipeline.data.units import (
@@ -10,6 +12,7 @@ from pipeline.data.units import (
     is_unspaced,
     looks_like_code,
     opening,
+    sentence_spans,
     words,
 )
 
@@ -92,3 +95,29 @@ def test_code_is_told_from_prose():
     # An indented paragraph of a book, a quotation: prose all the same.
     assert not looks_like_code("  It was a dark night, and the rain fell.\nShe waited.")
     assert not looks_like_code("He wrote:\n    Dear friend, I am well.\n    Yours, J.")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("The river is long. It flows north!  Does it? Yes.",
+     ["The river is long.", "It flows north!", "Does it?", "Yes."]),
+    # Not an end: a lowercase word goes on, and a stop with no space after it.
+    ("It costs 3.5 dollars, e.g. the price of tea at example.com today. Then more.",
+     ["It costs 3.5 dollars, e.g. the price of tea at example.com today.", "Then more."]),
+    # An abbreviation before a capital is taken for an end (no word lists, any language).
+    ("Born in St. Louis in 1900.", ["Born in St.", "Louis in 1900."]),
+    ('He said "Stop." Then (quietly) left.', ['He said "Stop."', "Then (quietly) left."]),
+    ("北京是中国的首都。它有三千多年的历史！你去过吗？",
+     ["北京是中国的首都。", "它有三千多年的历史！", "你去过吗？"]),
+    ("「行こう。」と彼は言った。", ["「行こう。」", "と彼は言った。"]),
+    ("Привет, мир. Как дела?", ["Привет, мир.", "Как дела?"]),
+    ("  A first paragraph.\n\nA second one, no stop", ["A first paragraph.",
+                                                       "A second one, no stop"]),
+    (PYTHON, ["def add(a, b):", "total = a + b", "return total"]),  # code: its lines
+    ("No end at all", ["No end at all"]),
+    (" \n ", []),
+])
+def test_sentences_in_every_script_and_lines_in_code(text, expected):
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == expected
+    for (_, end), (start, _) in itertools.pairwise(spans):  # only spacing between them
+        assert not text[end:start].strip()

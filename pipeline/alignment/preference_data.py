@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_path, read_json
+from pipeline.core.io import atomic_path, json_line, numbered_lines, read_json
 from pipeline.core.params import PreferencesParams
 from pipeline.data.doctable import iter_texts
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MadeWith, TextTokenizer
@@ -78,39 +78,15 @@ class Judge(Protocol):
 # ------------------------------------------------------------------------------ JSONL
 
 
-def _numbered_lines(path: Path, what: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the line ending) of every line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise GptpipeError(f"{path}: {what} file not found") from None
-    except IsADirectoryError:
-        raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark, as some editors write
-        yield number, line.removesuffix(b"\r")
-
-
 def _parse_record(path: Path, number: int, line: bytes, fields: dict[str, bool]
                   ) -> dict[str, str] | None:
     """The string fields of the JSON object on one line (``fields``: name -> whether it
     may be empty), None for a blank line; a one-line error for anything else."""
     where = f"{path}: line {number}"
     names = ", ".join(fields)
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise GptpipeError(
-            f"{where}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1}); "
-            "allowed: UTF-8 text"
-        ) from None
-    if not text.strip():
+    record = json_line(where, line)
+    if record is None:
         return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict):
         raise GptpipeError(f"{where}: a JSON {type(record).__name__}; allowed: an object with "
                            f"{names}")
@@ -151,7 +127,7 @@ def read_jsonl_records(path: str | Path, fields: dict[str, bool], what: str
     (UTF-8, a JSON object, every field of ``fields`` a string, non-empty unless allowed);
     ``what`` names the file's purpose in a missing-file error."""
     path = Path(path)
-    for number, line in _numbered_lines(path, what):
+    for number, line in numbered_lines(path, f"{what} file"):
         record = _parse_record(path, number, line, fields)
         if record is not None:
             yield number, record
@@ -161,7 +137,7 @@ def read_pairs_jsonl(path: str | Path, min_pairs: int = 1) -> list[Pair]:
     """Every pair of a JSONL file, in file order; refuses a file with fewer than ``min_pairs``."""
     path = Path(path)
     pairs = [
-        pair for number, line in _numbered_lines(path, "preferences")
+        pair for number, line in numbered_lines(path, "preferences file")
         if (pair := _parse_line(path, number, line)) is not None
     ]
     if len(pairs) < min_pairs:

@@ -19,7 +19,7 @@ Training is Bradley-Terry: minimize -log sigmoid(r(chosen) - r(rejected)) over p
 :class:`TfidfPreferenceBaseline` is the same model with TF-IDF features and a linear
 score, fitted by scikit-learn: what the GPT body must beat to be worth its cost.
 
-Saved like a model checkpoint (``model.safetensors`` + ``config.json`` +
+Saved like a model checkpoint (``model.safetensors`` + ``gptpipe.json`` +
 ``tokenizer.json``), with ``"kind": "reward"`` in the config; never a pickle.
 """
 
@@ -41,6 +41,7 @@ from pipeline.core.params import RewardParams
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.checkpoint import (
     WEIGHTS,
+    config_file,
     load_model,
     read_config,
     write_model_files,
@@ -170,7 +171,7 @@ class RewardModel(ScalarHead):
 
 def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_path: str | Path,
                       meta: dict[str, Any] | None = None) -> None:
-    """Write ``directory`` (weights, config.json with ``kind: reward``, tokenizer) atomically."""
+    """Write ``directory`` (weights, gptpipe.json with ``kind: reward``, tokenizer) atomically."""
     tokenizer_path = Path(tokenizer_path)
     body = {**(meta or {}), "kind": KIND, "tokenizer_sha256": sha256_file(tokenizer_path)}
     with atomic_dir(directory) as tmp:
@@ -180,7 +181,7 @@ def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_path:
 def load_reward_model(directory: str | Path, device: torch.device | str = "cpu") -> RewardModel:
     """The reward model saved in ``directory``, in eval mode; refuses other kinds of model.
 
-    ``pipeline.lm.checkpoint.read_config(directory)`` gives its config.json (provenance).
+    ``pipeline.lm.checkpoint.read_config(directory)`` gives its config (provenance).
     """
     directory = Path(directory)
     config, raw = read_config(directory)
@@ -193,7 +194,8 @@ def load_reward_model(directory: str | Path, device: torch.device | str = "cpu")
     missing = [k for k in missing if k != "body.lm_head.weight"]
     if missing or unexpected:
         problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise GptpipeError(f"{directory / WEIGHTS}: weights do not match config.json ({problem})")
+        raise GptpipeError(f"{directory / WEIGHTS}: weights do not match "
+                           f"{config_file(directory).name} ({problem})")
     return model.to(device).eval()
 
 

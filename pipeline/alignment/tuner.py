@@ -55,7 +55,7 @@ from pipeline.alignment.updates import (
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import RlhfParams
 from pipeline.core.runs import RunFolder, StopSignals, interrupted_error
-from pipeline.lm.checkpoint import load_model, save_model
+from pipeline.lm.checkpoint import CONFIG, load_model, save_model
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig
 
@@ -187,7 +187,7 @@ class Tuner:
 
     def _best_dir_step(self) -> int | None:
         """The step whose weights the best folder holds, when they are from this run."""
-        path = self.folder.best / "config.json"
+        path = self.folder.best / CONFIG
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

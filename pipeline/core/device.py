@@ -2,8 +2,10 @@
 
 ``device: auto`` picks cuda, then mps, then cpu and says so. Mixed precision is chosen
 per device: bfloat16 autocast on GPUs that support it, float16 with a gradient scaler on
-older GPUs, float32 on CPU (this project's reference processor runs bfloat16 matmuls far
-slower than float32, so "auto" never picks it there).
+older GPUs, float32 on CPU. ``bfloat16`` on a CPU is allowed where the processor runs it
+natively (AVX512-BF16 or AMX on x86, the BF16 extension on Arm) and refused elsewhere,
+where it is emulated and far slower than float32; "auto" keeps float32 on every CPU so
+that the default run's outputs are the same bits on any machine (see params.yaml).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,6 +34,11 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # Whether this process writes the run folder and the stage's outputs: the first
+    # process of each machine, so that every machine holds the whole run (a torchrun
+    # rendezvous may give global rank 0 to any machine), but only one of the machines
+    # that share a folder (see pipeline.lm.training.one_writer_per_folder).
+    writes_files: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -87,6 +97,30 @@ def pick_device(requested: str, local_rank: int = 0, key: str = "train.device") 
     raise GptpipeError(f"{key} = {requested!r}; allowed: auto, cpu, cuda, cuda:N or mps")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX tiles (x86), or
+    the BF16 extension (Arm). Asked of torch where it can tell, else of the kernel
+    (/proc/cpuinfo on Linux, sysctl on macOS)."""
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None and probe() for probe in probes):
+        return True
+    if sys.platform == "darwin":  # Apple silicon: the kernel reports FEAT_BF16
+        try:
+            found = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"],
+                                   capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return found.strip() == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = {word for line in info if line.lower().startswith(("flags", "features"))
+                     for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def pick_dtype(requested: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
@@ -97,10 +131,17 @@ def pick_dtype(requested: str, device: torch.device, key: str = "train.dtype") -
         return getattr(torch, requested)
     if requested in ("auto", "float32"):
         return torch.float32
+    if device.type == "cpu" and requested == "bfloat16":
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        raise GptpipeError(
+            f"{key} = 'bfloat16' on cpu, but this CPU has no native bfloat16 (AVX512-BF16, "
+            "AMX or Arm BF16), where it runs far slower than float32; allowed: auto or float32"
+        )
     if device.type == "cpu":
         raise GptpipeError(
-            f"{key} = {requested!r} on cpu; allowed: auto or float32 (reduced precision on "
-            "this CPU runs far slower than float32)"
+            f"{key} = {requested!r} on cpu; allowed: auto or float32, or bfloat16 on a CPU "
+            "with native bfloat16 (float16 on a CPU runs far slower than float32)"
         )
     return getattr(torch, requested)
 
@@ -161,7 +202,44 @@ def setup_runtime(device: str, dtype: str, threads: int = 0) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    return Runtime(chosen, pick_dtype(dtype, chosen), rank, world_size, local_rank)
+    runtime = Runtime(chosen, torch.float32, rank, world_size, local_rank,
+                      writes_files=local_rank == 0)
+    # After joining: a dtype one machine's hardware refuses stops every process.
+    return replace(runtime, dtype=together(runtime, lambda: pick_dtype(dtype, chosen)))
+
+
+_Result = TypeVar("_Result")
+
+
+def together(runtime: Runtime, action: Callable[[], _Result]) -> _Result:
+    """Run ``action`` in every process of a distributed run; if it fails in any, fail in
+    all, so that no process is left waiting in a collective for one that stopped.
+
+    Work that can fail in one process only (its machine's files, memory or hardware)
+    goes through here. The process that failed raises its own error; the others raise a
+    GptpipeError with the same line (or naming the failed process and its error). Every
+    process must call it at the same point: it is itself a collective.
+    """
+    if not runtime.distributed:
+        return action()
+    result: Any = None
+    own: BaseException | None = None
+    failure: tuple[str, bool] | None = None
+    try:
+        result = action()
+    except Exception as err:  # every failure must reach the other processes
+        own = err
+        failure = (str(err), isinstance(err, GptpipeError))
+    failures: list[tuple[str, bool] | None] = [None] * runtime.world_size
+    dist.all_gather_object(failures, failure)
+    failed = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if failed is None:
+        return result
+    if own is not None:
+        raise own
+    rank, (message, clear) = failed
+    raise GptpipeError(message if clear else f"process {rank} of {runtime.world_size} "
+                       f"failed: {message}")
 
 
 def teardown(runtime: Runtime) -> None:

@@ -286,6 +286,39 @@ def read_json(path: str | Path) -> Any:
         raise GptpipeError(f"{path}: not valid JSON ({err})") from None
 
 
+def numbered_lines(path: Path, what: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the line ending) of every line of a JSONL
+    file; ``what`` names the file in a one-line error when it is missing."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise GptpipeError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark, as some editors write
+        yield number, line.removesuffix(b"\r")
+
+
+def json_line(where: str, line: bytes) -> Any:
+    """The JSON value on one line (``where``: "file: line N"), None for a blank line; a
+    one-line error for invalid UTF-8 or JSON."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GptpipeError(
+            f"{where}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1}); "
+            "allowed: UTF-8 text"
+        ) from None
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

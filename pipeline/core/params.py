@@ -63,8 +63,12 @@ class DataParams(_Section):
     # per blank-line-separated paragraph, or per line. auto: paragraphs for a single-file
     # corpus and for files over 1 MiB (far larger than a document), else whole files.
     txt_unit: Literal["auto", "file", "paragraph", "line"] = "auto"
+    # Reading processes (files, and stretches of big text and JSONL files, side by side);
+    # 0 = one per core. The raw table is the same for any number.
+    workers: int = 0
 
     def validate(self) -> None:
+        self.require_non_negative("workers")
         if not self.corpus.strip():
             raise self.fail("corpus", self.corpus, "a path to a file or a directory")
         if not self.include.strip():
@@ -109,8 +113,11 @@ class SplitParams(_Section):
     val: float = 0.1
     test: float = 0.1
     seed: int = 1337
+    # Hashing processes; 0 = one per core. The splits are the same for any number.
+    workers: int = 0
 
     def validate(self) -> None:
+        self.require_non_negative("workers")
         for key in ("train", "val", "test"):
             value = getattr(self, key)
             if not 0.0 < value < 1.0:
@@ -159,9 +166,12 @@ class TokenizeParams(_Section):
     shard_tokens: int = 1_000_000
     # Documents encoded per batch (bounds memory; larger batches parallelize better).
     batch_documents: int = 2048
+    # Encoding threads; 0 = one per core. The tokens are the same for any number.
+    workers: int = 0
 
     def validate(self) -> None:
         self.require_positive("shard_tokens", "batch_documents")
+        self.require_non_negative("workers")
 
 
 @dataclass(frozen=True)
@@ -261,6 +271,11 @@ class EvaluateParams(_Section):
 
     # Windows of model.context tokens per forward pass while scoring.
     batch_size: int = 32
+    # The most tokens scored per split (val, test; also pretraining's and RLHF's final val
+    # bits per byte): a larger split is scored on evenly spread windows holding at most
+    # this many, the same every time, so evaluation's cost stops growing with the corpus.
+    # Bits per byte stay exact: over the scored tokens' own bytes. 0 = every token.
+    max_tokens: int = 1_000_000
     # Where to score and sample: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
     device: str = "auto"
     # Prompts completed into the samples file; empty: the openings of the first
@@ -275,10 +290,29 @@ class EvaluateParams(_Section):
     top_k: int = 0
     top_p: float = 0.95
     max_new_tokens: int = 48
+    # Downstream multiple-choice tasks, scored by the log-likelihood of each choice:
+    # builtin (next sentence, built from the test split), file (task_file), both or none.
+    task: Literal["builtin", "file", "both", "none"] = "builtin"
+    # builtin: items from the first task_items test documents with two sentences, each
+    # with its true second sentence among task_choices (the rest from other documents).
+    task_items: int = 1000
+    task_choices: int = 4
+    task_seed: int = 4242
+    # file: JSONL lines {"context": ..., "choices": [...], "label": i}. A dependency of the
+    # stage either way (so DVC tracks its content); the default is a small example.
+    task_file: str = "data/builtin/example-task.jsonl"
+
+    @property
+    def budget(self) -> int | None:
+        """max_tokens as scoring_plan takes it: None for every token."""
+        return self.max_tokens or None
 
     def validate(self) -> None:
-        self.require_positive("batch_size", "prompt_words", "max_new_tokens")
-        self.require_non_negative("num_prompts", "top_k")
+        _check_path(self, "task_file", self.task_file)
+        self.require_positive("batch_size", "prompt_words", "max_new_tokens", "task_items")
+        if self.task_choices < 2:
+            raise self.fail("task_choices", self.task_choices, "an integer >= 2")
+        self.require_non_negative("num_prompts", "top_k", "max_tokens")
         if not self.temperatures:
             raise self.fail("temperatures", self.temperatures, "a non-empty list of numbers >= 0")
         for value in self.temperatures:
@@ -289,6 +323,15 @@ class EvaluateParams(_Section):
         if any(not p.strip() for p in self.prompts):
             raise self.fail("prompts", self.prompts, "non-empty strings")
         _check_device(self, self.device)
+
+
+@dataclass(frozen=True)
+class ExportParams(_Section):
+    """``export``: the Hugging Face Transformers folders written from the best models."""
+
+    # The dtype of the written weights: float32 is exactly the trained weights (the
+    # exported model's logits equal gptpipe's); bfloat16 and float16 halve the size.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -546,6 +589,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
     gold: GoldParams = field(default_factory=GoldParams)
     preferences: PreferencesParams = field(default_factory=PreferencesParams)
     reward: RewardParams = field(default_factory=RewardParams)

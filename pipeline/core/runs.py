@@ -23,7 +23,8 @@ What a stage gets from :class:`RunFolder`:
   schedulers and ``timeout`` send first, both ask the loop to stop at the next step
   boundary; the stage then snapshots and exits with one line. A second signal aborts.
 
-Tensors are safetensors and the rest JSON: no snapshot is ever unpickled.
+Tensors are safetensors and the rest JSON: no snapshot file is ever unpickled (a
+distributed run passes a snapshot's file bytes between its own processes).
 """
 
 from __future__ import annotations
@@ -148,18 +149,49 @@ def load_training_state(directory: str | Path, module: nn.Module,
     info = read_training_info(directory)
     if info is None:
         raise GptpipeError(f"{directory}: no complete snapshot to resume")
-    tensors = load_tensors(directory / STATE_TENSORS)
+    return apply_training_state(load_tensors(directory / STATE_TENSORS), info, module,
+                                optimizer, directory)
+
+
+def apply_training_state(tensors: dict[str, torch.Tensor] | bytes, info: dict[str, Any],
+                         module: nn.Module, optimizer: torch.optim.Optimizer,
+                         where: str | Path = "the snapshot"
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore ``module`` and ``optimizer`` from a snapshot's tensors (or the bytes of
+    its tensor file) and info; return (generator states, info without the optimizer)."""
+    if isinstance(tensors, bytes):
+        from safetensors.torch import load as load_bytes
+
+        tensors = load_bytes(tensors)
+    info = dict(info)
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     tied = set(module.state_dict()) - set(unique_state(module))
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if set(missing) - tied or unexpected:
-        raise GptpipeError(f"{directory}: the snapshot's weights do not match the model")
+        raise GptpipeError(f"{where}: the snapshot's weights do not match the model")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, info.pop("optimizer")))
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return rng, info
 
 
 # --------------------------------------------------------------------------- run folder
+
+
+def folder_files(directory: Path) -> dict[str, bytes] | None:
+    """Every file of a flat folder, name -> bytes; None when there is no such folder."""
+    if not directory.is_dir():
+        return None
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def write_folder_files(directory: Path, files: dict[str, bytes] | None) -> None:
+    """Make ``directory`` hold exactly ``files`` (atomically), or remove it for None."""
+    if files is None:
+        remove_own_entries(directory.parent, (directory.name,))
+        return
+    with atomic_dir(directory) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
 
 def remove_own_entries(folder: Path, names: tuple[str, ...]) -> None:
@@ -179,8 +211,8 @@ class RunFolder:
     ``fingerprint`` identifies the run for resuming; ``finished`` (default: the same) for
     reusing a finished snapshot, which stands for the whole run's outputs, so it may
     include params that a resumed run may change (evaluation or snapshot cadence).
-    ``writer``: whether this process writes the folder (in a distributed run, only one
-    process per machine does). ``stage`` prefixes the printed reasons.
+    ``writer``: whether this process writes the folder (in a distributed run, one
+    process per machine does: see :meth:`share`). ``stage`` prefixes the printed reasons.
     """
 
     def __init__(self, stage: str, path: str | Path, fingerprint: str, total_steps: int,
@@ -255,6 +287,32 @@ class RunFolder:
     def load(self, module: nn.Module, optimizer: torch.optim.Optimizer
              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return load_training_state(self.snapshot, module, optimizer)
+
+    def held_run(self) -> tuple[str | None, int | None] | None:
+        """(fingerprint, step) of the snapshot in the folder, read without deciding
+        anything; None when there is none (an unreadable one counts as none)."""
+        try:
+            info = read_training_info(self.snapshot)
+        except GptpipeError:
+            return None
+        if info is None:
+            return None
+        return info.get("fingerprint"), info.get("step")
+
+    # A distributed run keeps one run folder per machine (each machine's first process
+    # writes it, on its own disk), and after a kill the machines may hold snapshots of
+    # different steps, or one machine none at all (a replaced one). The trainer lets the
+    # process holding the newest snapshot share() it and every other machine adopt() it,
+    # so all resume from one state and every machine keeps the whole run.
+    def share(self) -> dict[str, dict[str, bytes] | None]:
+        """The snapshot's and best weights' files, to send to the other machines."""
+        return {SNAPSHOT: folder_files(self.snapshot), BEST: folder_files(self.best)}
+
+    def adopt(self, shared: dict[str, dict[str, bytes] | None]) -> None:
+        """Make this folder hold another machine's shared snapshot and best weights."""
+        if self.writer:
+            write_folder_files(self.snapshot, shared[SNAPSHOT])
+            write_folder_files(self.best, shared[BEST])
 
 
 # ------------------------------------------------------------------------------ signals

@@ -9,7 +9,8 @@ final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
   blank-line-separated paragraph or per line (``data.txt_unit``; ``auto``, the default,
   reads a single-file corpus and any file over :data:`AUTO_PARAGRAPH_BYTES` in
   paragraphs, every other file whole). Paragraphs and lines are read line by line, so a
-  huge file is fine.
+  huge file is fine, and in stretches of lines by several processes at once
+  (:func:`plan_ranges`).
 - ``.jsonl``: one JSON object per line, the text in field ``data.text_field``. This is the
   streaming format for big JSON corpora.
 - ``.json``: a list of objects or an object whose values are objects. It is parsed whole,
@@ -37,7 +38,9 @@ import gzip
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
+import mmap
 import os
 import re
 import shutil
@@ -54,6 +57,7 @@ import yaml
 import zstandard
 
 from pipeline.core.errors import GptpipeError
+from pipeline.core.parallel import ordered_map
 from pipeline.core.params import DataParams
 
 # suffix -> structured format; a file with any other suffix (or none) is plain text, "txt".
@@ -81,6 +85,10 @@ BINARY_SHARE = 0.3
 AUTO_PARAGRAPH_BYTES = 1 << 20
 TXT_UNITS = ("file", "paragraph", "line")
 READ_CHUNK_BYTES = 1 << 20
+# Ingest's unit of parallel work: a file up to this size goes to a worker whole, a bigger
+# plain-text or JSONL file in stretches of lines of about this size. Bounded so that the
+# documents in flight (two tasks per worker) stay small beside a worker's own memory.
+RANGE_BYTES = 4 << 20
 # Compressed bytes fed to zstd at a time: text expands ~3-10x, so output stays small.
 ZSTD_INPUT_BYTES = 1 << 16
 PARQUET_BATCH_ROWS = 1024
@@ -335,12 +343,14 @@ def iter_corpus_files(root: Path, include: str) -> Iterator[str]:
 
 
 class _CountingReader(io.RawIOBase):
-    """A raw reader that reports how many bytes it hands out (for the progress bar)."""
+    """A raw reader that reports how many bytes it hands out (for the progress bar), and
+    hands out at most ``limit`` bytes when one is given (a byte range of a file)."""
 
-    def __init__(self, raw: BinaryIO, on_read: OnRead) -> None:
+    def __init__(self, raw: BinaryIO, on_read: OnRead, limit: int | None = None) -> None:
         super().__init__()
         self._raw = raw
         self._on_read = on_read
+        self._left = limit
 
     def readable(self) -> bool:
         return True
@@ -355,7 +365,13 @@ class _CountingReader(io.RawIOBase):
         return self._raw.tell()
 
     def readinto(self, buffer: Any) -> int:
+        if self._left is not None:
+            if self._left <= 0:
+                return 0
+            buffer = memoryview(buffer)[: self._left]
         count = self._raw.readinto(buffer)
+        if count and self._left is not None:
+            self._left -= count
         if count:
             self._on_read(count)
         return count or 0
@@ -415,13 +431,19 @@ class _ZstdReader(io.RawIOBase):
 
 @contextlib.contextmanager
 def open_binary(
-    path: Path, compression: str | None, on_read: OnRead = _ignore
+    path: Path, compression: str | None, on_read: OnRead = _ignore,
+    byte_range: tuple[int, int] | None = None,
 ) -> Iterator[IO[bytes]]:
-    """Open ``path`` for reading its decompressed bytes; ``on_read`` gets file bytes read."""
+    """Open ``path`` for reading its decompressed bytes; ``on_read`` gets file bytes read.
+    ``byte_range`` ``(start, end)`` reads only those bytes of an uncompressed file."""
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(open(path, "rb", buffering=0))
+        limit = None
+        if byte_range is not None:
+            raw.seek(byte_range[0])
+            limit = byte_range[1] - byte_range[0]
         stream: IO[bytes] = stack.enter_context(
-            io.BufferedReader(_CountingReader(raw, on_read), READ_CHUNK_BYTES)
+            io.BufferedReader(_CountingReader(raw, on_read, limit), READ_CHUNK_BYTES)
         )
         if compression == "gz":
             stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
@@ -432,16 +454,20 @@ def open_binary(
 
 @contextlib.contextmanager
 def open_text(
-    path: Path, compression: str | None, on_read: OnRead = _ignore, newline: str | None = None
+    path: Path, compression: str | None, on_read: OnRead = _ignore, newline: str | None = None,
+    byte_range: tuple[int, int] | None = None,
 ) -> Iterator[TextIO]:
     """Open ``path`` as UTF-8 text whose invalid bytes are escaped (see :func:`repair_text`).
 
     A leading byte-order mark is dropped (utf-8-sig), so a CSV header from a spreadsheet
     still names its first column. ``newline=None`` turns CRLF and CR into '\\n'.
+    ``byte_range`` reads only those bytes (see :func:`plan_ranges`).
     """
-    with open_binary(path, compression, on_read) as binary:
+    with open_binary(path, compression, on_read, byte_range) as binary:
+        from_start = byte_range is None or byte_range[0] == 0
         text = io.TextIOWrapper(
-            binary, encoding="utf-8-sig", errors="surrogateescape", newline=newline
+            binary, encoding="utf-8-sig" if from_start else "utf-8",
+            errors="surrogateescape", newline=newline,
         )
         try:
             yield text
@@ -490,15 +516,17 @@ def open_parquet(
 # --- one reader per format ---------------------------------------------------------------
 
 
-def read_paragraphs(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
-    """One document per blank-line-separated paragraph, source ``<source>:<first line>``.
+def read_paragraphs(lines: Iterable[str], source: str, first_line: int = 1
+                    ) -> Iterator[RawDocument]:
+    """One document per blank-line-separated paragraph, source ``<source>:<first line>``
+    (lines are numbered from ``first_line``, the number of the first one given).
 
     Lines holding only whitespace separate paragraphs too. Only the current paragraph is
     held in memory.
     """
     paragraph: list[str] = []
     first = 0
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_line):
         if line.strip():
             if not paragraph:
                 first = number
@@ -510,20 +538,22 @@ def read_paragraphs(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
         yield make_document(f"{source}:{first}", "".join(paragraph).rstrip("\n"))
 
 
-def read_lines(lines: Iterable[str], source: str) -> Iterator[RawDocument]:
+def read_lines(lines: Iterable[str], source: str, first_line: int = 1
+               ) -> Iterator[RawDocument]:
     """One document per non-blank line, source ``<source>:<line number>``."""
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_line):
         if line.strip():
             yield make_document(f"{source}:{number}", line.rstrip("\n"))
 
 
-def read_txt(stream: TextIO, source: str, unit: str) -> Iterator[RawDocument]:
+def read_txt(stream: TextIO, source: str, unit: str, first_line: int = 1
+             ) -> Iterator[RawDocument]:
     """A plain-text file: the whole file as one document (``unit='file'``), blank-line
     paragraphs or lines."""
     if unit == "paragraph":
-        yield from read_paragraphs(stream, source)
+        yield from read_paragraphs(stream, source, first_line)
     elif unit == "line":
-        yield from read_lines(stream, source)
+        yield from read_lines(stream, source, first_line)
     else:
         # One document per file is held whole by definition; the other units stream.
         yield make_document(source, stream.read())
@@ -559,10 +589,10 @@ def record_text(record: Any, text_field: str, where: str) -> str:
 
 
 def read_jsonl(
-    lines: Iterable[str], source: str, text_field: str, where: str
+    lines: Iterable[str], source: str, text_field: str, where: str, first_line: int = 1
 ) -> Iterator[RawDocument]:
     """One document per JSON-object line, source ``<source>:<line>``; blank lines skipped."""
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
         try:
@@ -692,9 +722,12 @@ def read_file(
     params: DataParams,
     on_read: OnRead = _ignore,
     unit: str = "file",
+    byte_range: tuple[int, int, int] | None = None,
 ) -> Iterator[RawDocument]:
     """The documents of one corpus file in format ``fmt`` (a plain-text one in ``unit``:
-    file, paragraph or line); errors name ``path``."""
+    file, paragraph or line); errors name ``path``. ``byte_range`` ``(start, end,
+    first_line)`` reads only a stretch of lines of a plain-text or JSONL file, numbered
+    from ``first_line`` (see :func:`plan_ranges`)."""
     where = path.as_posix()
     try:
         if fmt == "parquet":
@@ -702,11 +735,13 @@ def read_file(
                 yield from read_parquet(parquet, source, params.text_field, where)
             return
         newline = "" if fmt == "csv" else None
-        with open_text(path, compression, on_read, newline) as stream:
+        span = None if byte_range is None else byte_range[:2]
+        first_line = 1 if byte_range is None else byte_range[2]
+        with open_text(path, compression, on_read, newline, span) as stream:
             if fmt == "txt":
-                yield from read_txt(stream, source, unit)
+                yield from read_txt(stream, source, unit, first_line)
             elif fmt == "jsonl":
-                yield from read_jsonl(stream, source, params.text_field, where)
+                yield from read_jsonl(stream, source, params.text_field, where, first_line)
             elif fmt == "json":
                 yield from read_json(stream, source, params.text_field, where)
             else:
@@ -862,17 +897,76 @@ def _file_progress(size: int, on_read: OnRead) -> OnRead:
     return report
 
 
-def _read_path(
-    path: Path,
-    source: str,
-    params: DataParams,
-    stats: CorpusStats,
-    on_read: OnRead,
-    single: bool,
-) -> Iterator[RawDocument]:
-    """Documents of one file; a binary file is counted (or, if single, an error)."""
+@dataclass(frozen=True)
+class ReadTask:
+    """One piece of ingest work: a whole file, or a stretch of lines of a big plain-text
+    or JSONL file (``byte_range``: start, end and the number of its first line).
+
+    ``in_process``: the file is too big to hand to a worker whole and cannot be cut (a
+    compressed, CSV, JSON or Parquet file), so ingest's own process streams it.
+    """
+
+    path: Path
+    source: str
+    fmt: str
+    compression: str | None
+    unit: str
+    size: int  # the input bytes this task reads (for the progress bar)
+    byte_range: tuple[int, int, int] | None = None
+    in_process: bool = False
+
+
+def _line_breaks(data: bytes) -> int:
+    """Line breaks as universal newlines count them (CRLF, CR and LF)."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
+# A line of ASCII whitespace only, between two line feeds: a paragraph boundary.
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+
+
+def plan_ranges(path: Path, unit: str, range_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """Cut an uncompressed file into ``(start, end, first_line)`` byte ranges of about
+    ``range_bytes``, each read on its own gives exactly the documents that reading the
+    whole file gives there.
+
+    A range ends just after a line feed (never inside a UTF-8 character or a CRLF pair),
+    for ``unit="paragraph"`` just after a line of whitespace only, so no paragraph is cut;
+    a file with no such place is one range. ``first_line`` numbers lines as the whole
+    file's reader does, so sources and error messages are the same.
+    """
+    if range_bytes <= 0:
+        raise ValueError(f"range_bytes must be > 0, got {range_bytes}")
     size = path.stat().st_size
-    report = _file_progress(size, on_read)
+    if size <= range_bytes:
+        yield 0, size, 1
+        return
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        start, first_line = 0, 1
+        while start < size:
+            target = start + range_bytes
+            end = size
+            if target < size:
+                if unit == "paragraph":
+                    blank = _BLANK_LINE.search(view, target - 1)
+                    end = blank.end() if blank else size
+                else:
+                    feed = view.find(b"\n", target - 1)
+                    end = feed + 1 if feed >= 0 else size
+            yield start, end, first_line
+            first_line += _line_breaks(view[start:end])
+            start = end
+
+
+def _can_cut(fmt: str, compression: str | None, unit: str) -> bool:
+    return compression is None and (fmt == "jsonl" or (fmt == "txt" and unit != "file"))
+
+
+def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats, single: bool,
+               range_bytes: int, on_read: OnRead) -> Iterator[ReadTask]:
+    """The tasks that read one file; a binary file is counted (or, if single, an error)
+    and its bytes reported to ``on_read`` as done."""
+    size = path.stat().st_size
     fmt, compression = detect_format(path.name)
     if fmt in TEXT_FORMATS and _is_binary(path, compression):
         if single:
@@ -882,15 +976,77 @@ def _read_path(
                 "allowed: UTF-8 text"
             )
         stats.files_skipped_binary += 1
+        on_read(size)
+        return
+    unit = text_unit(params.txt_unit, size, single) if fmt == "txt" else "file"
+    stats.files_read += 1
+    if fmt == "txt":
+        counter = {"file": "text_files_whole", "paragraph": "text_files_in_paragraphs",
+                   "line": "text_files_in_lines"}[unit]
+        setattr(stats, counter, getattr(stats, counter) + 1)
+    if size > range_bytes and _can_cut(fmt, compression, unit):
+        for start, end, first_line in plan_ranges(path, unit, range_bytes):
+            # A stretch with no place to cut (no blank line, CR line ends) can be the
+            # whole file: too big to hand over, so it is streamed here instead.
+            yield ReadTask(path, source, fmt, compression, unit, end - start,
+                           (start, end, first_line), in_process=end - start > 2 * range_bytes)
     else:
-        unit = text_unit(params.txt_unit, size, single)
-        yield from read_file(path, source, fmt, compression, params, report, unit)
-        stats.files_read += 1
-        if fmt == "txt":
-            counter = {"file": "text_files_whole", "paragraph": "text_files_in_paragraphs",
-                       "line": "text_files_in_lines"}[unit]
-            setattr(stats, counter, getattr(stats, counter) + 1)
-    report(size)
+        yield ReadTask(path, source, fmt, compression, unit, size,
+                       in_process=size > range_bytes)
+
+
+def plan_reads(params: DataParams, stats: CorpusStats, range_bytes: int = RANGE_BYTES,
+               on_read: OnRead = _ignore) -> Iterator[ReadTask]:
+    """The read tasks of ``params.corpus`` in corpus order (a builtin pointer is read by
+    :func:`read_builtin`, not planned); ``stats`` counts the files as they are planned."""
+    root = Path(params.corpus)
+    if root.is_dir():
+        matched = 0
+        for relative in iter_corpus_files(root, params.include):
+            matched += 1
+            yield from _plan_file(root / relative, relative, params, stats, False, range_bytes,
+                                  on_read)
+        if matched == 0:
+            raise GptpipeError(
+                f"data.corpus: {params.corpus}: no file matches data.include = "
+                f"{params.include!r} (hidden files and folders are skipped); "
+                "allowed: a glob that matches at least one file"
+            )
+    elif root.is_file():
+        # A single file is its own corpus root: its source is its bare name.
+        yield from _plan_file(root, root.name, params, stats, True, range_bytes, on_read)
+    else:
+        raise GptpipeError(f"data.corpus: {params.corpus} not found; allowed: {ALLOWED_CORPUS}")
+
+
+def run_task(task: ReadTask, params: DataParams, on_read: OnRead = _ignore
+             ) -> Iterator[RawDocument]:
+    """Stream the documents of one read task."""
+    report = _file_progress(task.size, on_read)
+    yield from read_file(task.path, task.source, task.fmt, task.compression, params, report,
+                         task.unit, task.byte_range)
+    report(task.size)
+
+
+@dataclass(frozen=True)
+class _PlanFailure:
+    """A planning error met while workers still read earlier files: raised in its turn,
+    so the error reported is the one a single process would meet first."""
+
+    error: Exception
+    in_process: bool = True
+
+
+def _deferring_errors(tasks: Iterator[ReadTask]) -> Iterator[ReadTask | _PlanFailure]:
+    try:
+        yield from tasks
+    except GptpipeError as err:
+        yield _PlanFailure(err)
+
+
+def _task_documents(job: tuple[ReadTask, DataParams]) -> list[RawDocument]:
+    """A worker process's whole share: one task's documents as a list."""
+    return list(run_task(*job))
 
 
 def _is_binary(path: Path, compression: str | None) -> bool:
@@ -903,41 +1059,51 @@ def _is_binary(path: Path, compression: str | None) -> bool:
         ) from None
 
 
-def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead) -> Iterator[RawDocument]:
+def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead, workers: int,
+              range_bytes: int) -> Iterator[RawDocument]:
     root = Path(params.corpus)
-    if root.is_dir():
-        matched = 0
-        for relative in iter_corpus_files(root, params.include):
-            matched += 1
-            yield from _read_path(root / relative, relative, params, stats, on_read, False)
-        if matched == 0:
-            raise GptpipeError(
-                f"data.corpus: {params.corpus}: no file matches data.include = "
-                f"{params.include!r} (hidden files and folders are skipped); "
-                "allowed: a glob that matches at least one file"
-            )
-    elif root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
+    if root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
         yield from read_builtin(root, on_read)
         stats.files_read += 1
-    elif root.is_file():
-        # A single file is its own corpus root: its source is its bare name.
-        yield from _read_path(root, root.name, params, stats, on_read, True)
-    else:
-        raise GptpipeError(f"data.corpus: {params.corpus} not found; allowed: {ALLOWED_CORPUS}")
+        return
+    tasks = plan_reads(params, stats, range_bytes, on_read)
+    if workers > 1:
+        # A pool costs a second or so to start: not worth it for a corpus of one task.
+        head = list(itertools.islice(tasks, 2))
+        workers = workers if len(head) > 1 else 1
+        tasks = itertools.chain(head, tasks)
+    if workers <= 1:
+        for task in tasks:
+            yield from run_task(task, params, on_read)
+        return
+    jobs = ((task, (task, params)) for task in _deferring_errors(tasks))
+    for task, documents in ordered_map(_task_documents, jobs, workers, "ingest",
+                                       in_process=lambda job: job[0].in_process):
+        if isinstance(task, _PlanFailure):
+            raise task.error
+        if documents is None:
+            yield from run_task(task, params, on_read)
+        else:
+            yield from documents
+            on_read(task.size)
 
 
 def iter_documents(
-    params: DataParams, stats: CorpusStats | None = None, on_read: OnRead = _ignore
+    params: DataParams, stats: CorpusStats | None = None, on_read: OnRead = _ignore,
+    workers: int = 1, range_bytes: int = RANGE_BYTES,
 ) -> Iterator[RawDocument]:
     """Stream the documents of ``params.corpus`` in a deterministic order.
 
     ``stats`` (if given) is updated as documents go by; ``on_read`` is called with the
     number of input bytes (compressed, as stored) read so far, for a progress bar.
+    ``workers`` processes read files, and stretches of lines of big plain-text and JSONL
+    files (:func:`plan_ranges`, about ``range_bytes`` each), side by side; the documents
+    and their order are the same for any number of workers.
     Documents with only whitespace are left out and counted. A corpus that yields no
     document at all is an error, raised after the last file.
     """
     stats = CorpusStats() if stats is None else stats
-    for document in _iter_raw(params, stats, on_read):
+    for document in _iter_raw(params, stats, on_read, workers, range_bytes):
         if not document.text.strip():
             stats.documents_skipped_empty += 1
             continue

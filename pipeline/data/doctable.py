@@ -59,6 +59,20 @@ class DocumentWriter:
         if len(self._columns["id"]) >= ROWS_PER_GROUP:
             self._flush()
 
+    def extend(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Append every row of ``table`` (which has this writer's columns), exactly as
+        appending them one by one would: the same row groups, the same bytes."""
+        columns = {name: table.column(name).to_pylist() for name in self.schema.names}
+        done = 0
+        while done < table.num_rows:
+            take = min(ROWS_PER_GROUP - len(self._columns["id"]), table.num_rows - done)
+            for name, values in self._columns.items():
+                values.extend(columns[name][done:done + take])
+            self.rows += take
+            done += take
+            if len(self._columns["id"]) >= ROWS_PER_GROUP:
+                self._flush()
+
     def _flush(self) -> None:
         if not self._columns["id"]:
             return
@@ -115,6 +129,16 @@ def iter_batches(
         yield from parquet.iter_batches(batch_size=batch_size, columns=list(columns))
     except (pa.ArrowInvalid, OSError) as err:
         raise GptpipeError(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def read_row_groups(directory: str | Path, groups: Sequence[int],
+                    columns: Sequence[str]) -> pa.Table:
+    """Some row groups of a document table; a damaged file is a one-line error."""
+    path = table_path(directory)
+    try:
+        return open_table(directory).read_row_groups(list(groups), columns=list(columns))
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise GptpipeError(f"{path}: not a readable document table ({err})") from None
 
 
 def iter_texts(directory: str | Path, batch_size: int = 1024) -> Iterator[list[str]]:

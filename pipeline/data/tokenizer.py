@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_path
+from pipeline.core.parallel import usable_cores
 from pipeline.core.params import VocabParams
 
 Kind = Literal["bpe", "word", "char"]
@@ -188,11 +188,12 @@ def _check_specials(hf: HFTokenizer, path: Path) -> None:
             )
 
 
-def load_tokenizer(path: str | Path, fast: bool = True) -> TextTokenizer:
+def load_tokenizer(path: str | Path, fast: bool = True, threads: int = 0) -> TextTokenizer:
     """Load a tokenizer.json written by :func:`train_tokenizer` (or HF, if compatible).
 
     ``fast=False`` keeps BPE encoding on HF's own encoder (the reference the tests compare
-    the tiktoken path against).
+    the tiktoken path against). ``threads``: encoding threads for a batch (0: one per
+    core); the ids are the same for any number.
     """
     path = Path(path)
     try:
@@ -201,6 +202,13 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> TextTokenizer:
         raise GptpipeError(f"{path}: tokenizer not found (run gptpipe vocab first)") from None
     except IsADirectoryError:
         raise GptpipeError(f"{path}: is a directory; allowed: a tokenizer.json file") from None
+    return tokenizer_from_json(raw, path, fast, threads)
+
+
+def tokenizer_from_json(raw: bytes, path: Path, fast: bool = True, threads: int = 0
+                        ) -> TextTokenizer:
+    """A tokenizer from the bytes of a tokenizer JSON (``path`` names them in errors and
+    is recorded as the tokenizer's path); the same checks as :func:`load_tokenizer`."""
     try:
         config = json.loads(raw.decode("utf-8"))
         hf = HFTokenizer.from_str(raw.decode("utf-8"))
@@ -219,19 +227,15 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> TextTokenizer:
             "char layouts that gptpipe vocab writes"
         )
     _check_specials(hf, path)
-    return TextTokenizer(hf, kind, raw, path=path, fast=fast, config=config)
+    return TextTokenizer(hf, kind, raw, path=path, fast=fast, config=config, threads=threads)
 
 
 # ----------------------------------------------------------------------------- wrapper
 
 
 def _threads() -> int:
-    """Encoding threads: the usable cores, at most tiktoken's own batch default of 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity call
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    """Encoding threads: one per usable core (tiktoken releases the GIL while encoding)."""
+    return usable_cores()
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -289,8 +293,10 @@ class TextTokenizer:
         path: Path | None = None,
         fast: bool = True,
         config: dict[str, Any] | None = None,
+        threads: int = 0,
     ) -> None:
         self.hf = hf
+        self.threads = threads or _threads()
         self.kind: Kind = kind
         self.path = path
         self._json = json_bytes
@@ -306,6 +312,11 @@ class TextTokenizer:
     def sha256(self) -> str:
         """The sha256 of the JSON bytes (the file's bytes when loaded from disk)."""
         return hashlib.sha256(self._json).hexdigest()
+
+    @property
+    def json_bytes(self) -> bytes:
+        """The tokenizer JSON, byte for byte what :meth:`save` writes."""
+        return self._json
 
     @property
     def uses_fast_encoder(self) -> bool:
@@ -324,6 +335,8 @@ class TextTokenizer:
             return []
         if self._fast is not None:
             return self._encode_fast(texts)
+        if self.threads == 1:  # HF's batch call spreads over every core
+            return [self.hf.encode(text, add_special_tokens=False).ids for text in texts]
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
         return [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
 
@@ -345,6 +358,21 @@ class TextTokenizer:
         """Text of ``ids``; special tokens show as ``<unk>``, ``<eos>``... unless skipped."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def byte_lengths(self) -> np.ndarray:
+        """(vocab_size,) int64: the UTF-8 bytes of text each id stands for, 0 for the
+        special tokens. Exact for byte-level BPE (its tokens are byte strings that
+        partition the text); for char, a character's bytes; for word, the word's bytes
+        plus one for the separator that usually follows it (an estimate)."""
+        decoder = {char: byte for byte, char in bytes_to_unicode().items()}
+        lengths = np.zeros(self.vocab_size, np.int64)
+        for token_id in range(len(SPECIAL_TOKENS), self.vocab_size):
+            token = self.hf.id_to_token(token_id) or ""
+            if self.kind == "bpe":
+                lengths[token_id] = len(token_bytes(token, decoder))
+            else:
+                lengths[token_id] = len(token.encode()) + (self.kind == "word")
+        return lengths
+
     def id_to_token(self, token_id: int) -> str | None:
         return self.hf.id_to_token(token_id)
 
@@ -353,7 +381,7 @@ class TextTokenizer:
     def _encode_fast(self, texts: Sequence[str]) -> list[list[int]]:
         assert self._fast is not None
         encode = self._fast.encode_ordinary
-        threads = _threads()
+        threads = self.threads
         if threads == 1 or len(texts) <= _DOCS_PER_TASK:
             return [encode(text) for text in texts]
         # tiktoken releases the GIL while it encodes; handing each thread a run of

@@ -53,6 +53,12 @@ _TERMINALS = ".!?。！？．｡।॥؟۔։።၊။។៕…‼⁇⁈⁉"
 _CLOSERS = "\"'”’»)\\]}」』）】》〉〕〗〙〛］｝"
 _SENTENCE_END = re.compile(f"[{re.escape(_TERMINALS)}][{re.escape(_CLOSERS)}]*\\Z")
 
+# A run of terminal punctuation and closers that may end a sentence inside a text; the
+# full-width and ideographic marks end one even with no space after them (Chinese and
+# Japanese put none between sentences).
+_SENTENCE_MARKS = re.compile(f"[{re.escape(_TERMINALS)}]+[{re.escape(_CLOSERS)}]*")
+_UNSPACED_TERMINALS = "。！？．｡"
+
 # What ends a line or statement of code: a newline, or ; } ) ] : at the very end.
 _CODE_END = re.compile(r"(?:\n|[;})\]:])[ \t]*\Z")
 _INDENTED = re.compile(r"^(?: {2,}|\t)\S", re.MULTILINE)
@@ -89,6 +95,44 @@ def opening(text: str, count: int) -> str | None:
 def ends_sentence(text: str) -> bool:
     """Whether ``text``, stripped, ends with terminal punctuation in any script."""
     return _SENTENCE_END.search(text.strip()) is not None
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of ``text``, in order, surrounding whitespace left out
+    (``text[end:next_start]`` is what separates two sentences).
+
+    A sentence ends at terminal punctuation of any script (then any closing quotes or
+    brackets) followed by whitespace and then a character that is not a lowercase letter
+    ("e.g. the" goes on, "3.5" and "example.com" too), or at a full-width or ideographic
+    terminal (。！？) with or without a space after it. The text's end closes the last
+    sentence, terminal or not. Code (:func:`looks_like_code`) has no sentences: its
+    non-blank lines stand for them. An abbreviation before a capital ("St. Louis") is
+    taken for an end: the rule needs no word lists, so it holds for every language.
+    """
+    if looks_like_code(text):
+        spans, offset = [], 0
+        for line in text.split("\n"):
+            if line.strip():
+                start = offset + len(line) - len(line.lstrip())
+                spans.append((start, offset + len(line.rstrip())))
+            offset += len(line) + 1
+        return spans
+    spans, start = [], len(text) - len(text.lstrip())
+    for mark in _SENTENCE_MARKS.finditer(text, start):
+        end = mark.end()
+        following = text[end:]
+        gap = len(following) - len(following.lstrip())
+        after = following[gap : gap + 1]
+        if not after:
+            break  # the text's end closes the last sentence
+        unspaced = any(char in _UNSPACED_TERMINALS for char in mark.group())
+        if (gap == 0 and not unspaced) or after.islower():
+            continue
+        spans.append((start, end))
+        start = end + gap
+    if text[start:].strip():
+        spans.append((start, len(text.rstrip())))
+    return spans
 
 
 def ends_line_of_code(text: str) -> bool:

@@ -8,6 +8,10 @@ position: a resumed run continues with the very next batch.
 
 Random windows (rather than epochs of shuffled chunks) because a budget rarely covers
 whole epochs here, and every offset stays equally likely to be seen.
+
+The stream may be an array in memory or a split's flat file on disk
+(:class:`pipeline.data.shards.TokenFile`): the same offsets give the same windows, and
+from disk only the windows drawn are read, so memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import GptpipeError
+from pipeline.data.shards import TokenStream, windows
 
 
 class WindowSampler:
@@ -23,15 +28,16 @@ class WindowSampler:
 
     def __init__(
         self,
-        tokens: torch.Tensor | np.ndarray,
+        tokens: TokenStream,
         context: int,
         batch_size: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        # Kept in its stored dtype (uint16 for most vocabularies): only a batch is widened.
-        self.tokens = np.asarray(tokens)
+        # Kept as stored (uint16 for most vocabularies, on disk for a split's flat file):
+        # only a batch is read and widened.
+        self.tokens = tokens
         self.context = context
         self.batch_size = batch_size
         self.rank = rank
@@ -45,15 +51,24 @@ class WindowSampler:
                 "larger corpus"
             )
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_windows(self, pin_memory: bool = False) -> torch.Tensor:
+        """The next batch as one (B, T + 1) int64 tensor: x is [:, :-1], y is [:, 1:].
+
+        ``pin_memory`` (for a GPU) puts it in page-locked memory, so that one contiguous
+        ``.to(device, non_blocking=True)`` overlaps the copy with work already queued.
+        """
         high = len(self.tokens) - self.context  # x = tokens[i : i + T], y shifted by one
         offsets = torch.randint(
             high, (self.world_size * self.batch_size,), generator=self.generator
         )
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        index = mine[:, None] + torch.arange(self.context + 1)  # (B, T + 1)
-        window = torch.from_numpy(self.tokens[index.numpy()].astype(np.int64))
+        window = torch.from_numpy(  # (B, T + 1)
+            windows(self.tokens, mine.numpy(), self.context + 1).astype(np.int64))
         self.batches_drawn += 1
+        return window.pin_memory() if pin_memory else window
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.next_windows()
         return window[:, :-1], window[:, 1:]
 
     def state_dict(self) -> dict:
@@ -64,10 +79,9 @@ class WindowSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def eval_windows(tokens: np.ndarray, context: int, limit: int | None = None) -> torch.Tensor:
+def eval_windows(tokens: TokenStream, context: int, limit: int | None = None) -> torch.Tensor:
     """Non-overlapping (N, context + 1) windows covering the stream (or ``limit`` of them,
     evenly spaced), for a val loss that is the same every time it is measured."""
-    tokens = np.asarray(tokens).astype(np.int64, copy=False)
     count = (len(tokens) - 1) // context
     if count < 1:
         raise GptpipeError(
@@ -77,5 +91,4 @@ def eval_windows(tokens: np.ndarray, context: int, limit: int | None = None) -> 
     starts = np.arange(count) * context
     if limit is not None and limit < count:
         starts = starts[np.linspace(0, count - 1, limit).round().astype(np.int64)]
-    index = starts[:, None] + np.arange(context + 1)
-    return torch.from_numpy(tokens[index])
+    return torch.from_numpy(windows(tokens, starts, context + 1).astype(np.int64))

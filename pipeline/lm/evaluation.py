@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from torch import nn
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import sha256_file
 from pipeline.data.doctable import iter_texts
+from pipeline.data.shards import TokenFile, TokenStream, windows
 from pipeline.data.units import opening
 
 
@@ -80,71 +81,100 @@ class TokenScores:
         return perplexity(self.loss)
 
 
-def _window_starts(length: int, context: int) -> tuple[np.ndarray, int]:
-    """Starts of the full (context + 1)-token windows, stride ``context``, and the start of
-    the shorter last window (``length`` when the full windows already reach the end).
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which windows of a stream are scored: ``starts`` of full (context + 1)-token
+    windows and the start of a shorter ``tail`` window (None: no tail), and how many
+    tokens that predicts. The GPT and the baselines score the same plan."""
 
-    Window k feeds tokens [k*context, (k+1)*context) and predicts the next ``context``
-    tokens, so consecutive windows share one token and each token after the first is a
-    target exactly once.
+    starts: np.ndarray  # (N,) int64
+    tail: int | None
+    context: int
+    length: int
+    whole: bool  # every token but the first is predicted
+
+    @property
+    def predicted(self) -> int:
+        tail = self.length - 1 - self.tail if self.tail is not None else 0
+        return len(self.starts) * self.context + tail
+
+
+def scoring_plan(length: int, context: int, max_tokens: int | None = None) -> ScoringPlan:
+    """Windows of stride ``context`` (consecutive windows share one token, so each token
+    after the first is a target exactly once) and a shorter last window for the tail.
+
+    With ``max_tokens`` and a stream that predicts more, an evenly spread subset of the
+    full windows predicting at most ``max_tokens`` tokens (at least one window): the same
+    windows every time for the same stream, so evaluation's cost stops growing with the
+    corpus while every part of the split is sampled.
     """
+    if length < 2:
+        raise GptpipeError(
+            f"the evaluated split has {length} token(s); at least 2 are needed to "
+            "predict one; use a larger corpus or larger split.val / split.test fractions"
+        )
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
     full = (length - 1) // context
     starts = np.arange(full, dtype=np.int64) * context
     tail = full * context
-    return starts, (tail if tail < length - 1 else length)
+    plan = ScoringPlan(starts, tail if tail < length - 1 else None, context, length, True)
+    if max_tokens is None or plan.predicted <= max_tokens or full == 0:
+        return plan
+    count = max(1, min(full, max_tokens // context))
+    chosen = np.unique(np.linspace(0, full - 1, count).round().astype(np.int64))
+    return ScoringPlan(starts[chosen], None, context, length, False)
+
+
+def iter_windows(tokens: TokenStream, plan: ScoringPlan, batch_size: int
+                 ) -> Iterator[np.ndarray]:
+    """The plan's windows, (B, T + 1) arrays of at most ``batch_size`` rows, then the
+    tail as a (1, L) array."""
+    for first in range(0, len(plan.starts), batch_size):
+        yield windows(tokens, plan.starts[first : first + batch_size], plan.context + 1)
+    if plan.tail is not None:
+        yield np.asarray(tokens[plan.tail :])[None, :]
 
 
 def score_tokens(
     model: nn.Module,
-    tokens: np.ndarray,
+    tokens: TokenStream,
     context: int,
     batch_size: int,
     device: torch.device | str,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    plan: ScoringPlan | None = None,
 ) -> TokenScores:
-    """Mean cross-entropy and top-1 accuracy of ``model`` on every token of ``tokens``.
+    """Mean cross-entropy and top-1 accuracy of ``model`` on the windows of ``plan``
+    (default: every token of ``tokens`` but the first, :func:`scoring_plan`).
 
-    Non-overlapping windows of context + 1 tokens (stride context) plus one shorter window
-    for the tail, so no token is skipped and none is counted twice; a token early in its
-    window sees less history than one late in it, as in ``training.mean_loss``. The sum
-    is accumulated in float64: millions of float32 additions would drift. ``autocast`` is
-    a callable returning a context manager (``runtime.autocast``). The model's train/eval
-    mode is restored afterwards.
+    A token early in its window sees less history than one late in it, as in
+    ``training.mean_loss``. The sum is accumulated in float64: millions of float32
+    additions would drift. ``autocast`` is a callable returning a context manager
+    (``runtime.autocast``). The model's train/eval mode is restored afterwards.
     """
-    tokens = np.asarray(tokens)
-    if len(tokens) < 2:
-        raise GptpipeError(
-            f"the evaluated split has {len(tokens)} token(s); at least 2 are needed to "
-            "predict one; use a larger corpus or larger split.val / split.test fractions"
-        )
-    if context < 1 or batch_size < 1:
-        raise ValueError(f"context and batch_size must be >= 1, got {context}, {batch_size}")
-    starts, tail = _window_starts(len(tokens), context)
-    offsets = np.arange(context + 1)
+    plan = plan or scoring_plan(len(tokens), context)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total_nats, correct = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for first in range(0, len(starts), batch_size):
-                index = starts[first : first + batch_size, None] + offsets  # (B, T + 1)
-                nats, hits = _score_windows(model, tokens[index], device, autocast)
-                total_nats += nats
-                correct += hits
-            if tail < len(tokens):
-                nats, hits = _score_windows(model, tokens[None, tail:], device, autocast)
+            for batch in iter_windows(tokens, plan, batch_size):
+                nats, hits = _score_windows(model, batch, device, autocast)
                 total_nats += nats
                 correct += hits
     finally:
         model.train(was_training)
-    predicted = len(tokens) - 1
+    predicted = plan.predicted
     return TokenScores(tokens=predicted, loss=total_nats / predicted, correct=correct)
 
 
-def _score_windows(model, windows: np.ndarray, device, autocast) -> tuple[float, int]:
+def _score_windows(model, batch: np.ndarray, device, autocast) -> tuple[float, int]:
     """Summed nats and top-1 hits over the targets of (B, T + 1) windows."""
-    batch = torch.from_numpy(windows.astype(np.int64)).to(device)
-    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
     with autocast():
         logits, _ = model(inputs)  # (B, T, V)
     logits = logits.float()
@@ -154,24 +184,57 @@ def _score_windows(model, windows: np.ndarray, device, autocast) -> tuple[float,
     return nats.cpu().double().sum().item(), int(hits.item())
 
 
+def scored_bytes(tokens: TokenStream, plan: ScoringPlan, split_bytes: int,
+                 byte_lengths: np.ndarray | None, split_token_bytes: int | None) -> float:
+    """The UTF-8 bytes of the text that the plan's predicted tokens stand for.
+
+    The whole split: ``split_bytes`` exactly. A subset: ``split_bytes`` times the share
+    of the split's token bytes (``byte_lengths``, the bytes each id stands for; their sum
+    over the split is ``split_token_bytes``) that the predicted tokens hold. For
+    byte-level BPE every byte of the text is in exactly one token, so this is exact;
+    for word and char vocabularies (separators and <unk> stand for bytes no single token
+    holds) it assumes the subset has the split's share of them. Without byte lengths
+    (token folders written before they were counted) the share is the tokens' own.
+    """
+    if plan.whole:
+        return float(split_bytes)
+    if byte_lengths is None or not split_token_bytes:
+        predicted = sum(batch[:, 1:].size for batch in iter_windows(tokens, plan, 256))
+        return split_bytes * predicted / max(1, len(tokens) - 1)
+    held = sum(int(byte_lengths[batch[:, 1:].astype(np.int64)].sum())
+               for batch in iter_windows(tokens, plan, 256))
+    return split_bytes * held / split_token_bytes
+
+
 def evaluate_split(
     model: nn.Module,
-    tokens: np.ndarray,
+    tokens: TokenStream,
     split_bytes: int,
     context: int,
     batch_size: int,
     device: torch.device | str,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    max_tokens: int | None = None,
+    byte_lengths: np.ndarray | None = None,
+    split_token_bytes: int | None = None,
 ) -> dict[str, float]:
-    """The GPT's metrics on one split: loss (nats/token), ppl, bpb, acc and the number
-    of predicted tokens. ``split_bytes`` is meta["splits"][split]["bytes"]."""
-    scores = score_tokens(model, tokens, context, batch_size, device, autocast)
+    """The GPT's metrics on one split: loss (nats/token), ppl, bpb, acc, the number of
+    predicted tokens (``tokens``) and the bytes they stand for (``bytes``).
+    ``split_bytes`` is meta["splits"][split]["bytes"]; ``max_tokens`` the budget
+    (:func:`scoring_plan`), with ``byte_lengths`` and ``split_token_bytes`` to count the
+    bytes of a subset (:func:`scored_bytes`)."""
+    plan = scoring_plan(len(tokens), context, max_tokens)
+    scores = score_tokens(model, tokens, context, batch_size, device, autocast, plan)
+    size = scored_bytes(tokens, plan, split_bytes, byte_lengths, split_token_bytes)
     return {
         "loss": scores.loss,
         "ppl": scores.perplexity,
-        "bpb": bits_per_byte(scores.loss, scores.tokens, split_bytes),
+        "bpb": bits_per_byte(scores.loss, scores.tokens, size),
         "acc": scores.accuracy,
         "tokens": scores.tokens,
+        # Exact and whole for a whole split; a subset's share otherwise (unrounded: the
+        # baselines divide by the same figure).
+        "bytes": int(split_bytes) if plan.whole else size,
     }
 
 
@@ -200,12 +263,17 @@ class UnigramModel:
     probabilities: np.ndarray  # (V,) float64, sums to 1
 
     @classmethod
-    def fit(cls, train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0) -> UnigramModel:
+    def fit(cls, train_ids: TokenStream, vocab_size: int, alpha: float = 1.0) -> UnigramModel:
+        """Counted chunk by chunk: memory follows the vocabulary, not the stream."""
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0 (every token needs a probability), got {alpha}")
-        ids = _check_ids(train_ids, vocab_size)
-        counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)  # (V,)
-        return cls((counts + alpha) / (len(ids) + alpha * vocab_size))
+        counts = np.zeros(vocab_size, np.float64)  # (V,)
+        total = 0
+        for chunk in _chunks(train_ids):
+            ids = _check_ids(chunk, vocab_size)
+            counts += np.bincount(ids, minlength=vocab_size)
+            total += len(ids)
+        return cls((counts + alpha) / (total + alpha * vocab_size))
 
     @property
     def vocab_size(self) -> int:
@@ -221,6 +289,20 @@ class UnigramModel:
         return _total_nats(self.token_probabilities(ids))
 
 
+def _merge_counts(codes: np.ndarray, counts: np.ndarray, new_codes: np.ndarray,
+                  new_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted, distinct code arrays and their counts merged into one, in time linear
+    in their sizes (no re-sort of what was already counted)."""
+    at = np.searchsorted(codes, new_codes)  # (k,) where each new code goes
+    known = at < len(codes)
+    known[known] = codes[at[known]] == new_codes[known]
+    counts = counts.copy()
+    counts[at[known]] += new_counts[known]
+    fresh = ~known
+    return (np.insert(codes, at[fresh], new_codes[fresh]),
+            np.insert(counts, at[fresh], new_counts[fresh]))
+
+
 @dataclass(frozen=True, eq=False)
 class BigramModel:
     """P(w | h), the bigram estimate interpolated with the add-alpha unigram, Witten-Bell:
@@ -233,8 +315,9 @@ class BigramModel:
     (c(h) = 0) falls back to the unigram, and every (h, w) gets a nonzero probability.
 
     Counts are sparse: only the pairs seen, as sorted codes h * V + w looked up with
-    ``np.searchsorted``, so memory grows with the train stream, never with V * V (2.5e9
-    cells at V = 50k). Fitting sorts one int64 per train token.
+    ``np.searchsorted``, so memory grows with the distinct pairs, never with V * V (2.5e9
+    cells at V = 50k), and fitting reads the train stream chunk by chunk, merging each
+    chunk's counted pairs into the running ones.
     """
 
     unigram: UnigramModel
@@ -244,16 +327,24 @@ class BigramModel:
     distinct_followers: np.ndarray  # (V,) int64: T(h)
 
     @classmethod
-    def fit(cls, train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0) -> BigramModel:
-        ids = _check_ids(train_ids, vocab_size)
-        codes = ids[:-1] * vocab_size + ids[1:]  # (N - 1,)
-        pair_codes, pair_counts = np.unique(codes, return_counts=True)
-        del codes
+    def fit(cls, train_ids: TokenStream, vocab_size: int, alpha: float = 1.0) -> BigramModel:
+        pair_codes = np.empty(0, np.int64)
+        pair_counts = np.empty(0, np.int64)
+        context_counts = np.zeros(vocab_size, np.int64)
+        previous = np.empty(0, np.int64)  # the last token of the chunk before
+        for chunk in _chunks(train_ids):
+            ids = np.concatenate((previous, _check_ids(chunk, vocab_size)))
+            codes = ids[:-1] * vocab_size + ids[1:]  # (n - 1,) the pairs ending in this chunk
+            found, counts = np.unique(codes, return_counts=True)
+            pair_codes, pair_counts = _merge_counts(pair_codes, pair_counts, found,
+                                                    counts.astype(np.int64))
+            context_counts += np.bincount(ids[:-1], minlength=vocab_size)
+            previous = ids[-1:]
         return cls(
-            unigram=UnigramModel.fit(ids, vocab_size, alpha),
+            unigram=UnigramModel.fit(train_ids, vocab_size, alpha),
             pair_codes=pair_codes,
-            pair_counts=pair_counts.astype(np.int64),
-            context_counts=np.bincount(ids[:-1], minlength=vocab_size).astype(np.int64),
+            pair_counts=pair_counts,
+            context_counts=context_counts,
             distinct_followers=np.bincount(
                 pair_codes // vocab_size, minlength=vocab_size
             ).astype(np.int64),
@@ -288,14 +379,22 @@ class BigramModel:
         return _total_nats(self.token_probabilities(ids))
 
 
-def baseline_bpb(model_obj: TokenBaseline, ids: np.ndarray, split_bytes: int) -> float:
-    """Bits per byte of a baseline on a split's ids (``split_bytes``: its text's bytes)."""
-    total, count = model_obj.nll(ids)
+def baseline_bpb(model_obj: TokenBaseline, tokens: TokenStream, split_bytes: float,
+                 plan: ScoringPlan | None = None) -> float:
+    """Bits per byte of a baseline on the targets of ``plan`` (default: every token of
+    the split but the first), ``split_bytes`` being the bytes those targets stand for."""
+    plan = plan or scoring_plan(len(tokens), 4096)  # every target, in long windows
+    total, count = 0.0, 0
+    for batch in iter_windows(tokens, plan, 256):
+        for row in batch:
+            nats, predicted = model_obj.nll(row)
+            total += nats
+            count += predicted
     return bits_per_byte(total / count if count else 0.0, count, split_bytes)
 
 
 def fit_baselines(
-    train_ids: np.ndarray, vocab_size: int, alpha: float = 1.0
+    train_ids: TokenStream, vocab_size: int, alpha: float = 1.0
 ) -> dict[str, TokenBaseline]:
     """{"unigram": ..., "bigram": ...} fitted once on the train split, to score every split."""
     return {
@@ -305,10 +404,21 @@ def fit_baselines(
 
 
 def baseline_metrics(
-    baselines: dict[str, TokenBaseline], ids: np.ndarray, split_bytes: int
+    baselines: dict[str, TokenBaseline], tokens: TokenStream, split_bytes: float,
+    plan: ScoringPlan | None = None,
 ) -> dict[str, float]:
-    """{"unigram_bpb": ..., "bigram_bpb": ...} on one split, beside evaluate_split's keys."""
-    return {f"{name}_bpb": baseline_bpb(m, ids, split_bytes) for name, m in baselines.items()}
+    """{"unigram_bpb": ..., "bigram_bpb": ...} on one split's ``plan`` (the windows the
+    GPT is scored on), beside evaluate_split's keys."""
+    return {f"{name}_bpb": baseline_bpb(m, tokens, split_bytes, plan)
+            for name, m in baselines.items()}
+
+
+def _chunks(tokens: TokenStream) -> Iterator[np.ndarray]:
+    """A stream in pieces of bounded size (an array in memory: itself)."""
+    if isinstance(tokens, TokenFile):
+        yield from tokens.chunks()
+    else:
+        yield np.asarray(tokens)
 
 
 def document_openings(table_dir: Path, count: int, words: int) -> list[str]:

@@ -1,7 +1,8 @@
 """The ``generate`` command: continue a prompt with a trained model, streaming to stdout.
 
 Not a DVC stage: it writes nothing and reads a model checkpoint directory
-(``models/pretrain/best``: ``model.safetensors``, ``config.json``, ``tokenizer.json``).
+(``models/pretrain/best``: ``model.safetensors``, ``gptpipe.json``, ``tokenizer.json``), or
+a Transformers folder that ``gptpipe export`` wrote (``models/hf/pretrain``).
 
     gptpipe generate --model models/pretrain/best "The river"
     echo "The river" | gptpipe generate --model models/pretrain/best --seed 3
@@ -9,7 +10,7 @@ Not a DVC stage: it writes nothing and reads a model checkpoint directory
 
 The prompt is printed, then the continuation token by token, then a newline. Before the
 weights are loaded, the tokenizer is checked against the model: same vocabulary size,
-and the same file (sha256) as the one the model was trained with when config.json
+and the same file (sha256) as the one the model was trained with when gptpipe.json
 records it, since a different tokenizer with the right size would give fluent nonsense.
 """
 
@@ -72,7 +73,8 @@ def unknown_message(kind: str, pieces: list[str]) -> str | None:
     "model_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Checkpoint directory (model.safetensors, config.json, tokenizer.json).",
+    help="Checkpoint directory (model.safetensors, gptpipe.json, tokenizer.json), or a "
+    "Transformers folder of a Llama or a GPT-2.",
 )
 @click.option(
     "--tokenizer",

@@ -174,13 +174,18 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
+def swiglu_hidden(n_embd: int) -> int:
+    """The SwiGLU MLP's hidden width: 8/3 * C keeps the parameter count of a 4 * C GELU
+    MLP; rounded up to a multiple of 64 for speed."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
-            # 8/3 * C keeps the parameter count of a 4 * C GELU MLP; rounded to 64 for speed.
-            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            hidden = swiglu_hidden(config.n_embd)
             self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
         else:
             hidden = 4 * config.n_embd

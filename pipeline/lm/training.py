@@ -4,17 +4,20 @@
 snapshots and stop signals are the run folder's (:class:`pipeline.core.runs.RunFolder`).
 It snapshots every ``train.checkpoint_every`` steps, evaluates every ``train.eval_every``
 steps, and stops with a clear error on a non-finite loss without overwriting the last
-good snapshot. Only rank 0 writes files.
+good snapshot. The first process of each machine writes files (one per shared folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.core.device import Runtime
+from pipeline.core.device import Runtime, together
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir
 from pipeline.core.params import ModelParams, TrainParams
-from pipeline.core.runs import RunFolder, StopSignals, interrupted_error, run_fingerprint
+from pipeline.core.runs import (
+    SNAPSHOT,
+    STATE_JSON,
+    STATE_TENSORS,
+    RunFolder,
+    StopSignals,
+    apply_training_state,
+    interrupted_error,
+    run_fingerprint,
+)
+from pipeline.core.stage import say
 from pipeline.lm.batching import WindowSampler, eval_windows
 from pipeline.lm.checkpoint import load_weights, save_model
 from pipeline.lm.model import GPT, GPTConfig
@@ -112,6 +125,37 @@ class StepLog:
     tokens_per_second: float
 
 
+_WRITER_MARK = ".gptpipe-writer-"
+
+
+def one_writer_per_folder(runtime: Runtime, folder: Path) -> Runtime:
+    """``runtime`` with ``writes_files`` kept by one process per distinct ``folder``.
+
+    Each machine's first process writes its own run folder, unless machines share it (a
+    checkout on a network file system): then only the lowest-ranked of them writes, as
+    two writers of one folder would replace each other's files. Found out by every
+    writer leaving a mark in the folder, looking at whose marks it sees, and removing
+    its own.
+    """
+    if not runtime.distributed:
+        return runtime
+    mark = folder / f"{_WRITER_MARK}{uuid.uuid4().hex}"
+
+    def leave() -> None:
+        if runtime.writes_files:
+            folder.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+
+    together(runtime, leave)
+    seen = together(runtime, lambda: sorted(p.name for p in folder.glob(f"{_WRITER_MARK}*"))
+                    if runtime.writes_files else [])
+    marks: list[str | None] = [None] * runtime.world_size
+    dist.all_gather_object(marks, mark.name if runtime.writes_files else None)
+    together(runtime, lambda: mark.unlink(missing_ok=True))
+    sharing = [rank for rank, name in enumerate(marks) if name is not None and name in seen]
+    return replace(runtime, writes_files=runtime.writes_files and min(sharing) == runtime.rank)
+
+
 class Trainer:
     """One pretraining run. ``inputs`` (name -> file or folder: the token shards, the
     tokenizer, a base model) are fingerprinted with the params; ``state_dir`` is the run
@@ -130,15 +174,36 @@ class Trainer:
         state_dir: Path,
         provenance: dict[str, Any],
         init_from: Path | None = None,
+        shared_settings: dict[str, Any] | None = None,
     ) -> None:
         self.train = train
         self.runtime = runtime
         self.provenance = provenance
+        # What every process of a distributed run must share beside the run itself (the
+        # stage's other params that shape its outputs), checked with the fingerprints.
+        self.shared_settings = shared_settings or {}
+        # Everything up to the first collective can fail in one process only (its
+        # machine's files, memory): through together(), it then stops them all.
+        together(runtime, lambda: self._build(model_params, train, runtime, train_tokens,
+                                              val_tokens, vocab_size, inputs, state_dir,
+                                              init_from))
+        self._resume()
+        self.network: nn.Module = self.model
+        if train.compile:
+            self.network = torch.compile(self.model)
+        if runtime.distributed:
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.network, device_ids=ids)
+
+    def _build(self, model_params: ModelParams, train: TrainParams, runtime: Runtime,
+               train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int,
+               inputs: dict[str, Path], state_dir: Path, init_from: Path | None) -> None:
+        """This process's own set-up: run folder, model, optimizer, data, memory check."""
         self.config = GPTConfig(vocab_size=vocab_size, **asdict(model_params))
         self.total_steps = total_steps(train, self.config.context, runtime.world_size)
         resume, finished = fingerprints(model_params, train, runtime.world_size, inputs)
         self.run = RunFolder("pretrain", state_dir, resume, self.total_steps, finished,
-                             writer=runtime.is_main)
+                             writer=runtime.writes_files)
         # Model init draws from the global generator: seed it from params.
         torch.manual_seed(train.seed)
         self.model = GPT(self.config)
@@ -151,6 +216,7 @@ class Trainer:
             train_tokens, self.config.context, train.batch_size, train.seed + 1,
             runtime.rank, runtime.world_size,
         )
+        self.pin_memory = runtime.device.type == "cuda"
         self.val_tokens = val_tokens
         self.val_windows = eval_windows(val_tokens, self.config.context, train.eval_windows)
         self.scaler = torch.amp.GradScaler(
@@ -164,13 +230,6 @@ class Trainer:
         )
         self.resumed_from: int | None = None
         self._check_memory()
-        self._resume()
-        self.network: nn.Module = self.model
-        if train.compile:
-            self.network = torch.compile(self.model)
-        if runtime.distributed:
-            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.network = DistributedDataParallel(self.network, device_ids=ids)
 
     @property
     def state_dir(self) -> Path:
@@ -202,11 +261,84 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume(self) -> None:
-        info = self.run.start()
-        self._barrier()  # the writer may be clearing the folder
-        if info is None:
+        """Resume from the run folder's snapshot when it is one of this run.
+
+        In a distributed run every machine's first process keeps a run folder on its own
+        disk (no shared file system is needed, and a rendezvous may hand global rank 0 to
+        any machine after a restart; machines that do share a folder keep one writer).
+        First every process must run the same run: one whose params, token data, code or
+        precision differ from process 0's stops every process with one line, as does a
+        machine whose folder holds a snapshot of another run while another machine holds
+        one of this run. Then the process holding the newest snapshot of this run sends it
+        (and the best weights) to all: every process continues from the same step, and
+        every machine's folder holds the run again. File work that can fail on one
+        machine goes through :func:`together`, so a failure stops every process.
+        """
+        runtime, run = self.runtime, self.run
+        if not runtime.distributed:
+            info = run.start()
+            if info is not None:
+                self._restore(*run.load(self.model, self.optimizer))
             return
-        rng, info = self.run.load(self.model, self.optimizer)
+        self._check_same_run()
+        held = self._gather(run.held_run() if run.writer else None)
+        ours = [rank for rank, found in enumerate(held) if found and found[0] == run.fingerprint]
+        other = [rank for rank, found in enumerate(held) if found and found[0] != run.fingerprint]
+        if ours and other:
+            raise GptpipeError(
+                f"pretrain: process {other[0]}'s checkpoint folder ({self.state_dir} on its "
+                f"machine) holds a snapshot of another run, while process {ours[0]}'s holds "
+                "one of this run; delete that machine's snapshot to resume this run from the "
+                "others', or every machine's to start afresh"
+            )
+        info = together(runtime, lambda: run.start() if run.writer else None)
+        steps = self._gather(None if info is None else int(info["step"]))
+        holders = [rank for rank, step in enumerate(steps) if step is not None]
+        if not holders:
+            return
+        source = max(holders, key=lambda rank: (steps[rank], -rank))
+        payload = [together(runtime, lambda: run.share() if runtime.rank == source else None)]
+        dist.broadcast_object_list(payload, src=source)
+        shared = payload[0]
+        mine = steps[runtime.rank]
+        if runtime.rank != source and run.writer and mine != steps[source]:
+            have = "none" if mine is None else f"one of step {mine}"
+            say("pretrain", f"this machine's checkpoint folder holds {have}: continuing "
+                            f"from step {steps[source]} with process {source}'s snapshot")
+
+        def adopt_and_restore() -> None:
+            if runtime.rank != source:
+                run.adopt(shared)
+            snapshot = shared[SNAPSHOT]
+            self._restore(*apply_training_state(snapshot[STATE_TENSORS],
+                                                json.loads(snapshot[STATE_JSON]),
+                                                self.model, self.optimizer))
+
+        together(runtime, adopt_and_restore)
+
+    def _gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, by global rank."""
+        found: list[Any] = [None] * self.runtime.world_size
+        dist.all_gather_object(found, value)
+        return found
+
+    def _check_same_run(self) -> None:
+        """Every process must run process 0's run: the same params (cadence included),
+        token data, code, precision and shared settings."""
+        mine = json.dumps([self.run.finished, str(self.runtime.dtype), self.shared_settings],
+                          sort_keys=True)
+        found = self._gather(hashlib.sha256(mine.encode()).hexdigest())
+        odd = [rank for rank, fingerprint in enumerate(found) if fingerprint != found[0]]
+        if odd:
+            raise GptpipeError(
+                f"pretrain: process {odd[0]} of {self.runtime.world_size} runs another run "
+                "than process 0: its machine's params, token data, gptpipe code or resolved "
+                f"train.dtype differ (fingerprint {str(found[odd[0]])[:12]} against "
+                f"{str(found[0])[:12]}); give every machine the same commit, params.yaml, "
+                "data (dvc pull) and kind of device"
+            )
+
+    def _restore(self, rng: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         _set_rng_state(rng, self.runtime)
         self.sampler.load_state_dict(
             {"generator": rng["sampler"], "batches_drawn": info["batches_drawn"]}
@@ -217,7 +349,8 @@ class Trainer:
         self.resumed_from = self.step
 
     def save_state(self, rng: dict[str, torch.Tensor], sampler_state: dict) -> None:
-        """Snapshot (rank 0 only); rng and sampler state are those at the step's start."""
+        """Snapshot (each machine's first process); rng and sampler state are those at the
+        step's start."""
         info = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -225,13 +358,8 @@ class Trainer:
             "best_step": self.best_step,
             "batches_drawn": sampler_state["batches_drawn"],
         }
-        self.run.save(self.model, self.optimizer, {**rng, "sampler": sampler_state["generator"]},
-                      info)
-        self._barrier()
-
-    def _barrier(self) -> None:
-        if self.runtime.distributed:
-            dist.barrier()
+        state = {**rng, "sampler": sampler_state["generator"]}
+        together(self.runtime, lambda: self.run.save(self.model, self.optimizer, state, info))
 
     # ------------------------------------------------------------------ training
     def _train_step(self) -> float:
@@ -239,9 +367,10 @@ class Trainer:
         accum = self.train.grad_accum
         loss_sum = torch.zeros((), device=self.runtime.device)
         for micro in range(accum):
-            x, y = self.sampler.next_batch()
-            x = x.to(self.runtime.device, non_blocking=True)
-            y = y.to(self.runtime.device, non_blocking=True)
+            # One copy of the (B, T + 1) windows, from pinned memory on a GPU, sliced there.
+            window = self.sampler.next_windows(pin_memory=self.pin_memory).to(
+                self.runtime.device, non_blocking=True)
+            x, y = window[:, :-1], window[:, 1:]
             last = micro == accum - 1
             sync = contextlib.nullcontext()
             if self.runtime.distributed and not last:
@@ -276,9 +405,10 @@ class Trainer:
     def _keep_if_best(self, val_loss: float) -> None:
         if val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, self.step
-            if self.runtime.is_main:
-                save_model(self.run.best, self.model, self.config,
-                           {**self.provenance, "step": self.step, "val_loss": val_loss})
+            provenance = {**self.provenance, "step": self.step, "val_loss": val_loss}
+            together(self.runtime, lambda: save_model(self.run.best, self.model, self.config,
+                                                      provenance)
+                     if self.runtime.writes_files else None)
 
     def _stop_requested(self) -> bool:
         """Whether a stop signal reached any rank: every rank stops at the same step."""
@@ -345,8 +475,9 @@ class Trainer:
                 raise interrupted_error("pretrain", signame, self.step, self.state_dir)
 
     def finish(self, out_dir: Path, tokenizer_path: Path) -> None:
-        """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints."""
-        if not self.runtime.is_main:
+        """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints
+        (on every machine: each has the whole run)."""
+        if not self.runtime.writes_files:
             return
         if not self.run.best.is_dir():
             raise GptpipeError(

@@ -16,7 +16,6 @@ kept. Code and other preformatted text keep their indentation and blank lines
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, write_json
-from pipeline.core.parallel import ordered_map
+from pipeline.core.parallel import ordered_map, usable_cores
 from pipeline.core.params import CleanParams, Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
@@ -178,7 +177,7 @@ class _Filters:
 
 def _worker_count(params: CleanParams, batches: int) -> int:
     """Processes to use: ``clean.workers`` (0 = one per core), never more than batches."""
-    wanted = params.workers or os.cpu_count() or 1
+    wanted = params.workers or usable_cores()
     return max(1, min(wanted, batches))
 
 

@@ -1,14 +1,22 @@
-"""evaluate: score a model on every val and test token, against baselines, and sample it.
+"""evaluate: score a model on every val and test token and on multiple-choice tasks,
+against baselines, and sample it.
 
 Reads:   --model (a checkpoint directory: models/pretrain/best), data/tokens (train, val
-         and test shards + meta.json), data/split/test (the prompts' source), data/clean
-         (hashed for the fingerprint only)
-Params:  evaluate (batch size, device, prompts, temperatures, seed, sampling limits), and
-         split (seed and ratios, recorded in the fingerprint)
+         and test shards + meta.json), data/split/test (the prompts' source and the
+         builtin task's text), data/clean (hashed for the fingerprint only), --task-file
+         (a JSONL multiple-choice task, read when evaluate.task is file or both)
+Params:  evaluate (batch size, device, prompts, temperatures, seed, sampling limits, the
+         tasks), and split (seed and ratios, recorded in the fingerprint)
 Writes:  --metrics (metrics/evaluate.json): flat keys per split, e.g. ``val.bpb``,
          ``test.ppl``: loss (nats/token), ppl, bpb (bits per UTF-8 byte), acc (next-token
-         top-1), tokens, unigram_bpb and bigram_bpb (baselines fitted on the train split with
-         the same tokenizer), plus ``fingerprint.*``: what the numbers depend on;
+         top-1), tokens and bytes (what was scored: every token, or evaluate.max_tokens
+         of them in evenly spread windows, the same ones every time), unigram_bpb and
+         bigram_bpb (baselines fitted on the train split with the same tokenizer, scored
+         on the same windows); per task (``next_sentence.*`` for the builtin one,
+         ``task_file.*``): items, acc, acc_norm (per byte of the choice), acc_pmi (given
+         the context minus alone), the bigram's bigram_acc, bigram_acc_norm and
+         bigram_acc_pmi, and chance (pipeline/lm/tasks.py); plus ``fingerprint.*``: what
+         the numbers depend on;
          --samples (evaluation/samples.json): each prompt completed once per temperature
          with a fixed seed.
 
@@ -23,6 +31,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.core.device import pick_device
@@ -39,8 +48,10 @@ from pipeline.lm.evaluation import (
     document_openings,
     evaluate_split,
     fit_baselines,
+    scoring_plan,
 )
 from pipeline.lm.sampling import SamplingConfig, sample_text
+from pipeline.lm.tasks import next_sentence_items, read_task_file, score_task
 
 SCORED_SPLITS = ("val", "test")
 
@@ -53,25 +64,47 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext
 
 
-def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device) -> dict:
-    """Every token of val and test through the model, and the two baselines."""
+def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device,
+          byte_lengths: np.ndarray, baselines: dict) -> dict:
+    """val and test through the model (every token, or ``evaluate.max_tokens`` of them in
+    evenly spread windows) and the two baselines on the same windows."""
     context = model.config.context
-    train_ids = read_tokens(tokens_dir / "train")
-    vocab = int(meta["vocab_size"])
-    baselines = fit_baselines(train_ids, vocab)
     metrics: dict[str, float] = {}
     for split in SCORED_SPLITS:
         ids = read_tokens(tokens_dir / split)
-        split_bytes = int(meta["splits"][split]["bytes"])
+        counts = meta["splits"][split]
         if len(ids) < 2:
             raise GptpipeError(f"{tokens_dir / split}: fewer than 2 tokens; nothing to score")
-        result = evaluate_split(model, ids, split_bytes, context, params.batch_size, device,
-                                _autocast(device))
+        result = evaluate_split(model, ids, int(counts["bytes"]), context, params.batch_size,
+                                device, _autocast(device), params.budget, byte_lengths,
+                                counts.get("token_bytes"))
         for key, value in result.items():
             metrics[f"{split}.{key}"] = value
-        for key, value in baseline_metrics(baselines, ids, split_bytes).items():
+        plan = scoring_plan(len(ids), context, params.budget)
+        for key, value in baseline_metrics(baselines, ids, result["bytes"], plan).items():
             metrics[f"{split}.{key}"] = value
+    return _rounded(metrics)
+
+
+def _rounded(metrics: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def task_scores(model, tokenizer, settings: EvaluateParams, test_text: Path, task_file: Path,
+                bigram, device) -> dict:
+    """The multiple-choice tasks evaluate.task asks for, as flat keys per task."""
+    tasks = {}
+    if settings.task in ("builtin", "both"):
+        tasks["next_sentence"] = next_sentence_items(
+            test_text, settings.task_items, settings.task_choices, settings.task_seed)
+    if settings.task in ("file", "both"):
+        tasks["task_file"] = read_task_file(task_file)
+    metrics = {}
+    for name, items in tasks.items():
+        result = score_task(model, tokenizer, items, bigram, settings.batch_size, device,
+                            _autocast(device))
+        metrics.update({f"{name}.{key}": value for key, value in result.items()})
+    return _rounded(metrics)
 
 
 def sample_rows(model, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
@@ -91,20 +124,27 @@ def sample_rows(model, tokenizer, prompts: list[str], params: EvaluateParams) ->
 
 @torch.no_grad()
 def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean: Path,
-        metrics: Path, samples: Path) -> dict:
-    """Score the ``model`` folder on val and test, sample it; write both outputs."""
+        task_file: Path, metrics: Path, samples: Path) -> dict:
+    """Score the ``model`` folder on val, test and the tasks, sample it; write both
+    outputs."""
     settings = params.evaluate
     device = pick_device(settings.device, key="evaluate.device")
     _, _, tokenizer = open_model_folder(model)
     meta = read_meta(tokens)
     require_tokenizer(tokenizer, made_with(meta, tokens))
     require_splits(meta, tokens, "train", *SCORED_SPLITS)
+    if settings.task in ("file", "both"):
+        read_task_file(task_file)  # a bad line stops the stage before minutes of scoring
     network, _ = load_model(model, device)
     say("evaluate", f"{model} on {device}")
-    result = score(network, meta, tokens, settings, device)
+    baselines = fit_baselines(read_tokens(tokens / "train"), int(meta["vocab_size"]))
+    result = score(network, meta, tokens, settings, device, tokenizer.byte_lengths(),
+                   baselines)
     if not math.isfinite(result["val.loss"]):
         raise GptpipeError(f"{model}: the val loss is {result['val.loss']}; the model's "
                            "weights are broken (not finite)")
+    result.update(task_scores(network, tokenizer, settings, prompts_from, task_file,
+                              baselines["bigram"], device))
     result.update(fingerprint(clean, params.split, tokenizer.sha256))
     prompts = settings.prompts or document_openings(
         prompts_from, settings.num_prompts, settings.prompt_words)
@@ -117,6 +157,15 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
                         f"(bigram {result[f'{split}.bigram_bpb']:.4f}, unigram "
                         f"{result[f'{split}.unigram_bpb']:.4f}), ppl "
                         f"{result[f'{split}.ppl']:.2f}, top-1 {result[f'{split}.acc']:.3f}")
+    for name in ("next_sentence", "task_file"):
+        if f"{name}.acc" in result:
+            figures = {key: result[f"{name}.{key}"] for key in (
+                "acc", "acc_norm", "acc_pmi", "bigram_acc", "bigram_acc_norm",
+                "bigram_acc_pmi", "chance", "items")}
+            say("evaluate", "{0}: acc {acc:.3f}, acc_norm {acc_norm:.3f}, acc_pmi {acc_pmi:.3f} "
+                            "(bigram {bigram_acc:.3f}, {bigram_acc_norm:.3f}, "
+                            "{bigram_acc_pmi:.3f}; chance {chance:.3f}) on {items} items"
+                            .format(name, **figures))
     return result
 
 
@@ -137,8 +186,10 @@ main = stage_command(
     "evaluate", run, "Score a model on every val and test token, against baselines; sample it.",
     model="The model folder to evaluate (weights, config and tokenizer).",
     tokens="",
-    prompts_from="The document table whose openings are the default prompts (the test split).",
+    prompts_from="The document table whose openings are the default prompts and whose "
+                 "sentences make the builtin task (the test split).",
     clean="The clean corpus table, hashed into the metrics' fingerprint (data/clean).",
+    task_file="The JSONL multiple-choice task, read when evaluate.task is file or both.",
     metrics="The metrics JSON to write (flat keys such as val.bpb).",
     samples="The JSON file of prompt completions to write.",
 )

@@ -4,7 +4,7 @@ Reads:  ``data.corpus``, a file or a folder of text files (any suffix; jsonl, js
         and parquet by field; each optionally .gz or .zst), or a builtin pointer such as
         data/builtin/wikipedia-en.corpus (see :mod:`pipeline.data.corpus`).
 Params: the ``data`` section of params.yaml (:class:`pipeline.core.params.DataParams`:
-        corpus, include, text_field, txt_unit).
+        corpus, include, text_field, txt_unit, workers).
 Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_bytes;
         ids count from 0 in corpus order) and flat JSON metrics (``--metrics``,
         metrics/ingest.json: files_read, files_skipped_binary, text_files_whole,
@@ -12,7 +12,9 @@ Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_b
         files), documents, documents_skipped_empty, bytes, invalid_bytes).
 
 Documents are streamed from the readers straight into the Parquet writer, so memory stays
-flat however big the corpus is.
+flat however big the corpus is. ``data.workers`` processes read files, and stretches of
+lines of big plain-text and JSONL files, side by side; the table is byte-identical for
+any number of them.
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ import sys
 from pathlib import Path
 
 from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.parallel import usable_cores
 from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
-from pipeline.data.corpus import CorpusStats, corpus_bytes, iter_documents
+from pipeline.data.corpus import RANGE_BYTES, CorpusStats, corpus_bytes, iter_documents
 from pipeline.data.doctable import RAW_SCHEMA, DocumentWriter
 
 
-def run(params: Params, *, out: Path, metrics: Path) -> dict[str, int]:
-    """Ingest ``data.corpus`` into ``out``, write and return the metrics."""
+def run(params: Params, *, out: Path, metrics: Path,
+        range_bytes: int = RANGE_BYTES) -> dict[str, int]:
+    """Ingest ``data.corpus`` into ``out``, write and return the metrics.
+
+    ``range_bytes``: the size of one worker task (tests make it small to cut tiny files).
+    With more than one worker the processes are spawned, so a script that calls this
+    needs the usual ``if __name__ == "__main__":`` guard.
+    """
     data = params.data
+    workers = data.workers or usable_cores()
     stats = CorpusStats()
     # The total needs a second walk over a folder corpus; only a visible bar is worth it.
     total = corpus_bytes(data) if sys.stderr.isatty() else None
@@ -39,7 +49,8 @@ def run(params: Params, *, out: Path, metrics: Path) -> dict[str, int]:
         DocumentWriter(tmp, RAW_SCHEMA) as writer,
         progress(total=total, desc="ingest", unit="B", unit_scale=True) as bar,
     ):
-        for index, document in enumerate(iter_documents(data, stats, bar.update)):
+        documents = iter_documents(data, stats, bar.update, workers, range_bytes)
+        for index, document in enumerate(documents):
             writer.append(
                 id=index,
                 source=document.source,

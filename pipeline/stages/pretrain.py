@@ -3,15 +3,17 @@
 Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json, and
          train.init_from: a model folder to continue (its weights; its shape must be the
          model section's and its tokenizer the data's), or data/builtin/random.init
-Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from)
-Writes:  models/pretrain/{best,last}/ (model.safetensors, config.json, tokenizer.json);
+Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from),
+         evaluate.max_tokens (the most val tokens the final bits per byte score)
+Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
          metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);
          metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
 
-Runs unchanged under `torchrun --nproc_per_node=N` (DDP: nccl on GPU, gloo on CPU); only
-rank 0 writes files. Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
+Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
+several: the first process of each machine writes the outputs (one per shared folder).
+Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.device import setup_runtime, teardown
+from pipeline.core.device import setup_runtime, teardown, together
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import write_json
 from pipeline.core.live import finish_live, start_live
@@ -36,7 +38,7 @@ from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_token
 from pipeline.lm.checkpoint import base_model, check_same_shape, load_model, open_model_folder
 from pipeline.lm.evaluation import evaluate_split
 from pipeline.lm.model import GPTConfig
-from pipeline.lm.training import StepLog, Trainer
+from pipeline.lm.training import StepLog, Trainer, one_writer_per_folder
 
 
 def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint: Path,
@@ -48,27 +50,46 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
         _relaunch_under_torchrun(train.nproc_per_node)
         return {}
     torch.set_float32_matmul_precision("high")
+    runtime = setup_runtime(train.device, train.dtype, train.threads)
+    try:
+        # Each machine checks its own checkout; one that fails stops every process.
+        meta, text_tokenizer, base, train_tokens, val_tokens = together(
+            runtime, lambda: _read_inputs(params, tokens, tokenizer))
+        inputs = {"tokens": tokens, "tokenizer": tokenizer,
+                  **({"init_from": base} if base else {})}
+        provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
+                      **({"init_from": str(base)} if base else {})}
+        if runtime.is_main:
+            say("pretrain", f"device {runtime.describe()}")
+            if base is not None:
+                say("pretrain", f"continuing {base}")
+        runtime = one_writer_per_folder(runtime, checkpoint)
+        trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
+                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
+                          shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens})
+        val = meta["splits"]["val"]
+
+        def score_val(model) -> dict:
+            """The final val metrics: every token, or evaluate.max_tokens of them."""
+            return evaluate_split(model, val_tokens, val["bytes"], trainer.config.context,
+                                  train.batch_size, runtime.device, runtime.autocast,
+                                  params.evaluate.budget, text_tokenizer.byte_lengths(),
+                                  val.get("token_bytes"))
+
+        return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
+    finally:
+        teardown(runtime)
+
+
+def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
+    """(meta, tokenizer, base model or None, train tokens, val tokens), each checked."""
     meta = read_meta(tokens)
     text_tokenizer = load_tokenizer(tokenizer)
     require_tokenizer(text_tokenizer, made_with(meta, tokens))
     require_splits(meta, tokens, "train", "val")
     base = _check_base_model(params, text_tokenizer, int(meta["vocab_size"]))
-    inputs = {"tokens": tokens, "tokenizer": tokenizer, **({"init_from": base} if base else {})}
-    provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
-                  **({"init_from": str(base)} if base else {})}
-    runtime = setup_runtime(train.device, train.dtype, train.threads)
-    try:
-        train_tokens = read_tokens(tokens / "train")
-        val_tokens = read_tokens(tokens / "val")
-        if runtime.is_main:
-            say("pretrain", f"device {runtime.describe()}")
-            if base is not None:
-                say("pretrain", f"continuing {base}")
-        trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
-                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base)
-        return _train_and_report(trainer, meta, tokenizer, out, live, metrics, speed)
-    finally:
-        teardown(runtime)
+    return (meta, text_tokenizer, base, read_tokens(tokens / "train"),
+            read_tokens(tokens / "val"))
 
 
 def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int) -> Path | None:
@@ -88,10 +109,11 @@ def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int)
     return base
 
 
-def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: Path,
+def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Path,
                       live_dir: Path, metrics: Path, speed: Path) -> dict:
     runtime = trainer.runtime
-    live = start_live(live_dir, trainer.resumed_from) if runtime.is_main else None
+    # Every machine's first process writes the outputs (see Runtime.writes_files).
+    live = start_live(live_dir, trainer.resumed_from) if runtime.writes_files else None
     if runtime.is_main:
         n = trainer.model.num_parameters()
         say("pretrain", f"{n / 1e6:.2f}M parameters, {trainer.total_steps} steps of "
@@ -115,34 +137,34 @@ def _train_and_report(trainer: Trainer, meta: dict, tokenizer_path: Path, out: P
         live.log_metric("train/loss", log.train_loss)
         live.log_metric("lr", log.lr)
         live.log_metric("tokens_per_second", round(log.tokens_per_second, 1))
-        bar.set_postfix(loss=f"{log.train_loss:.3f}", tok_s=f"{log.tokens_per_second:,.0f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{log.train_loss:.3f}", tok_s=f"{log.tokens_per_second:,.0f}")
 
     def on_eval(step: int, val_loss: float) -> None:
         if live is None:
             return
         live.step = step
         live.log_metric("val/loss", val_loss)
-        bar.write(f"pretrain: step {step}: val loss {val_loss:.4f}")
+        if bar is not None:
+            bar.write(f"pretrain: step {step}: val loss {val_loss:.4f}")
 
     trainer.fit(on_log, on_eval, bar)
     wall = time.perf_counter() - started
     if bar is not None:
         bar.close()
     trainer.finish(out, tokenizer_path)
-    if not runtime.is_main:
+    if not runtime.writes_files:
         return {}
     finish_live(live)
     steady = timed["tokens"] / timed["seconds"] if timed["seconds"] > 0 else None
-    return _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
+    return _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady)
 
 
-def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady) -> dict:
+def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady) -> dict:
     runtime = trainer.runtime
-    # The best checkpoint, scored on every val token (the periodic evals use a subset).
+    # The best checkpoint, scored on the val split (the periodic evals use a few windows).
     best, _ = load_model(out / "best", runtime.device)
-    scores = evaluate_split(best, trainer.val_tokens, meta["splits"]["val"]["bytes"],
-                            trainer.config.context, trainer.train.batch_size, runtime.device,
-                            runtime.autocast)
+    scores = score_val(best)
     val_loss, bits_per_byte = scores["loss"], scores["bpb"]
     steps_run = trainer.step - start_step
     tokens_run = steps_run * trainer.tokens_per_step
@@ -153,6 +175,7 @@ def _write_metrics(trainer, meta, out, metrics, speed, wall, start_step, steady)
         "best_step": trainer.best_step,
         "val_loss": round(val_loss, 6),
         "val_bpb": round(bits_per_byte, 6),
+        "val_tokens_scored": scores["tokens"],
         "steps": trainer.step,
         "tokens_seen": trainer.step * trainer.tokens_per_step,
         "parameters": trainer.model.num_parameters(),

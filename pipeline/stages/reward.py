@@ -3,7 +3,7 @@
 Reads:   --model (models/pretrain/best: the body the reward model starts from, and its
          tokenizer), --pairs (data/preferences: train.jsonl, heldout.jsonl, meta.json)
 Params:  reward (epochs, batch size, optimizer, seed, device, the baseline's settings)
-Writes:  --out (models/reward/): model.safetensors, config.json ("kind": "reward", the GPT
+Writes:  --out (models/reward/): model.safetensors, gptpipe.json ("kind": "reward", the GPT
          config, the tokenizer's sha256, the per-epoch losses) and tokenizer.json;
          --metrics (metrics/reward.json): gpt.{train,heldout}_accuracy,
          gpt.heldout_margin, gpt.train_loss (the last epoch's mean), baseline.{train,

@@ -11,9 +11,9 @@ Reads:   --model (models/sft: the policy RL starts from, also the frozen KL refe
          rlhf.reward_module (a python: reward's file; dvc.yaml tracks it)
 Params:  rlhf (algorithm, reward, budget, sampling, optimizer, KL penalty, PPO/GRPO/DPO
          settings, evaluation cadence, selection and patience, seed, device), gold (the
-         judge)
+         judge), evaluate.max_tokens (the most val tokens the bits per byte score)
 Writes:  --out (models/rlhf/): best/ and last/, GPT checkpoints (model.safetensors,
-         config.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
+         gptpipe.json, tokenizer.json) that `gptpipe generate` and the evaluate stage load;
          --checkpoint (checkpoints/rlhf/: the resumable state, a DVC `persist` output);
          --live (dvclive/rlhf/): per-step plots; --metrics (metrics/rlhf.json): algo,
          reward, steps, stopped_early, best_step, gold_pretrained, gold_before,
@@ -153,8 +153,18 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
                 f"{rlhf.batch_size} {what}; {train_prompts.shape[0]} train and "
                 f"{eval_prompts.shape[0]} held-out prompts of {length} tokens")
     # Before the Tuner exists: resuming loads the snapshot's weights into ``policy``.
-    val_bpb_pretrained = _val_bpb(base, val_tokens, tokens_meta, rlhf.batch_size)
-    val_bpb_before = _val_bpb(policy, val_tokens, tokens_meta, rlhf.batch_size)
+    byte_lengths = tokenizer.byte_lengths()
+
+    def val_bpb(model: GPT) -> float:
+        """Bits per byte on val: every token, or evaluate.max_tokens of them."""
+        val = tokens_meta["splits"]["val"]
+        return evaluate_split(model, val_tokens, val["bytes"], model.config.context,
+                              rlhf.batch_size, model.lm_head.weight.device,
+                              max_tokens=params.evaluate.budget, byte_lengths=byte_lengths,
+                              split_token_bytes=val.get("token_bytes"))["bpb"]
+
+    val_bpb_pretrained = val_bpb(base)
+    val_bpb_before = val_bpb(policy)
 
     def gold(prompt_ids: list[int], completion_ids: list[int]) -> float:
         return judge.score(visible_text(tokenizer, prompt_ids),
@@ -172,7 +182,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
 
     provenance = {"tokenizer_sha256": tokenizer.sha256, "vocab_kind": raw.get("vocab_kind")}
     best = _write_models(out, result, policy, model / TOKENIZER, provenance, rlhf.algo)
-    val_bpb_after = _val_bpb(best, val_tokens, tokens_meta, rlhf.batch_size)
+    val_bpb_after = val_bpb(best)
     prompts = [visible_text(tokenizer, row[1:]) for row in eval_prompts.tolist()]
     texts = {name: [visible_text(tokenizer, ids) for ids in e.completions]
              for name, e in (("best", result.best), ("start", result.start),
@@ -235,12 +245,6 @@ def _tune(tuner: Tuner, live_dir: Path) -> TuneResult:
         bar.close()
     finish_live(live)
     return result
-
-
-def _val_bpb(model: GPT, val_tokens: np.ndarray, meta: dict, batch: int) -> float:
-    scores = evaluate_split(model, val_tokens, meta["splits"]["val"]["bytes"],
-                            model.config.context, batch, model.lm_head.weight.device)
-    return scores["bpb"]
 
 
 def _write_models(out: Path, result: TuneResult, last: GPT, tokenizer_path: Path, meta: dict,

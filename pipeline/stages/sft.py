@@ -7,7 +7,7 @@ Reads:   --model (models/pretrain/best: the model to fine-tune, with its tokeniz
          held out by a hash of the prompt). --file is a dependency either way.
 Params:  sft (source, file, held-out fraction, epochs, batch size, optimizer, seed,
          device)
-Writes:  --out (models/sft/): a model checkpoint (model.safetensors, config.json,
+Writes:  --out (models/sft/): a model checkpoint (model.safetensors, gptpipe.json,
          tokenizer.json), the policy RL starts from; --metrics (metrics/sft.json):
          source, examples.train, examples.heldout, heldout_loss_before,
          heldout_loss_after (response-token cross-entropy, nats), train_loss.

@@ -1,0 +1,105 @@
+"""Continued pretraining: a small corpus from scratch against adapting a pretrained model.
+
+The small corpus is a few hundred KB of English technical notes: the 79 topic pages of
+the Python language reference that every Python installation ships for ``help()``
+(``pydoc_data.topics``, about 465 KB), one ``.txt`` file per topic, read in blank-line
+paragraphs (``data.txt_unit: paragraph``). Two scratch copies of this project (each its
+own git + DVC repository) run ``dvc repro evaluate`` on it with the default params and
+the same training budget (``train.steps``):
+
+- **from scratch**: a bpe vocabulary learned on the small corpus, random weights;
+- **adapted**: ``train.init_from`` = a model pretrained on the builtin corpus (``--base``,
+  the default run's ``models/pretrain/best``) and ``vocab.kind: from_model``, its
+  tokenizer reused.
+
+It reports the small corpus's val and test bits per byte (tokenizer-independent, so the
+two runs compare), the bigram baseline of each, train tokens and wall time.
+
+Usage (from the repository root, after ``dvc repro pretrain``; about 20 minutes on
+2 cores, run alone)::
+
+    .venv/bin/python bench/bench_adapt.py --out bench/results-adapt.md
+    .venv/bin/python bench/bench_adapt.py --steps 20   # a smoke run
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from common import REPO_ROOT, run, scratch_repo
+
+
+def write_notes(folder: Path) -> tuple[int, int]:
+    """The language reference's topics as .txt files; (files, bytes)."""
+    import pydoc_data.topics
+
+    folder.mkdir(parents=True)
+    total = 0
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+        total += len(text.encode("utf-8"))
+    return len(pydoc_data.topics.topics), total
+
+
+def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | None) -> dict:
+    repo = scratch_repo(work / name, {"data.corpus": str(notes), "data.txt_unit": "paragraph",
+                                      **overrides})
+    if base is not None:
+        shutil.copytree(base, repo / "base-model")
+    click.echo(f"[{name}] dvc repro evaluate in {repo}", err=True)
+    started = time.perf_counter()
+    result = run(["dvc", "repro", "evaluate"], repo)
+    seconds = time.perf_counter() - started
+    (work / f"{name}.log").write_text(result.stdout + result.stderr)
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    meta = json.loads((repo / "data/tokens/meta.json").read_text())
+    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
+    return {"name": name, "seconds": seconds, "steps": pretrain["steps"],
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            **{key: evaluate[key] for key in ("val.bpb", "val.bigram_bpb", "test.bpb",
+                                              "test.bigram_bpb")}}
+
+
+@click.command()
+@click.option("--base", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=REPO_ROOT / "models/pretrain/best", show_default=True,
+              help="The pretrained model to adapt (the default run's best).")
+@click.option("--steps", type=int, default=None,
+              help="train.steps for both runs (default: params.yaml's).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+def main(base: Path, steps: int | None, work_dir: Path | None, out: Path | None) -> None:
+    work = Path(tempfile.mkdtemp(prefix="gptpipe-adapt-", dir=work_dir))
+    files, size = write_notes(work / "notes")
+    budget = {} if steps is None else {"train.steps": steps}
+    runs = [
+        one_run("from scratch", work, work / "notes", budget, None),
+        one_run("adapted", work, work / "notes",
+                {**budget, "train.init_from": "base-model", "vocab.kind": "from_model"}, base),
+    ]
+    lines = [
+        f"Small corpus: {files} topic pages of the Python {platform.python_version()} "
+        f"language reference ({size / 1024:,.0f} KB), in paragraphs; "
+        f"{runs[0]['steps']} training steps each.", "",
+        "| run | train tokens | val bpb (bigram) | test bpb (bigram) | minutes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(f"| {r['name']} | {r['train_tokens']:,} | {r['val.bpb']:.4f} "
+                     f"({r['val.bigram_bpb']:.4f}) | {r['test.bpb']:.4f} "
+                     f"({r['test.bigram_bpb']:.4f}) | {r['seconds'] / 60:.1f} |")
+    text = "\n".join(lines) + "\n"
+    click.echo(text)
+    if out is not None:
+        out.write_text(text)
+    click.echo(f"work directory: {work}", err=True)
+
+
+if __name__ == "__main__":
+    main()

