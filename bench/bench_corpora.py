@@ -15,11 +15,14 @@ it is except ``data.*`` (where the corpus is and how to read it):
 
 For each it reports documents, train tokens, val bits per byte against the bigram, the
 reward model's held-out accuracy against the TF-IDF baseline, the RL win rate, the gold
-score before and after, the val bits-per-byte change, the wall time, and one sample
-before and after RL (the first prompt at the first temperature); it counts empty
-samples in every sample file. ``--reuse NAME=DIR`` takes a corpus's figures from a
-finished run instead (for example ``en=.`` after ``dvc repro`` here: the same code and
-params give the same bits).
+score before and after, the val bits-per-byte change and the wall time. It counts empty
+and wordless samples in the evaluation sample files, and samples the first 32 held-out
+preference prompts with the pretrained and the RL model as RL samples them: the words
+per completion and the wordless ones before and after (a win bought by saying less
+shows there), and one typical pair for the table: the prompt whose RL completion has
+the median gold score, with the pretrained model's completion of it. ``--reuse NAME=DIR``
+takes a corpus's figures from a finished run instead (for example ``en=.`` after ``dvc
+repro`` here: the same code and params give the same bits).
 
 Usage (from the repository root; about 15 minutes per corpus on 2 cores, run alone)::
 
@@ -87,13 +90,49 @@ def _json(repo: Path, name: str) -> dict:
     return json.loads((repo / name).read_text(encoding="utf-8"))
 
 
+def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
+    """Completions of the first ``prompts`` held-out preference prompts by the pretrained
+    and the RL model, sampled as RL samples (``rlhf.temperature`` and ``max_new_tokens``;
+    prompt i with seed i): what the win rate judges, and what shows
+    whether a win comes from saying less."""
+    import torch
+    import yaml
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.lm.checkpoint import load_model
+    from pipeline.lm.sampling import SamplingConfig, sample_text
+
+    rl = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))["rlhf"]
+    config = SamplingConfig(max_new_tokens=rl["max_new_tokens"], temperature=rl["temperature"])
+    tokenizer = load_tokenizer(repo / "data/vocab/tokenizer.json")
+    lines = (repo / "data/preferences/heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["prompt"] for line in lines[:prompts]]
+    samples = {"prompts": texts}
+    for key, folder in (("before", "models/pretrain/best"), ("after", "models/rlhf/best")):
+        model, _ = load_model(repo / folder)
+        with torch.no_grad():
+            samples[key] = [sample_text(model, tokenizer, text, config, seed=i)
+                            for i, text in enumerate(texts)]
+    return samples
+
+
 def collect(name: str, repo: Path, seconds: float | None) -> dict[str, Any]:
     """The figures of one finished run."""
+    from pipeline.alignment.gold import GoldJudge
+    from pipeline.core.params import load_params
+    from pipeline.data.units import words
+
     evaluate, reward, rlhf = (_json(repo, f"metrics/{n}.json")
                               for n in ("evaluate", "reward", "rlhf"))
     before = _json(repo, "evaluation/samples.json")
     after = _json(repo, "evaluation/samples_rlhf.json")
     empty = sum(not row["completion"].strip() for row in before + after)
+    wordless = sum(not words(row["completion"]) for row in before + after)
+    held = held_out_samples(repo)
+    judge = GoldJudge(load_params(repo / "params.yaml").gold)
+    gold_after = [judge.score(p, c) for p, c in zip(held["prompts"], held["after"], strict=True)]
+    typical = sorted(range(len(gold_after)), key=lambda i: (gold_after[i], i))[len(gold_after) // 2]
+    counts = {key: [len(words(text)) for text in held[key]] for key in ("before", "after")}
     return {
         "name": name, "seconds": seconds,
         "documents": _json(repo, "metrics/ingest.json")["documents"],
@@ -103,9 +142,15 @@ def collect(name: str, repo: Path, seconds: float | None) -> dict[str, Any]:
         "tfidf_acc": reward["baseline.heldout_accuracy"],
         "win_rate": rlhf["win_rate"], "gold_before": rlhf["gold_before"],
         "gold_after": rlhf["gold_after"], "bpb_change_pct": rlhf["val_bpb_change_pct"],
-        "prompt": before[0]["prompt"], "before": before[0]["completion"],
-        "after": after[0]["completion"], "empty_samples": empty,
+        "prompt": held["prompts"][typical], "before": held["before"][typical],
+        "after": held["after"][typical],
+        "empty_samples": empty, "wordless_samples": wordless,
         "samples": len(before) + len(after),
+        "held_out": len(held["prompts"]),
+        "words_before": sum(counts["before"]) / len(counts["before"]),
+        "words_after": sum(counts["after"]) / len(counts["after"]),
+        "wordless_before": counts["before"].count(0),
+        "wordless_after": counts["after"].count(0),
     }
 
 
@@ -117,9 +162,10 @@ def _cell(text: str, limit: int = 90) -> str:
 
 def report(results: list[dict[str, Any]]) -> str:
     lines = ["| corpus | documents | train tokens | val bpb (bigram) | RM held-out acc "
-             "(TF-IDF) | win rate | gold before -> after | val bpb change | empty samples |"
+             "(TF-IDF) | win rate | gold before -> after | val bpb change | empty (no word) "
+             "evaluation samples | words per held-out completion before -> after (none) |"
              " minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         minutes = "" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
         lines.append(
@@ -127,7 +173,9 @@ def report(results: list[dict[str, Any]]) -> str:
             f"{r['val_bpb']:.3f} ({r['bigram_bpb']:.3f}) | {r['rm_acc']:.3f} "
             f"({r['tfidf_acc']:.3f}) | {r['win_rate']:.3f} | {r['gold_before']:.3f} -> "
             f"{r['gold_after']:.3f} | {r['bpb_change_pct']:+.2f}% | "
-            f"{r['empty_samples']} of {r['samples']} | {minutes} |")
+            f"{r['empty_samples']} ({r['wordless_samples']}) of {r['samples']} | "
+            f"{r['words_before']:.1f} ({r['wordless_before']}) -> {r['words_after']:.1f} "
+            f"({r['wordless_after']}) of {r['held_out']} | {minutes} |")
     lines += ["", "| corpus | prompt | before RL | after RL |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['name']} | {_cell(r['prompt'], 40)} | {_cell(r['before'])} | "

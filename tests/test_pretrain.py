@@ -117,15 +117,19 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert [int(r.split("\t")[0]) for r in val_rows] == [6, 12, 18, 24]
 
 
-def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32, **train
-             ) -> Trainer:
+def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32,
+             init_from: Path | None = None, **train) -> Trainer:
+    """A Trainer on the tiny model, in this process; ``init_from``: a base model folder."""
+    if init_from is not None:
+        train = {**train, "init_from": str(init_from)}
     params = parse_params({"model": TINY_MODEL, "train": {**TINY_TRAIN, **train}})
     meta = read_meta(data / "tokens")
+    inputs = {"tokens": data / "tokens",
+              **({"init_from": init_from} if init_from else
+                 {"tokenizer": data / "tokenizer.json"})}
     return Trainer(params.model, params.train, Runtime(torch.device("cpu"), dtype),
                    read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
-                   meta["vocab_size"],
-                   {"tokens": data / "tokens", "tokenizer": data / "tokenizer.json"},
-                   state_dir, {})
+                   meta["vocab_size"], inputs, state_dir, {}, init_from=init_from)
 
 
 class _Crash(Exception):
@@ -467,15 +471,9 @@ def base_model(token_data, tmp_path_factory) -> Path:
 def test_init_from_starts_from_the_base_weights_exactly(token_data, base_model, tmp_path):
     from pipeline.lm.checkpoint import load_model
 
-    params = parse_params({"model": TINY_MODEL,
-                           "train": {**TINY_TRAIN, "init_from": str(base_model)}})
-    meta = read_meta(token_data / "tokens")
-    trainer = Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
-                      read_tokens(token_data / "tokens/train"),
-                      read_tokens(token_data / "tokens/val"), meta["vocab_size"],
-                      {"tokens": token_data / "tokens", "init_from": base_model},
-                      tmp_path / "s", {}, init_from=base_model)
+    trainer = _trainer(token_data, tmp_path / "s", init_from=base_model)
     source, _ = load_model(base_model)
+    meta = read_meta(token_data / "tokens")
     ids = torch.randint(0, meta["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(trainer.model.eval()(ids)[0], source.eval()(ids)[0])
@@ -526,14 +524,7 @@ def test_init_from_a_transformers_folder_starts_from_its_weights_exactly(token_d
                                                                          hf_base, tmp_path):
     from pipeline.lm.checkpoint import load_model
 
-    params = parse_params({"model": TINY_MODEL,
-                           "train": {**TINY_TRAIN, "init_from": str(hf_base)}})
-    meta = read_meta(token_data / "tokens")
-    trainer = Trainer(params.model, params.train, Runtime(torch.device("cpu"), torch.float32),
-                      read_tokens(token_data / "tokens/train"),
-                      read_tokens(token_data / "tokens/val"), meta["vocab_size"],
-                      {"tokens": token_data / "tokens", "init_from": hf_base},
-                      tmp_path / "s", {}, init_from=hf_base)
+    trainer = _trainer(token_data, tmp_path / "s", init_from=hf_base)
     source, _ = load_model(base_model)
     for name, tensor in source.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name

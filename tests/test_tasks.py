@@ -81,6 +81,27 @@ def test_items_are_a_documents_first_sentence_and_its_true_second_among_others(t
             assert choice.startswith(separator) and choice[len(separator):] in seconds
 
 
+def test_a_document_whose_opening_is_a_fragment_or_too_long_gives_its_next_pair(tmp_path):
+    source = '"""\nGeometry helpers.\n"""\n\nimport math\n\ndef area(r):\n    return r * r\n'
+    long_opening = "It opens " + "with many words " * 20 + "here. Then a short one. And one more."
+    items = next_sentence_items(_table(tmp_path, [source, long_opening, *MIXED[4:6]]), 10, 2,
+                                seed=1)
+    assert [(item.context, item.choices[item.label]) for item in items] == [
+        ("import math", "\n\ndef area(r):"), ("Then a short one.", " And one more."),
+        ("Paris, e.g. the capital, is in France.", " The Seine runs through it."),
+        ("Mozart was a composer of the Classical period.", " He wrote more than 600 works.")]
+
+
+def test_a_pair_that_an_earlier_item_answers_is_passed_over(tmp_path):
+    header = "# (c) the authors\n# MIT licence\n"  # code: lines stand for sentences
+    files = [header + f"def {name}(x):\n    return x{op}1\n"
+             for name, op in (("inc", "+"), ("dec", "-"), ("dbl", "*"))]
+    items = next_sentence_items(_table(tmp_path, files), 10, 3, seed=1)
+    assert [(item.context, item.choices[item.label]) for item in items] == [
+        ("# (c) the authors", "\n# MIT licence"), ("# MIT licence", "\ndef dec(x):"),
+        ("# MIT licence", "\ndef dbl(x):")]
+
+
 def test_the_same_split_and_seed_give_the_same_items_and_more_documents_keep_them(tmp_path):
     texts = synthetic_documents(60, seed=5)
     first = next_sentence_items(_table(tmp_path / "a", texts), 40, 4, seed=7)
@@ -102,9 +123,9 @@ def test_the_right_choice_is_equally_likely_in_every_place(tmp_path):
 
 
 def test_too_few_documents_with_two_sentences_is_one_line(tmp_path):
-    with pytest.raises(GptpipeError, match=r"2 documents with two sentences of 2 to 48 words "
-                                           r"\(2 distinct second sentences\); the next-sentence "
-                                           r"task needs evaluate.task_choices = 4"):
+    with pytest.raises(GptpipeError, match=r"2 documents with two successive sentences of 2 "
+                                           r"to 48 words \(2 distinct second sentences\); the "
+                                           r"next-sentence task needs evaluate.task_choices = 4"):
         next_sentence_items(_table(tmp_path, MIXED[:3]), 100, 4, seed=1)
 
 

@@ -20,15 +20,16 @@ where it beats both.
 Two sources of items:
 
 - :func:`next_sentence_items`, built from the test split's own text, deterministically,
-  in any script: the first sentence of a document is the context; its second sentence,
-  and the second sentences of ``choices - 1`` other documents (drawn with a generator
-  seeded by the task seed and the item's index), are the choices, in a seeded order
-  (the right one is equally likely in every place, so a model that learned nothing, ties
-  included, scores chance). Every choice follows the context with the document's own
-  separator (a space, a newline, nothing in Chinese). Sentences are
-  :func:`pipeline.data.units.sentence_spans` (lines, in code); a document counts when its
-  first two have 2 to 48 words each. Items depend on the text alone, never on the
-  tokenizer, so models with different vocabularies answer the very same items.
+  in any script: a document's first two successive sentences of 2 to 48 words each
+  whose second is no earlier item's answer (usually its first two) give the context and
+  the true choice; the second sentences of
+  ``choices - 1`` other documents' pairs (drawn with a generator seeded by the task seed
+  and the item's index) are the other choices, in a seeded order (the right one is
+  equally likely in every place, so a model that learned nothing, ties included, scores
+  chance). Every choice follows the context with the document's own separator (a space,
+  a newline, nothing in Chinese). Sentences are :func:`pipeline.data.units.sentence_spans`
+  (lines, in code). Items depend on the text alone, never on the tokenizer, so models
+  with different vocabularies answer the very same items.
 - :func:`read_task_file`, a user's JSONL file: ``{"context": ..., "choices": [...],
   "label": i}`` per line, each choice appended to the context as written (so
   ``" Paris"`` carries its space), every line checked with a one-line error.
@@ -42,7 +43,7 @@ truncates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,33 +78,40 @@ class Item:
 # ------------------------------------------------------------------------ the builtin task
 
 
-def _first_two_sentences(text: str) -> tuple[str, str, str] | None:
-    """(first sentence, separator, second sentence) of a document, or None when it has no
-    two sentences of MIN_WORDS to MAX_WORDS words."""
+def _sentence_pairs(text: str) -> Iterator[tuple[str, str, str]]:
+    """(sentence, separator, next sentence) for every two successive sentences of a
+    document with MIN_WORDS to MAX_WORDS words each, in document order."""
     spans = sentence_spans(text)
-    if len(spans) < 2:
-        return None
-    (a, b), (c, d) = spans[0], spans[1]
-    first, second = text[a:b], text[c:d]
-    if not all(MIN_WORDS <= len(words(s)) <= MAX_WORDS for s in (first, second)):
-        return None
-    return first, text[b:c], second
+    fits = [MIN_WORDS <= len(words(text[a:b])) <= MAX_WORDS for a, b in spans]
+    for index in range(len(spans) - 1):
+        if fits[index] and fits[index + 1]:
+            (a, b), (c, d) = spans[index], spans[index + 1]
+            yield text[a:b], text[b:c], text[c:d]
 
 
 def next_sentence_items(table_dir: Path, count: int, choices: int, seed: int) -> list[Item]:
     """The next-sentence task from the first ``count`` documents of ``table_dir`` (the test
-    split, in stored order) that have two sentences (module docstring); the same items for
-    the same split and seed. Distractors are other items' second sentences."""
+    split, in stored order) that have two successive sentences of the right length (module
+    docstring); the same items for the same split and seed. Distractors are other items'
+    second sentences."""
     found: list[tuple[str, str, str]] = []
+    seconds: set[str] = set()
     for batch in iter_texts(table_dir):
-        found += [parts for text in batch if (parts := _first_two_sentences(text))]
+        for text in batch:
+            # The document's first pair whose answer no earlier item has: usually its first
+            # two sentences; past a title, a fragment, a docstring's quotes or a licence
+            # header that many files share (an item every file answers alike tests nothing).
+            pair = next((p for p in _sentence_pairs(text) if p[2] not in seconds), None)
+            if pair is not None:
+                found.append(pair)
+                seconds.add(pair[2])
         if len(found) >= count:
             break
     found = found[:count]
     distinct = len({second for _, _, second in found})
     if distinct < choices:
         raise GptpipeError(
-            f"{table_dir}: {len(found)} documents with two sentences of {MIN_WORDS} to "
+            f"{table_dir}: {len(found)} documents with two successive sentences of {MIN_WORDS} to "
             f"{MAX_WORDS} words ({distinct} distinct second sentences); the next-sentence "
             f"task needs evaluate.task_choices = {choices} of them; allowed: a larger test "
             "split, fewer evaluate.task_choices, or evaluate.task: file or none"
