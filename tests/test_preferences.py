@@ -16,6 +16,7 @@ from pipeline.alignment.preference_data import (
     builtin_pairs,
     heldout_split,
     read_pairs_jsonl,
+    val_prompts,
     write_pairs_jsonl,
 )
 from pipeline.cli import cli
@@ -147,6 +148,22 @@ def _builtin(setup: Path, **overrides):
     return builtin_pairs(model, tokenizer, setup / "val", params, judge, "cpu"), judge
 
 
+def test_a_small_val_split_gives_its_later_sentences_round_by_round(tiny_setup, tmp_path):
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_setup / "tokenizer.json")
+    (tmp_path / "val").mkdir()
+    with DocumentWriter(tmp_path / "val") as writer:
+        writer.append(id=0, source="a", text="Music of war. The king played. Early people.")
+        writer.append(id=1, source="b", text="North island. South river.")
+        writer.append(id=2, source="c", text="Art.")  # too short for a prompt: no opening
+    prompts = val_prompts(tokenizer, tmp_path / "val", 5, prompt_tokens=4)
+    # Openings first, then every document's second sentence, then every third.
+    assert [tokenizer.decode(ids) for ids in prompts] == ["Musi", "Nort", "The ", "Sout",
+                                                          "Earl"]
+    assert len(val_prompts(tokenizer, tmp_path / "val", 9, prompt_tokens=4)) == 5
+
+
 @pytest.mark.parametrize("copies", [2, 3])
 def test_builtin_pairs_are_deterministic_and_chosen_scores_higher(tiny_setup, copies):
     (pairs, stats), judge = _builtin(tiny_setup, completions_per_prompt=copies)
@@ -260,4 +277,13 @@ def test_stage_refuses_too_few_builtin_pairs(tiny_setup, tmp_path):
     assert result.exit_code == 2
     assert "pairs from 3 val prompts" in result.output
     assert "fewer than preferences.min_pairs = 10" in result.output
+    assert "raise preferences.num_prompts" in result.output
+    assert not (tmp_path / "prefs").exists()
+
+
+def test_a_val_split_out_of_prompts_names_what_gives_more(tiny_setup, tmp_path):
+    params = _params_file(tmp_path / "params.yaml", num_prompts=5000, min_pairs=5000)
+    result = _run_stage(tiny_setup, tmp_path, params)
+    assert result.exit_code == 2
+    assert "the val split has no more prompts: use a larger corpus or split.val" in result.output
     assert not (tmp_path / "prefs").exists()

@@ -33,6 +33,7 @@ from pipeline.core.io import atomic_path, json_line, numbered_lines, read_json
 from pipeline.core.params import PreferencesParams
 from pipeline.data.doctable import iter_texts
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, MadeWith, TextTokenizer
+from pipeline.data.units import sentence_spans
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig, sample_batch
 
@@ -235,11 +236,15 @@ def visible_text(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
 def val_prompts(
     tokenizer: TextTokenizer, val_dir: str | Path, count: int, prompt_tokens: int
 ) -> list[list[int]]:
-    """The first ``prompt_tokens`` token ids of the first ``count`` usable val documents.
+    """``count`` prompts of ``prompt_tokens`` token ids (without <bos>) from the val split.
 
-    Usable: longer than ``prompt_tokens`` tokens (so the prompt is a strict opening), and
-    whose opening decodes without U+FFFD (a byte-level token cut inside a character).
-    Stored order, so the same table gives the same prompts. Ids exclude <bos>.
+    First the opening of every usable val document, in stored order. Usable: longer than
+    ``prompt_tokens`` tokens (so the prompt is a strict opening), and whose opening decodes
+    without U+FFFD (a byte-level token cut inside a character). A split of fewer usable
+    documents than ``count`` (a small corpus of long documents: a code base's files, a
+    few long notes) then gives openings of their later sentences (lines, in code;
+    :func:`pipeline.data.units.sentence_spans`), round by round: every document's second
+    sentence, then every third, ... The same table gives the same prompts.
     """
     prompts: list[list[int]] = []
     for texts in iter_texts(val_dir, batch_size=max(256, count)):
@@ -250,7 +255,37 @@ def val_prompts(
             prompts.append(opening)
             if len(prompts) == count:
                 return prompts
-    return prompts
+    return prompts + _later_openings(tokenizer, val_dir, count - len(prompts), prompt_tokens)
+
+
+# Text read after a later sentence start to make its opening: far more than prompt_tokens
+# tokens of any tokenizer, so a long document is never encoded whole for one prompt.
+_OPENING_CHARS = 4096
+
+
+def _later_openings(tokenizer: TextTokenizer, val_dir: str | Path, count: int,
+                    prompt_tokens: int) -> list[list[int]]:
+    """Up to ``count`` openings of val documents' second, third, ... sentences, round by
+    round over the documents in stored order (see :func:`val_prompts`)."""
+    per_document: list[list[list[int]]] = []
+    for texts in iter_texts(val_dir, batch_size=256):
+        for text in texts:
+            starts = [start for start, _ in sentence_spans(text)[1:count + 1]]
+            slices = [text[start:start + _OPENING_CHARS] for start in starts]
+            openings = []
+            for ids in tokenizer.encode_batch(slices) if slices else []:
+                opening = ids[:prompt_tokens]
+                if len(ids) > prompt_tokens and "\ufffd" not in tokenizer.decode(opening):
+                    openings.append(opening)
+            per_document.append(openings)
+    later: list[list[int]] = []
+    for round_ in range(max(map(len, per_document), default=0)):
+        for openings in per_document:
+            if round_ < len(openings):
+                later.append(openings[round_])
+                if len(later) == count:
+                    return later
+    return later
 
 
 def sample_completions(
@@ -304,9 +339,9 @@ def builtin_pairs(
 ) -> tuple[list[Pair], dict[str, Any]]:
     """Pairs sampled from ``model`` on val openings and labeled by ``judge``; and stats.
 
-    Each of the first ``params.num_prompts`` usable val documents (:func:`val_prompts`)
-    gives a prompt of ``params.prompt_tokens`` tokens; the model writes
-    ``params.completions_per_prompt`` completions of it (cut at <eos>). With two, the
+    ``params.num_prompts`` prompts of ``params.prompt_tokens`` tokens from the val split
+    (:func:`val_prompts`: document openings, then later sentences of a small split); the
+    model writes ``params.completions_per_prompt`` completions of each (cut at <eos>). With two, the
     judge's preference orders them; with more, the best and the worst by gold score
     (the judge's ``prefer`` still decides which is chosen, so its noise applies). A prompt
     whose two completions are the same text or score the same is dropped

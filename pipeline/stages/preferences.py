@@ -56,11 +56,16 @@ def _sampled_pairs(params: Params, model_dir: Path, val_dir: Path,
                        f"on {device}")
     pairs, stats = builtin_pairs(model, tokenizer, val_dir, params.preferences, judge, device)
     if len(pairs) < params.preferences.min_pairs:
+        if stats["prompts"] < params.preferences.num_prompts:  # the val split ran out
+            fix = ("the val split has no more prompts: use a larger corpus or split.val, or "
+                   "lower preferences.prompt_tokens or preferences.min_pairs")
+        else:
+            fix = "raise preferences.num_prompts or preferences.temperature"
         raise GptpipeError(
             f"preferences: {len(pairs)} pairs from {stats['prompts']} val prompts "
             f"({stats['ties_dropped']} ties and {stats['empty_dropped']} empty completions "
             f"dropped), fewer than preferences.min_pairs = {params.preferences.min_pairs}; "
-            "raise preferences.num_prompts or preferences.temperature"
+            f"{fix}"
         )
     return pairs, stats, tokenizer.sha256
 
