@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,3 +98,17 @@ def test_atomic_dir_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
              if p.startswith(str(temporary))}
     assert {"a.bin", "sub/b.bin", "sub"} <= names
     assert (out / "sub" / "b.bin").read_bytes() == b"b"
+
+
+def test_the_source_digest_covers_every_module_of_the_package(tmp_path, monkeypatch):
+    package = io.source_root()
+    assert (package / "cli.py").is_file() and (package / "stages" / "pretrain.py").is_file()
+    # A copy of the package whose model code differs by one byte digests differently.
+    copy = tmp_path / "pipeline"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(io, "source_root", lambda: copy)
+    digest = io.source_digest.__wrapped__  # uncached: the cached one is the real package's
+    before = digest()
+    model = copy / "lm" / "model.py"
+    model.write_bytes(model.read_bytes() + b"\n")
+    assert digest() != before

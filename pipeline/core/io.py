@@ -335,12 +335,17 @@ def source_digest() -> str:
     and a snapshot written by other code must not then be resumed, nor a finished one's
     outputs reused, as if the new code had produced them.
     """
-    package = Path(__file__).resolve().parent
+    package = source_root()
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0")
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+def source_root() -> Path:
+    """The ``pipeline`` package's folder (this module is ``pipeline/core/io.py``)."""
+    return Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------- tensor files
