@@ -154,7 +154,7 @@ def collect(name: str, repo: Path, seconds: float | None) -> dict[str, Any]:
     }
 
 
-def _cell(text: str, limit: int = 90) -> str:
+def _cell(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|") or "(empty)"
