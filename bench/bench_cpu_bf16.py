@@ -47,6 +47,10 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
     folder.mkdir(parents=True)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(overrides)
+    # The run's folder is its working directory: a relative base model is the project's.
+    init_from = Path(params["train"]["init_from"])
+    if not init_from.is_absolute():
+        params["train"]["init_from"] = str(repo / init_from)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     command = [str(Path(sys.executable).parent / "gptpipe"), "pretrain",
                "--params", str(folder / "params.yaml"), "--tokens", str(repo / "data/tokens"),
