@@ -81,12 +81,15 @@ class Item:
 def _sentence_pairs(text: str) -> Iterator[tuple[str, str, str]]:
     """(sentence, separator, next sentence) for every two successive sentences of a
     document with MIN_WORDS to MAX_WORDS words each, in document order."""
-    spans = sentence_spans(text)
-    fits = [MIN_WORDS <= len(words(text[a:b])) <= MAX_WORDS for a, b in spans]
-    for index in range(len(spans) - 1):
-        if fits[index] and fits[index + 1]:
-            (a, b), (c, d) = spans[index], spans[index + 1]
-            yield text[a:b], text[b:c], text[c:d]
+    # Lazy: the caller usually takes the first pair, so later sentences are never counted.
+    previous: tuple[int, int] | None = None  # the sentence before, when it has the length
+    for start, end in sentence_spans(text):
+        if not MIN_WORDS <= len(words(text[start:end])) <= MAX_WORDS:
+            previous = None
+            continue
+        if previous is not None:
+            yield text[previous[0]:previous[1]], text[previous[1]:start], text[start:end]
+        previous = (start, end)
 
 
 def next_sentence_items(table_dir: Path, count: int, choices: int, seed: int) -> list[Item]:
