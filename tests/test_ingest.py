@@ -194,7 +194,7 @@ ERROR_CASES = {
     ),
     "jsonl not json": (
         lambda d: _write(d / "c" / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),
-        ["c/a.jsonl: line 2: not JSON", "allowed: one JSON object per line"],
+        ["c/a.jsonl: line 2: not valid JSON", "allowed: one JSON object per line"],
     ),
     "jsonl missing field": (
         lambda d: _write(d / "a.jsonl.zst", zstandard.compress(b'{"text": "a"}\n\n{"body": "b"}')),
@@ -218,7 +218,7 @@ ERROR_CASES = {
     ),
     "json invalid": (
         lambda d: _write(d / "a.json", b'[{"text": "a"},\n  {"text" "b"}]'),
-        ["a.json: not JSON (Expecting ':' delimiter at line 2 column 11)"],
+        ["a.json: not valid JSON (Expecting ':' delimiter at line 2 column 11)"],
     ),
     "csv missing column": (
         lambda d: _write(d / "c" / "t.csv.gz", gzip.compress(b"title,body\nx,y\n", mtime=0)),
@@ -366,7 +366,7 @@ def test_a_bad_record_in_a_later_range_names_its_line_as_a_whole_read_does(tmp_p
             read_all(corpus, range_bytes)
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
-    assert "line 71: not JSON" in messages[0]
+    assert "line 71: not valid JSON" in messages[0]
 
 
 def make_parallel_corpus(root: Path) -> Path:
@@ -425,4 +425,4 @@ def test_with_workers_the_first_error_in_corpus_order_is_the_one_reported(tmp_pa
             run(params, out=tmp_path / "raw", metrics=tmp_path / "m.json", range_bytes=64)
         messages.add(str(caught.value))
     assert len(messages) == 1
-    assert "a.jsonl: line 2: not JSON" in messages.pop()
+    assert "a.jsonl: line 2: not valid JSON" in messages.pop()

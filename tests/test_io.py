@@ -7,11 +7,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import REPO_ROOT
 
 from pipeline.cli import cli
 from pipeline.core import io
+from pipeline.core.errors import GptpipeError
 from pipeline.core.stage import output_folders
 
 
@@ -112,3 +114,43 @@ def test_the_source_digest_covers_every_module_of_the_package(tmp_path, monkeypa
     model = copy / "lm" / "model.py"
     model.write_bytes(model.read_bytes() + b"\n")
     assert digest() != before
+
+
+# ------------------------------------------------------------------ hostile JSON
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 200 levels"),
+    ('{"a": ' + "[" * 300 + "]" * 300 + "}", "nested deeper than 200 levels"),
+    ('{"n": ' + "7" * 5000 + "}", "not valid JSON"),
+    ('{"a": 1', "not valid JSON"),
+])
+def test_hostile_json_is_one_line_not_a_traceback(text, expected):
+    with pytest.raises(GptpipeError) as caught:
+        io.parse_json(text, "f.json")
+    message = caught.value.format_message()
+    assert message.startswith("f.json: ") and expected in message
+    assert "\n" not in message
+
+
+def test_deep_brackets_inside_strings_are_text_not_nesting():
+    text = '{"a": "' + "[" * 1000 + '", "b": [[1]]}'
+    assert io.parse_json(text, "f.json") == {"a": "[" * 1000, "b": [[1]]}
+
+
+def test_a_jsonl_line_over_the_limit_is_refused_naming_the_file_and_limit(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"a": 1}\n' + b'{"t": "' + b"x" * 5000 + b'"}\n')
+    lines = io.numbered_lines(path, "file", limit=1000)
+    assert next(lines) == (1, b'{"a": 1}')
+    with pytest.raises(GptpipeError, match=r"big.jsonl: line 2 is longer than the limit of "
+                                           r"1,000 bytes"):
+        next(lines)
+
+
+def test_a_json_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"a": "' + "x" * 2000 + '"}')
+    with pytest.raises(GptpipeError, match=r"config.json: file of 2,\d{3} bytes is over the "
+                                           r"limit of 1,000 bytes"):
+        io.read_json(path, limit=1000)

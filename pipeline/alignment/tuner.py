@@ -32,7 +32,6 @@ otherwise lose them (see :meth:`Tuner.save_state`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from pipeline.alignment.updates import (
     reinforce_update,
 )
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import read_json
 from pipeline.core.params import RlhfParams
 from pipeline.core.runs import RunFolder, StopSignals, interrupted_error
 from pipeline.lm.checkpoint import CONFIG, load_model, save_model
@@ -189,8 +189,8 @@ class Tuner:
         """The step whose weights the best folder holds, when they are from this run."""
         path = self.folder.best / CONFIG
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            meta = read_json(path)
+        except (OSError, GptpipeError):
             return None
         if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
             return None

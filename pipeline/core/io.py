@@ -276,29 +276,116 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
+# Size limits on what is read whole into memory. Beyond them a file is refused with one line
+# naming the file and the limit, instead of an out-of-memory kill that prints nothing.
+# A JSON document (a config, a tokenizer, a metrics or meta file): the largest public
+# tokenizer.json files are tens of MB.
+MAX_JSON_BYTES = 256 * 2**20
+# One record of a JSONL file (a document, a preference pair, an example, a task item).
+MAX_JSONL_LINE_BYTES = 64 * 2**20
+# Nesting depth of a JSON value: far beyond any real record, far below Python's recursion
+# limit (a deeper value raises RecursionError inside the json module).
+MAX_JSON_DEPTH = 200
+
+
+def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether brackets outside strings nest deeper than ``limit`` (a cheap pre-check: the
+    json module's parser recurses once per level)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def parse_json(text: str, where: str, allowed: str = "") -> Any:
+    """The JSON value of ``text``; one :class:`GptpipeError` line naming ``where`` (and what
+    is ``allowed``, when given) for anything that is not reasonable JSON: a syntax error,
+    nesting deeper than :data:`MAX_JSON_DEPTH`, or an integer too long for Python to
+    convert (both of which raise other errors than JSONDecodeError in the json module)."""
+    tail = f"; allowed: {allowed}" if allowed else ""
+    if _too_deep(text):
+        raise GptpipeError(f"{where}: not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)"
+                           f"{tail or '; allowed: ordinary records'}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at line {err.lineno} column "
+                           f"{err.colno}){tail}") from None
+    except RecursionError:
+        raise GptpipeError(f"{where}: not valid JSON (nested too deeply)"
+                           f"{tail or '; allowed: ordinary records'}") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise GptpipeError(f"{where}: not valid JSON ({err}){tail}") from None
+
+
+def check_size(path: Path, limit: int, what: str = "file") -> None:
+    """Refuse a file larger than ``limit`` bytes with one line naming it and the limit."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise GptpipeError(f"{path}: {what} not found") from None
+    if size > limit:
+        raise GptpipeError(f"{path}: {what} of {size:,} bytes is over the limit of "
+                           f"{limit:,} bytes that gptpipe reads whole")
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value of a whole file, refused in one line when missing, larger than
+    ``limit`` bytes, not UTF-8 or not valid JSON (see :func:`parse_json`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise GptpipeError(f"{path}: is a directory; allowed: a JSON file")
+    check_size(path, limit)
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise GptpipeError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise GptpipeError(f"{path}: not valid JSON ({err})") from None
+    return parse_json(text, str(path))
 
 
-def numbered_lines(path: Path, what: str) -> Iterator[tuple[int, bytes]]:
+def numbered_lines(path: Path, what: str,
+                   limit: int = MAX_JSONL_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes without the line ending) of every line of a JSONL
-    file; ``what`` names the file in a one-line error when it is missing."""
+    file, read as a stream; ``what`` names the file in a one-line error when it is missing
+    or a line is longer than ``limit`` bytes."""
     try:
-        raw = path.read_bytes()
+        stream = path.open("rb")
     except FileNotFoundError:
         raise GptpipeError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark, as some editors write
-        yield number, line.removesuffix(b"\r")
+    with stream:
+        number = 0
+        while True:
+            line = stream.readline(limit + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                raise GptpipeError(f"{path}: line {number} is longer than the limit of "
+                                   f"{limit:,} bytes per record")
+            line = line.removesuffix(b"\n")
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark, as some editors write
+            yield number, line.removesuffix(b"\r")
 
 
 def json_line(where: str, line: bytes) -> Any:
@@ -313,10 +400,7 @@ def json_line(where: str, line: bytes) -> Any:
         ) from None
     if not text.strip():
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    return parse_json(text, where)
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

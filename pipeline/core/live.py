@@ -11,11 +11,11 @@ nothing) would get another summary.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.io import write_json
+from pipeline.core.errors import GptpipeError
+from pipeline.core.io import read_json, write_json
 
 
 def start_live(live_dir: Path, resumed_from: int | None) -> Any:
@@ -40,8 +40,8 @@ def start_live(live_dir: Path, resumed_from: int | None) -> Any:
         truncate_live(live_dir, resumed_from)
         summary = Path(live_dir) / "metrics.json"
         try:  # dvclive reads it on resume; a kill may have cut it (rebuilt at the end)
-            json.loads(summary.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            read_json(summary)
+        except (OSError, GptpipeError):
             summary.unlink(missing_ok=True)
     # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
     return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,

@@ -39,7 +39,6 @@ import hashlib
 import importlib.metadata
 import io
 import itertools
-import json
 import mmap
 import os
 import re
@@ -57,6 +56,7 @@ import yaml
 import zstandard
 
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import parse_json as io_parse_json
 from pipeline.core.parallel import ordered_map
 from pipeline.core.params import DataParams
 
@@ -595,26 +595,14 @@ def read_jsonl(
     for number, line in enumerate(lines, start=first_line):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise GptpipeError(
-                f"{where}: line {number}: not JSON ({err.msg} at column {err.colno}): "
-                f"{_shorten(line.strip())}; allowed: one JSON object per line"
-            ) from None
+        record = io_parse_json(line, f"{where}: line {number}", "one JSON object per line")
         text = record_text(record, text_field, f"{where}: line {number}")
         yield make_document(f"{source}:{number}", text)
 
 
 def parse_json(text: str, where: str) -> Any:
     """Parse a whole JSON document, or a one-line error with the line and column."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GptpipeError(
-            f"{where}: not JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-            "allowed: a JSON list of objects or an object of objects"
-        ) from None
+    return io_parse_json(text, where, "a JSON list of objects or an object of objects")
 
 
 def json_records(data: Any, text_field: str, where: str) -> Iterator[tuple[str, str]]:

@@ -37,7 +37,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_path
+from pipeline.core.io import MAX_JSON_BYTES, atomic_path, parse_json
 from pipeline.core.parallel import usable_cores
 from pipeline.core.params import VocabParams
 
@@ -209,11 +209,16 @@ def tokenizer_from_json(raw: bytes, path: Path, fast: bool = True, threads: int 
                         ) -> TextTokenizer:
     """A tokenizer from the bytes of a tokenizer JSON (``path`` names them in errors and
     is recorded as the tokenizer's path); the same checks as :func:`load_tokenizer`."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise GptpipeError(f"{path}: {len(raw):,} bytes, over the limit of {MAX_JSON_BYTES:,} "
+                           "bytes for a tokenizer.json")
     try:
-        config = json.loads(raw.decode("utf-8"))
-        hf = HFTokenizer.from_str(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
         raise GptpipeError(f"{path}: not valid JSON ({err}); allowed: a tokenizer.json") from None
+    config = parse_json(text, str(path))
+    try:
+        hf = HFTokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for schema errors
         raise GptpipeError(
             f"{path}: not a Hugging Face tokenizer JSON ({err}); allowed: a file written by "

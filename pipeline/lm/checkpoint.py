@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_dir, load_tensors, save_tensors, unique_state
+from pipeline.core.io import atomic_dir, load_tensors, read_json, save_tensors, unique_state
 from pipeline.data.tokenizer import MadeWith, TextTokenizer, load_tokenizer, require_tokenizer
 from pipeline.lm.hf import (
     HF_CONFIG,
@@ -45,10 +45,7 @@ TOKENIZER = "tokenizer.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptpipeError(f"{path}: not valid JSON ({err})") from None
+    return read_json(path)
 
 
 def config_file(directory: str | Path) -> Path:

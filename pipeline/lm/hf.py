@@ -39,7 +39,7 @@ from tokenizers import processors
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import load_tensors, save_tensors
+from pipeline.core.io import load_tensors, read_json, save_tensors
 from pipeline.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -373,7 +373,7 @@ def _weight_files(directory: Path) -> list[Path]:
         raise GptpipeError(f"{directory}: no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX}); allowed: "
                            "weights in safetensors (gptpipe never loads pickles)")
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise GptpipeError(f"{index}: not a safetensors index ({err}); allowed: an object "
