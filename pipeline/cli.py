@@ -6,10 +6,15 @@ cheap stage start fast without loading torch or pyarrow.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 
 import click
+
+from pipeline.core.stage import command_help
 
 # subcommand -> module that defines ``main`` (a click command), in pipeline order.
 COMMANDS: dict[str, str] = {
@@ -28,21 +33,12 @@ COMMANDS: dict[str, str] = {
     "generate": "pipeline.lm.generate",
 }
 
-_SHORT_HELP = {
-    "ingest": "Read the corpus named by data.corpus into a document table.",
-    "clean": "Normalize, filter and deduplicate documents.",
-    "split": "Assign each document to train/val/test by a hash of its text.",
-    "vocab": "Learn a bpe, word or char tokenizer from the train split.",
-    "tokenize": "Encode each split into Parquet token shards.",
-    "pretrain": "Train the GPT on the token shards (CPU/GPU, torchrun, resumable).",
-    "evaluate": "Score a model on every val/test token, with baselines; sample it.",
-    "preferences": "Build (prompt, chosen, rejected) pairs: a JSONL file or the gold judge.",
-    "reward": "Train the GPT reward model (Bradley-Terry) and a scikit-learn baseline.",
-    "sft": "Fine-tune the pretrained model on prompt/response examples before RL.",
-    "rlhf": "Tune the SFT policy (PPO, GRPO, RLOO, REINFORCE or DPO) on the chosen reward.",
-    "export": "Write a model as a Hugging Face Transformers folder (Llama or GPT-2).",
-    "generate": "Continue a prompt with a trained model (not a stage; streams to stdout).",
-}
+def short_help(name: str) -> str:
+    """The one-line help of a subcommand, read from its module's docstring without
+    importing the module (which would load torch): the same text its own --help shows."""
+    spec = importlib.util.find_spec(COMMANDS[name])
+    source = Path(spec.origin).read_text(encoding="utf-8") if spec and spec.origin else ""
+    return command_help(name, ast.get_docstring(ast.parse(source)))[0]
 
 
 class LazyGroup(click.Group):
@@ -58,7 +54,7 @@ class LazyGroup(click.Group):
         return importlib.import_module(module).main
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, _SHORT_HELP.get(name, "")) for name in COMMANDS]
+        rows = [(name, short_help(name)) for name in COMMANDS]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

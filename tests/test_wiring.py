@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from pathlib import Path
 
@@ -167,3 +168,20 @@ def test_library_groups_import_only_the_groups_below_them(group):
             assert other == group or other in LAYERS[group], (
                 f"{path.relative_to(REPO_ROOT)} imports {module}"
             )
+
+
+def test_each_command_has_one_help_text_its_module_docstring():
+    """gptpipe --help lists, for every command, the first sentence of the docstring that
+    its own --help prints in full: the two cannot drift apart."""
+    runner = CliRunner()
+    listing = runner.invoke(cli, ["--help"], terminal_width=1000).output
+    for name, module in COMMANDS.items():
+        doc = importlib.import_module(module).__doc__
+        own = runner.invoke(cli, [name, "--help"], terminal_width=1000)
+        assert own.exit_code == 0, own.output
+        short = next(line.split(None, 1)[1] for line in listing.splitlines()
+                     if line.strip().startswith(name + " "))
+        assert short.rstrip(".").lower() in " ".join(doc.replace("``", "").split()).lower()
+        # The full help is the docstring, line for line (markup aside).
+        first_line = doc.strip().splitlines()[0].replace("``", "")
+        assert first_line in own.output

@@ -1,4 +1,8 @@
-"""The ``generate`` command: continue a prompt with a trained model, streaming to stdout.
+"""The ``generate`` command: continue a prompt with a trained model (not a stage), streaming
+to stdout.
+
+PROMPT '-' (or no PROMPT with piped stdin) reads the prompt from stdin; no PROMPT at a
+terminal starts from <bos> alone.
 
 Not a DVC stage: it writes nothing and reads a model checkpoint directory
 (``models/pretrain/best``: ``model.safetensors``, ``gptpipe.json``, ``tokenizer.json``), or
@@ -24,6 +28,7 @@ import click
 import torch
 
 from pipeline.core.device import pick_device
+from pipeline.core.stage import command_help
 from pipeline.lm.checkpoint import load_model, open_model_folder
 from pipeline.lm.sampling import SamplingConfig, StreamDecoder, encode_prompt, generate_ids
 
@@ -62,12 +67,10 @@ def unknown_message(kind: str, pieces: list[str]) -> str | None:
     )
 
 
-@click.command(
-    "generate",
-    help="Continue PROMPT with a trained model, streaming the text to stdout. PROMPT '-' "
-    "(or no PROMPT with piped stdin) reads it from stdin; no PROMPT at a terminal starts "
-    "from <bos> alone.",
-)
+_SHORT_HELP, _HELP = command_help("generate", __doc__)
+
+
+@click.command("generate", help=_HELP, short_help=_SHORT_HELP)
 @click.option(
     "--model",
     "model_dir",

@@ -253,7 +253,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
 
 
 main = stage_command(
-    "clean", run, "Normalize, filter and deduplicate the raw documents.",
+    "clean", run,
     input="The raw document table (data/raw).",
     out="The clean document table to write (data/clean).",
     metrics="",

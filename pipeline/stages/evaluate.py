@@ -183,7 +183,7 @@ def fingerprint(clean_dir: Path, split: SplitParams, tokenizer_sha: str) -> dict
 
 
 main = stage_command(
-    "evaluate", run, "Score a model on every val and test token, against baselines; sample it.",
+    "evaluate", run,
     model="The model folder to evaluate (weights, config and tokenizer).",
     tokens="",
     prompts_from="The document table whose openings are the default prompts and whose "

@@ -50,8 +50,7 @@ def run(params: Params, *, model: Path, out: Path) -> dict:
 
 
 main = stage_command(
-    "export", run, "Write a model folder as a Hugging Face Transformers folder (Llama or "
-    "GPT-2, safetensors, tokenizer).",
+    "export", run,
     model="The gptpipe model folder to export (weights, gptpipe.json, tokenizer.json).",
     out="The Transformers folder to write (models/hf/pretrain).",
 )

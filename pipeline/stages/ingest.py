@@ -72,7 +72,7 @@ def run(params: Params, *, out: Path, metrics: Path,
 
 
 main = stage_command(
-    "ingest", run, "Read the corpus named by data.corpus into a raw document table.",
+    "ingest", run,
     out="The raw document table to write (data/raw).",
     metrics="",
 )

@@ -123,8 +123,7 @@ def run(params: Params, *, model: Path, prompts_from: Path, file: Path, out: Pat
 
 
 main = stage_command(
-    "preferences", run, "Build (prompt, chosen, rejected) pairs: the gold judge's or a JSONL "
-    "file's; hold some out.",
+    "preferences", run,
     model="The pretrained model that samples the builtin pairs (source: builtin).",
     prompts_from="The document table whose openings are the builtin prompts (the val split).",
     file="The JSONL preference pairs, read when preferences.source is file.",

@@ -233,8 +233,7 @@ def _relaunch_under_torchrun(nproc: int) -> None:
 
 
 main = stage_command(
-    "pretrain", run, "Pretrain the GPT on the token shards (CPU or GPU, torchrun, resumable); "
-    "resumes from --checkpoint after an interruption.",
+    "pretrain", run,
     tokens="", tokenizer="",
     out="The model folder to write (best/ and last/ model checkpoints).",
     checkpoint="", live="",

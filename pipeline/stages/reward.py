@@ -85,8 +85,7 @@ def run(params: Params, *, model: Path, pairs: Path, out: Path,
 
 
 main = stage_command(
-    "reward", run, "Train the GPT reward model (Bradley-Terry) and a TF-IDF baseline on the "
-    "pairs; score both on held-out pairs.",
+    "reward", run,
     model="The pretrained model whose body the reward model starts from.",
     pairs="",
     out="The reward model folder to write.",

@@ -265,8 +265,7 @@ def _write_models(out: Path, result: TuneResult, last: GPT, tokenizer_path: Path
 
 
 main = stage_command(
-    "rlhf", run, "Tune the policy (PPO, GRPO, RLOO, REINFORCE or DPO) against the reward of "
-    "rlhf.reward and judge it by the gold judge; resumes from --checkpoint.",
+    "rlhf", run,
     model="The policy to start from (models/sft): also the frozen KL reference.",
     pretrained="The pretrained model (models/pretrain/best): the likelihood reward's "
     "scorer and what the tuned policy is judged against.",

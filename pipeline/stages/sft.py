@@ -93,8 +93,7 @@ def run(params: Params, *, model: Path, pairs: Path, file: Path, out: Path,
 
 
 main = stage_command(
-    "sft", run, "Fine-tune the pretrained model on prompt/response examples (the chosen "
-    "completions of the pairs, or a JSONL file); the loss counts response tokens only.",
+    "sft", run,
     model="The pretrained model to fine-tune (models/pretrain/best).",
     pairs="",
     file="The JSONL of prompt/response examples, read when sft.source is file.",

@@ -164,7 +164,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
 
 
 main = stage_command(
-    "split", run, "Assign each clean document to train/val/test by a hash of its text.",
+    "split", run,
     input="The clean document table (data/clean).",
     out="The folder to write train/, val/ and test/ document tables into (data/split).",
     metrics="",

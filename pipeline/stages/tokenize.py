@@ -133,7 +133,7 @@ def run(params: Params, *, input: Path, tokenizer: Path, out: Path,
 
 
 main = stage_command(
-    "tokenize", run, "Encode the train, val and test splits into Parquet token shards.",
+    "tokenize", run,
     input="The split folder holding train/, val/ and test/ document tables (data/split).",
     tokenizer="",
     out="The folder to write <split>/shard-*.parquet and meta.json into (data/tokens).",

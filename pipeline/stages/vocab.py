@@ -94,8 +94,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path) -> dict[str, A
 
 
 main = stage_command(
-    "vocab", run, "Learn a bpe, word or char tokenizer from the train split (or copy the base "
-    "model's); measure it on val.",
+    "vocab", run,
     input="The split folder holding train/ and val/ document tables (data/split).",
     out="The tokenizer JSON file to write (data/vocab/tokenizer.json).",
     metrics="",
