@@ -18,10 +18,12 @@ DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 STAGES: dict = DVC_YAML["stages"]
 
-# Library modules that never change what a stage computes (error types, params parsing,
-# atomic writes, progress bars): a stage need not list them among its deps.
-INFRASTRUCTURE = {"pipeline/core/errors.py", "pipeline/core/params.py", "pipeline/core/io.py",
-                  "pipeline/core/progress.py", "pipeline/core/stage.py", "pipeline/cli.py"}
+# Modules that cannot change what a stage writes (error types, progress bars on stderr, the
+# command wiring): a stage need not list them among its deps. Everything else can, params.py
+# (defaults) and io.py (how files are written) included, so it is a dep of every stage it
+# runs in: a change there re-runs the stage.
+INFRASTRUCTURE = {"pipeline/core/errors.py", "pipeline/core/progress.py",
+                  "pipeline/core/stage.py", "pipeline/cli.py"}
 
 
 def _interpolate(text: str) -> str:
@@ -185,3 +187,23 @@ def test_each_command_has_one_help_text_its_module_docstring():
         # The full help is the docstring, line for line (markup aside).
         first_line = doc.strip().splitlines()[0].replace("``", "")
         assert first_line in own.output
+
+
+def test_every_param_of_the_schema_is_written_in_params_yaml():
+    """No hidden defaults: every field of every params section is in params.yaml, so a
+    value that shapes an output is one DVC tracks (and one a user sees)."""
+    import dataclasses
+
+    from pipeline.core.params import Params
+
+    hints = {f.name: f.type for f in dataclasses.fields(Params)}
+    for section, annotation in hints.items():
+        cls = eval(annotation, vars(importlib.import_module("pipeline.core.params"))) \
+            if isinstance(annotation, str) else annotation
+        if not dataclasses.is_dataclass(cls):
+            assert section in PARAMS, f"params.yaml has no {section}"
+            continue
+        for field in dataclasses.fields(cls):
+            assert field.name in (PARAMS.get(section) or {}), (
+                f"params.yaml lacks {section}.{field.name} (the schema's default is used "
+                "unseen; write it in params.yaml)")
