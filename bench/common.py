@@ -7,7 +7,6 @@ Bench scripts measure the project as a user runs it, so they build on what a clo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -89,11 +88,9 @@ def scratch_repo(root: Path, overrides: dict[str, Any] | None = None) -> Path:
 
 def builtin_articles(language: str = "en") -> dict[str, dict]:
     """The builtin Wikipedia corpus of ``language`` (en, fr, es): title -> article."""
-    from pipeline.data.corpus import load_pointer, locate_member
+    from pipeline.data.corpus import builtin_records
 
-    pointer_path = REPO_ROOT / "data" / "builtin" / f"wikipedia-{language}.corpus"
-    member = locate_member(load_pointer(pointer_path), pointer_path.name)
-    return json.loads(member.read_text(encoding="utf-8"))
+    return builtin_records(REPO_ROOT / "data" / "builtin" / f"wikipedia-{language}.corpus")
 
 
 def write_wiki_folder(folder: Path, count: int, language: str = "en") -> Path:

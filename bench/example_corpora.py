@@ -18,15 +18,13 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.data.corpus import load_pointer, locate_member
+from pipeline.data.corpus import builtin_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def builtin_articles(language: str) -> dict:
-    pointer_path = ROOT / "data" / "builtin" / f"wikipedia-{language}.corpus"
-    member = locate_member(load_pointer(pointer_path), pointer_path.name)
-    return json.loads(member.read_text(encoding="utf-8"))
+    return builtin_records(ROOT / "data" / "builtin" / f"wikipedia-{language}.corpus")
 
 
 def main() -> None:

@@ -136,10 +136,9 @@ def test_dvc_repro_builds_everything_then_reruns_only_what_changed(tmp_path, tin
 
 def _builtin_extracts(count: int) -> list[str]:
     """The first ``count`` builtin English Wikipedia extracts (by title): real prose."""
-    from pipeline.data.corpus import load_pointer, locate_member
+    from pipeline.data.corpus import builtin_records
 
-    pointer = REPO_ROOT / "data/builtin/wikipedia-en.corpus"
-    articles = json.loads(locate_member(load_pointer(pointer), pointer.name).read_text())
+    articles = builtin_records(REPO_ROOT / "data/builtin/wikipedia-en.corpus")
     return [articles[title]["extract"] for title in sorted(articles)[:count]]
 
 

@@ -835,12 +835,15 @@ def locate_member(pointer: BuiltinPointer, where: str) -> Path:
     return member
 
 
-def read_builtin(path: Path, on_read: OnRead = _ignore) -> Iterator[RawDocument]:
-    """The documents of a builtin pointer: one per record, source ``<pointer stem>/<key>``.
+def builtin_records(path: str | Path, on_read: OnRead = _ignore) -> dict[str, Any]:
+    """The records of a builtin pointer's member file (key -> record; for the Wikipedia
+    corpora, title -> {"extract": text, ...}), checked against the pointer: the one reader
+    of the builtin corpora, for ingest and for any test or benchmark that needs their text.
 
     The member file is hashed before use, so a different package build fails loudly
     instead of silently changing the data.
     """
+    path = Path(path)
     where = path.as_posix()
     pointer = load_pointer(path)
     member = locate_member(pointer, where)
@@ -860,6 +863,13 @@ def read_builtin(path: Path, on_read: OnRead = _ignore) -> Iterator[RawDocument]
             f"{where}: {pointer.member} holds {len(records)} records, not the "
             f"{pointer.documents} the pointer says; reinstall {pointer.install}"
         )
+    return records
+
+
+def read_builtin(path: Path, on_read: OnRead = _ignore) -> Iterator[RawDocument]:
+    """The documents of a builtin pointer: one per record, source ``<pointer stem>/<key>``."""
+    pointer = load_pointer(path)
+    records = builtin_records(path, on_read)
     for key, value in json_records(records, pointer.text_field, f"{pointer.member}"):
         yield make_document(f"{path.stem}/{key}", value)
 
