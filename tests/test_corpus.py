@@ -14,22 +14,11 @@ import zstandard
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import DataParams
-from pipeline.data import corpus
-from pipeline.data.corpus import (
-    CorpusStats,
-    RawDocument,
-    corpus_bytes,
-    detect_format,
-    glob_regex,
-    iter_corpus_files,
-    iter_documents,
-    load_pointer,
-    looks_binary,
-    read_builtin,
-    read_paragraphs,
-    repair_text,
-    source_unit,
-)
+from pipeline.data.corpus import CorpusStats, RawDocument, corpus_bytes, iter_documents, planning
+from pipeline.data.corpus.builtin import load_pointer, read_builtin
+from pipeline.data.corpus.decoding import looks_binary, repair_text
+from pipeline.data.corpus.formats import read_paragraphs
+from pipeline.data.corpus.paths import detect_format, glob_regex, iter_corpus_files, source_unit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = REPO_ROOT / "data" / "builtin"
@@ -447,7 +436,7 @@ def test_binary_means_a_nul_or_mostly_invalid_utf8_or_control_bytes(head, binary
 
 
 def test_txt_unit_auto_reads_one_file_and_big_files_in_paragraphs(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "AUTO_PARAGRAPH_BYTES", 100)
+    monkeypatch.setattr(planning, "AUTO_PARAGRAPH_BYTES", 100)
     root = tmp_path / "c"
     root.mkdir()
     (root / "small.txt").write_text("One.\n\nTwo.\n", encoding="utf-8")

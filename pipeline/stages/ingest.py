@@ -27,7 +27,8 @@ from pipeline.core.parallel import usable_cores
 from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
-from pipeline.data.corpus import RANGE_BYTES, CorpusStats, corpus_bytes, iter_documents
+from pipeline.data.corpus.planning import RANGE_BYTES, CorpusStats
+from pipeline.data.corpus.reading import corpus_bytes, iter_documents
 from pipeline.data.doctable import RAW_SCHEMA, DocumentWriter
 
 

@@ -27,7 +27,7 @@ from pipeline.core.parallel import ordered_map, usable_cores
 from pipeline.core.params import Params, SplitParams
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
-from pipeline.data.corpus import source_unit
+from pipeline.data.corpus.paths import source_unit
 from pipeline.data.doctable import (
     DOCUMENT_SCHEMA,
     DocumentWriter,

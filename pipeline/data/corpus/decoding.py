@@ -1,0 +1,98 @@
+"""Bytes to text: how a corpus file's bytes become a document's text, and whether a file's
+bytes are text at all.
+
+Text is UTF-8. Invalid bytes are decoded with ``surrogateescape``, so each one survives
+CSV and JSON parsing as one lone surrogate; :func:`repair_text` then replaces them with
+U+FFFD and counts them per document, which no codec error handler could do for a CSV
+record or a JSON value spread over an arbitrary stretch of the stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+
+# The first bytes (decompressed) that decide whether a file is text (looks_binary).
+BINARY_PROBE_BYTES = 8192
+# More than this share of non-text bytes in them (invalid UTF-8, control bytes) is binary:
+# a text in a legacy 8-bit encoding (Latin-1, say) has a few percent, a binary file most.
+BINARY_SHARE = 0.3
+
+_SURROGATES = re.compile("[\ud800-\udfff]+")
+# Lone surrogates that ``surrogateescape`` makes from the bytes 0x80-0xff.
+_ESCAPED_BYTE_LOW = 0xDC80
+_ESCAPED_BYTE_HIGH = 0xDCFF
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """One document as read: where it came from, its text, and its replaced bytes."""
+
+    source: str
+    text: str
+    invalid_bytes: int
+
+
+def repair_text(text: str) -> tuple[str, int]:
+    """Replace lone surrogates with U+FFFD; return the text and how many were replaced.
+
+    Runs of escaped bytes (U+DC80-U+DCFF, from ``surrogateescape``) are re-decoded with
+    ``errors='replace'``, so the U+FFFD characters come out exactly as a plain replacing
+    decode would make them (one per maximal invalid sequence), while the count is of
+    bytes. Any other lone surrogate can only come from a JSON ``\\uXXXX`` escape; UTF-8
+    cannot hold it, so it becomes one U+FFFD and counts as one.
+    """
+    if _SURROGATES.search(text) is None:  # the common case, at C speed
+        return text, 0
+    count = 0
+
+    def fix(match: re.Match[str]) -> str:
+        nonlocal count
+        run = match.group()
+        count += len(run)
+        pieces: list[str] = []
+        escaped = bytearray()
+        for char in run:
+            code = ord(char)
+            if _ESCAPED_BYTE_LOW <= code <= _ESCAPED_BYTE_HIGH:
+                escaped.append(code - 0xDC00)
+            else:
+                pieces.append(escaped.decode("utf-8", "replace"))
+                escaped.clear()
+                pieces.append("\ufffd")
+        pieces.append(escaped.decode("utf-8", "replace"))
+        return "".join(pieces)
+
+    return _SURROGATES.sub(fix, text), count
+
+
+def make_document(source: str, text: str) -> RawDocument:
+    """A :class:`RawDocument` from surrogate-escaped text, its invalid bytes counted.
+
+    The source is repaired too (a file name or JSON key may hold invalid UTF-8), but its
+    replacements are not counted: they are not part of the text.
+    """
+    fixed, invalid = repair_text(text)
+    return RawDocument(source=repair_text(source)[0], text=fixed, invalid_bytes=invalid)
+
+
+# C0 control bytes that no text holds (tab, line feed, form feed, carriage return and
+# escape excepted).
+_CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 11, 12, 13, 27})
+
+
+def looks_binary(head: bytes) -> bool:
+    """Whether the first bytes of a (decompressed) file are not text: a NUL byte (UTF-8
+    text never holds one; UTF-16, which does, is not read), or more than
+    :data:`BINARY_SHARE` of the bytes invalid as UTF-8 or control bytes."""
+    if b"\x00" in head:
+        return True
+    if not head:
+        return False
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    # final=False: a character cut by the probe's end is not counted as invalid.
+    decoded = decoder.decode(head, final=False)
+    invalid = decoded.count("\ufffd") - head.count("\ufffd".encode())
+    controls = sum(head.count(byte) for byte in _CONTROL_BYTES)
+    return invalid + controls > BINARY_SHARE * len(head)
