@@ -11,10 +11,8 @@ Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_b
         text_files_in_paragraphs, text_files_in_lines (how data.txt_unit read the plain-text
         files), documents, documents_skipped_empty, bytes, invalid_bytes).
 
-Documents are streamed from the readers straight into the Parquet writer, so memory stays
-flat however big the corpus is. ``data.workers`` processes read files, and stretches of
-lines of big plain-text and JSONL files, side by side; the table is byte-identical for
-any number of them.
+The readers are :mod:`pipeline.data.corpus`; a table row is written per document as it
+comes (:func:`pipeline.data.corpus.reading.iter_documents`).
 """
 
 from __future__ import annotations

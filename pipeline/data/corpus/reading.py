@@ -1,5 +1,11 @@
 """Reading the whole corpus: run the planned reads (:mod:`pipeline.data.corpus.planning`)
-in worker processes and stream the documents in corpus order, counting them."""
+in worker processes and stream the documents in corpus order, counting them.
+
+Documents are streamed from the readers to the caller (ingest writes each as it comes), so
+memory stays flat however big the corpus is. ``data.workers`` processes read files, and
+stretches of lines of big plain-text and JSONL files, side by side; the documents and
+their order are the same for any number of them.
+"""
 
 from __future__ import annotations
 
