@@ -23,11 +23,16 @@ final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
 A directory corpus is walked in sorted order of relative POSIX path, skipping hidden names;
 binary files are skipped and counted, never an error.
 
-The package's modules, from the bytes up: ``decoding`` (bytes to text, binary files),
-``paths`` (formats by name, folder walks), ``streams`` (decompression, byte ranges),
-``formats`` (one reader per format), ``builtin`` (the pinned package corpora),
-``planning`` (what to read, in which unit and pieces) and ``reading`` (the whole corpus,
-in parallel). The names below are what the rest of gptpipe uses.
+Every reader holds a bounded amount at once: a longer line, document or JSON file (a
+compression bomb included) is refused in one line naming the file and the limit
+(:mod:`~pipeline.data.corpus.limits`).
+
+The package's modules, from the bytes up: ``limits`` (the size limits), ``decoding``
+(bytes to text, binary files), ``paths`` (formats by name, folder walks), ``streams``
+(decompression, byte ranges), ``formats`` (one reader per format), ``builtin`` (the
+pinned package corpora), ``planning`` (what to read, in which unit and pieces) and
+``reading`` (the whole corpus, in parallel). The names below are what the rest of
+gptpipe uses.
 """
 
 from pipeline.data.corpus.builtin import builtin_records, read_builtin

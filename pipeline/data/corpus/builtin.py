@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import check_size
+from pipeline.data.corpus import limits
 from pipeline.data.corpus.decoding import RawDocument, make_document
 from pipeline.data.corpus.formats import json_records, parse_json
 from pipeline.data.corpus.streams import OnRead, no_progress
@@ -124,6 +126,7 @@ def builtin_records(path: str | Path, on_read: OnRead = no_progress) -> dict[str
     where = path.as_posix()
     pointer = load_pointer(path)
     member = locate_member(pointer, where)
+    check_size(member, limits.MAX_JSON_FILE_BYTES, f"{pointer.package} data file")
     data = member.read_bytes()  # a few megabytes, parsed whole like any .json file
     on_read(len(data))
     digest = hashlib.sha256(data).hexdigest()

@@ -13,6 +13,9 @@ import codecs
 import re
 from dataclasses import dataclass
 
+from pipeline.core.errors import GptpipeError
+from pipeline.data.corpus import limits
+
 # The first bytes (decompressed) that decide whether a file is text (looks_binary).
 BINARY_PROBE_BYTES = 8192
 # More than this share of non-text bytes in them (invalid UTF-8, control bytes) is binary:
@@ -71,8 +74,14 @@ def make_document(source: str, text: str) -> RawDocument:
     """A :class:`RawDocument` from surrogate-escaped text, its invalid bytes counted.
 
     The source is repaired too (a file name or JSON key may hold invalid UTF-8), but its
-    replacements are not counted: they are not part of the text.
+    replacements are not counted: they are not part of the text. A text longer than
+    ``limits.MAX_DOCUMENT_CHARS`` is refused, naming its source.
     """
+    if len(text) > limits.MAX_DOCUMENT_CHARS:
+        raise GptpipeError(limits.too_long(
+            repair_text(source)[0], f"the document ({len(text):,} characters)",
+            limits.MAX_DOCUMENT_CHARS, "characters",
+            "documents of at most that many characters (split longer texts into records)"))
     fixed, invalid = repair_text(text)
     return RawDocument(source=repair_text(source)[0], text=fixed, invalid_bytes=invalid)
 

@@ -16,14 +16,13 @@ import zstandard
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import parse_json as io_parse_json
 from pipeline.core.params import DataParams
+from pipeline.data.corpus import limits
 from pipeline.data.corpus.decoding import RawDocument, make_document
 from pipeline.data.corpus.streams import OnRead, no_progress, open_parquet, open_text
 
 TXT_UNITS = ("file", "paragraph", "line")
 
 PARQUET_BATCH_ROWS = 1024
-# The csv module refuses fields over 128 KiB by default; a document can be much longer.
-CSV_FIELD_LIMIT = 2**31 - 1
 
 
 def _shorten(value: Any, limit: int = 60) -> str:
@@ -32,21 +31,43 @@ def _shorten(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_paragraphs(lines: Iterable[str], source: str, first_line: int = 1
-                    ) -> Iterator[RawDocument]:
+def bounded_lines(stream: TextIO, where: str, first_line: int = 1) -> Iterator[str]:
+    """The lines of ``stream``, line ends kept, as iterating it gives them, but a line of
+    more than :data:`~pipeline.data.corpus.limits.MAX_LINE_CHARS` characters is refused
+    after reading that many, not held whole (a 2 GB line, a bomb with no line break)."""
+    limit = limits.MAX_LINE_CHARS
+    number = first_line
+    while line := stream.readline(limit + 1):
+        if len(line) > limit:
+            raise GptpipeError(limits.too_long(
+                where, f"line {number}", limit, "characters",
+                "lines of at most that many characters (one record or document each)"))
+        yield line
+        number += 1
+
+
+def read_paragraphs(lines: Iterable[str], source: str, first_line: int = 1,
+                    where: str = "") -> Iterator[RawDocument]:
     """One document per blank-line-separated paragraph, source ``<source>:<first line>``
     (lines are numbered from ``first_line``, the number of the first one given).
 
     Lines holding only whitespace separate paragraphs too. Only the current paragraph is
-    held in memory.
+    held in memory, and one longer than a document may be (``limits.MAX_DOCUMENT_CHARS``)
+    is refused as soon as it is; errors name ``where`` (by default ``source``).
     """
+    limit = limits.MAX_DOCUMENT_CHARS
     paragraph: list[str] = []
-    first = 0
+    first = size = 0
     for number, line in enumerate(lines, start=first_line):
         if line.strip():
             if not paragraph:
-                first = number
+                first, size = number, 0
             paragraph.append(line)
+            size += len(line)
+            if size - line.endswith("\n") > limit:  # the paragraph's text so far
+                raise GptpipeError(limits.too_long(
+                    where or source, f"the paragraph from line {first}", limit, "characters",
+                    "blank lines between paragraphs, or data.txt_unit: line"))
         elif paragraph:
             yield make_document(f"{source}:{first}", "".join(paragraph).rstrip("\n"))
             paragraph = []
@@ -62,17 +83,25 @@ def read_lines(lines: Iterable[str], source: str, first_line: int = 1
             yield make_document(f"{source}:{number}", line.rstrip("\n"))
 
 
-def read_txt(stream: TextIO, source: str, unit: str, first_line: int = 1
+def read_txt(stream: TextIO, source: str, unit: str, first_line: int = 1, where: str = ""
              ) -> Iterator[RawDocument]:
     """A plain-text file: the whole file as one document (``unit='file'``), blank-line
-    paragraphs or lines."""
+    paragraphs or lines; errors name ``where`` (by default ``source``)."""
+    where = where or source
     if unit == "paragraph":
-        yield from read_paragraphs(stream, source, first_line)
+        yield from read_paragraphs(bounded_lines(stream, where, first_line), source,
+                                   first_line, where)
     elif unit == "line":
-        yield from read_lines(stream, source, first_line)
+        yield from read_lines(bounded_lines(stream, where, first_line), source, first_line)
     else:
         # One document per file is held whole by definition; the other units stream.
-        yield make_document(source, stream.read())
+        limit = limits.MAX_DOCUMENT_CHARS
+        text = stream.read(limit + 1)
+        if len(text) > limit:
+            raise GptpipeError(limits.too_long(
+                where, "the file, read whole as one document,", limit, "characters",
+                "data.txt_unit: paragraph or line, to read it in parts"))
+        yield make_document(source, text)
 
 
 def record_text(record: Any, text_field: str, where: str) -> str:
@@ -129,8 +158,19 @@ def json_records(data: Any, text_field: str, where: str) -> Iterator[tuple[str, 
         yield key, record_text(value, text_field, f"{where}: {label.format(key)}")
 
 
+def json_cap(where: str) -> tuple[int, str]:
+    """The decompressed bytes a .json corpus file may hold, and the refusal beyond them
+    (``cap`` of :func:`~pipeline.data.corpus.streams.open_text`)."""
+    limit = limits.MAX_JSON_FILE_BYTES
+    return limit, limits.too_long(
+        where, "the file (decompressed)", limit, "bytes",
+        "a .json file of at most that size (it is parsed whole), or the records as JSONL, "
+        "one object per line, which is read as a stream")
+
+
 def read_json(stream: TextIO, source: str, text_field: str, where: str) -> Iterator[RawDocument]:
-    """A .json file (parsed whole): one document per record, source ``<source>#<index>``."""
+    """A .json file (parsed whole): one document per record, source ``<source>#<index>``.
+    Open it with :func:`json_cap`: it is read whole."""
     data = parse_json(stream.read(), where)
     for index, (_, text) in enumerate(json_records(data, text_field, where)):
         yield make_document(f"{source}#{index}", text)
@@ -140,9 +180,11 @@ def read_csv(stream: TextIO, source: str, text_field: str, where: str) -> Iterat
     """One document per CSV record after the header, source ``<source>:<first line>``.
 
     ``stream`` must be opened with ``newline=''`` so quoted fields keep their line breaks.
+    A field may be a document long (``limits.MAX_DOCUMENT_CHARS``), far beyond the csv
+    module's default of 128 KiB.
     """
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.reader(stream)
+    csv.field_size_limit(limits.MAX_DOCUMENT_CHARS)
+    reader = csv.reader(bounded_lines(stream, where))
     try:
         header = next(reader, None)
         if header is None:
@@ -168,6 +210,11 @@ def read_csv(stream: TextIO, source: str, text_field: str, where: str) -> Iterat
                 )
             yield make_document(f"{source}:{start}", row[column])
     except csv.Error as err:
+        if "field larger than field limit" in str(err):
+            raise GptpipeError(limits.too_long(
+                where, f"a field of the record ending at line {reader.line_num}",
+                limits.MAX_DOCUMENT_CHARS, "characters",
+                "fields of at most that many characters (one document each)")) from None
         raise GptpipeError(
             f"{where}: line {reader.line_num}: not valid CSV ({err}); allowed: RFC 4180 CSV"
         ) from None
@@ -232,11 +279,13 @@ def read_file(
         newline = "" if fmt == "csv" else None
         span = None if byte_range is None else byte_range[:2]
         first_line = 1 if byte_range is None else byte_range[2]
-        with open_text(path, compression, on_read, newline, span) as stream:
+        cap = json_cap(where) if fmt == "json" else None
+        with open_text(path, compression, on_read, newline, span, cap) as stream:
             if fmt == "txt":
-                yield from read_txt(stream, source, unit, first_line)
+                yield from read_txt(stream, source, unit, first_line, where)
             elif fmt == "jsonl":
-                yield from read_jsonl(stream, source, params.text_field, where, first_line)
+                lines = bounded_lines(stream, where, first_line)
+                yield from read_jsonl(lines, source, params.text_field, where, first_line)
             elif fmt == "json":
                 yield from read_json(stream, source, params.text_field, where)
             else:

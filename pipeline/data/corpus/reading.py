@@ -69,9 +69,24 @@ def _deferring_errors(tasks: Iterator[ReadTask]) -> Iterator[ReadTask | _PlanFai
         yield _PlanFailure(err)
 
 
-def _task_documents(job: tuple[ReadTask, DataParams]) -> list[RawDocument]:
-    """A worker process's whole share: one task's documents as a list."""
-    return list(run_task(*job))
+# The characters of text a worker collects for one task, in units of the task size
+# (range_bytes), before it gives the task back to be streamed by ingest's own process: a
+# compressed file small enough to hand over whole can still expand a hundredfold, and a
+# worker holds its task's documents all at once.
+TASK_TEXT_RANGES = 8
+
+
+def _task_documents(job: tuple[ReadTask, DataParams, int]) -> list[RawDocument] | None:
+    """A worker process's whole share: one task's documents as a list, or None when their
+    text passes ``job[2]`` characters (then ingest's process streams the task itself)."""
+    task, params, most_chars = job
+    documents, chars = [], 0
+    for document in run_task(task, params):
+        documents.append(document)
+        chars += len(document.text)
+        if chars > most_chars:
+            return None
+    return documents
 
 
 def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead, workers: int,
@@ -91,7 +106,8 @@ def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead, workers: 
         for task in tasks:
             yield from run_task(task, params, on_read)
         return
-    jobs = ((task, (task, params)) for task in _deferring_errors(tasks))
+    share = TASK_TEXT_RANGES * range_bytes
+    jobs = ((task, (task, params, share)) for task in _deferring_errors(tasks))
     for task, documents in ordered_map(_task_documents, jobs, workers, "ingest",
                                        in_process=lambda job: job[0].in_process):
         if isinstance(task, _PlanFailure):

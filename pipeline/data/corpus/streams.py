@@ -22,8 +22,11 @@ from pipeline.data.corpus.decoding import BINARY_PROBE_BYTES
 
 READ_CHUNK_BYTES = 1 << 20
 
-# Compressed bytes fed to zstd at a time: text expands ~3-10x, so output stays small.
-ZSTD_INPUT_BYTES = 1 << 16
+# Compressed bytes fed to zstd at a time. zstd's densest block (run-length: 4 bytes for
+# 128 KiB) expands 32768 times, and one call decompresses all it is fed: 1 KiB in is at
+# most 32 MiB out, so a zstd bomb is stopped by the readers' limits before it fills memory
+# (text expands 3-10 times: about 5 KB per call).
+ZSTD_INPUT_BYTES = 1 << 10
 
 
 OnRead = Callable[[int], None]
@@ -79,7 +82,7 @@ class _ZstdReader(io.RawIOBase):
     which would drop the rest of a corpus without a word; a decompression object tells
     whether its frame ended. Several frames follow each other in files from pzstd or from
     ``cat a.zst b.zst``. Compressed input is fed in small pieces so that the output of one
-    piece stays small too.
+    piece stays small too (:data:`ZSTD_INPUT_BYTES`).
     """
 
     def __init__(self, source: IO[bytes]) -> None:
@@ -120,13 +123,35 @@ class _ZstdReader(io.RawIOBase):
         return b"".join(out)
 
 
+class _CappedReader(io.RawIOBase):
+    """A raw reader of a (decompressed) stream that refuses, with ``refusal``, to hand out
+    more than ``cap`` bytes: what a whole-file reader uses, so a bomb stops early."""
+
+    def __init__(self, source: IO[bytes], cap: int, refusal: str) -> None:
+        super().__init__()
+        self._source = source
+        self._left = cap
+        self._refusal = refusal
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._source.readinto(buffer)
+        self._left -= count
+        if self._left < 0:
+            raise GptpipeError(self._refusal)
+        return count
+
+
 @contextlib.contextmanager
 def open_binary(
     path: Path, compression: str | None, on_read: OnRead = no_progress,
-    byte_range: tuple[int, int] | None = None,
+    byte_range: tuple[int, int] | None = None, cap: tuple[int, str] | None = None,
 ) -> Iterator[IO[bytes]]:
     """Open ``path`` for reading its decompressed bytes; ``on_read`` gets file bytes read.
-    ``byte_range`` ``(start, end)`` reads only those bytes of an uncompressed file."""
+    ``byte_range`` ``(start, end)`` reads only those bytes of an uncompressed file.
+    ``cap`` ``(bytes, refusal)``: reading more decompressed bytes raises the refusal."""
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(open(path, "rb", buffering=0))
         limit = None
@@ -140,21 +165,25 @@ def open_binary(
             stream = stack.enter_context(gzip.GzipFile(fileobj=stream, mode="rb"))
         elif compression == "zst":
             stream = stack.enter_context(io.BufferedReader(_ZstdReader(stream), READ_CHUNK_BYTES))
+        if cap is not None:
+            stream = stack.enter_context(
+                io.BufferedReader(_CappedReader(stream, *cap), READ_CHUNK_BYTES))
         yield stream
 
 
 @contextlib.contextmanager
 def open_text(
     path: Path, compression: str | None, on_read: OnRead = no_progress, newline: str | None = None,
-    byte_range: tuple[int, int] | None = None,
+    byte_range: tuple[int, int] | None = None, cap: tuple[int, str] | None = None,
 ) -> Iterator[TextIO]:
     """Open ``path`` as UTF-8 text whose invalid bytes are escaped (see :func:`repair_text`).
 
     A leading byte-order mark is dropped (utf-8-sig), so a CSV header from a spreadsheet
     still names its first column. ``newline=None`` turns CRLF and CR into '\\n'.
-    ``byte_range`` reads only those bytes (see :func:`plan_ranges`).
+    ``byte_range`` reads only those bytes (see :func:`plan_ranges`); ``cap`` bounds the
+    decompressed bytes read (see :func:`open_binary`).
     """
-    with open_binary(path, compression, on_read, byte_range) as binary:
+    with open_binary(path, compression, on_read, byte_range, cap) as binary:
         from_start = byte_range is None or byte_range[0] == 0
         text = io.TextIOWrapper(
             binary, encoding="utf-8-sig" if from_start else "utf-8",
