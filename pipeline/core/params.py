@@ -60,8 +60,9 @@ class DataParams(_Section):
     # The JSON/JSONL field or CSV/Parquet column that holds a document's text.
     text_field: str = "text"
     # Plain-text files (any suffix but jsonl, json, csv, parquet): one document per file,
-    # per blank-line-separated paragraph, or per line. auto: paragraphs for a single-file
-    # corpus and for files over 1 MiB (far larger than a document), else whole files.
+    # per blank-line-separated paragraph, or per line. auto: paragraphs for a corpus of
+    # fewer than 50 text files (one file, a few books: whole, too few documents for the
+    # split) and for files over 1 MiB (far larger than a document), else whole files.
     txt_unit: Literal["auto", "file", "paragraph", "line"] = "auto"
     # Reading processes (files, and stretches of big text and JSONL files, side by side);
     # 0 = one per core. The raw table is the same for any number.

@@ -25,7 +25,7 @@ from pipeline.core.parallel import usable_cores
 from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
-from pipeline.data.corpus.planning import RANGE_BYTES, CorpusStats
+from pipeline.data.corpus.planning import RANGE_BYTES, CorpusStats, auto_unit_reason
 from pipeline.data.corpus.reading import corpus_bytes, iter_documents
 from pipeline.data.doctable import RAW_SCHEMA, DocumentWriter
 
@@ -65,8 +65,9 @@ def run(params: Params, *, out: Path, metrics: Path,
         ("text_files_whole", "whole"), ("text_files_in_paragraphs", "in blank-line paragraphs"),
         ("text_files_in_lines", "one document per line")) if result[key]]
     if units:
-        say("ingest", f"plain-text files read {', '.join(units)} (data.txt_unit: "
-                      f"{data.txt_unit})")
+        how = f"{data.txt_unit}: {auto_unit_reason(stats)}" if data.txt_unit == "auto" else (
+            data.txt_unit)
+        say("ingest", f"plain-text files read {', '.join(units)} (data.txt_unit: {how})")
     return result
 
 

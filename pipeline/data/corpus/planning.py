@@ -4,6 +4,7 @@ still give the documents a single reader gives, in the same order."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import re
 import zlib
@@ -27,6 +28,11 @@ ALLOWED_CORPUS = (
 # txt_unit auto: a text file larger than this (stored size) is far larger than a document
 # (a long encyclopedia article is tens of KB): it is read in paragraphs, not whole.
 AUTO_PARAGRAPH_BYTES = 1 << 20
+# txt_unit auto: a corpus of fewer plain-text files than this (a single file, a folder of
+# three manuals or books) is read in paragraphs, since its files read whole would give the
+# split too few documents: each of val and test (0.1 by default) comes out empty with a
+# chance of 0.9**files, 35% for 10 files, 4% for 30, 0.5% for 50.
+AUTO_WHOLE_FILES = 50
 
 # Ingest's unit of parallel work: a file up to this size goes to a worker whole, a bigger
 # plain-text or JSONL file in stretches of lines of about this size. Bounded so that the
@@ -55,13 +61,43 @@ class CorpusStats:
         return asdict(self)
 
 
-def text_unit(requested: str, size: int, single: bool) -> str:
+def text_unit(requested: str, size: int, few_files: bool) -> str:
     """The unit a plain-text file is read in: ``data.txt_unit``, or for ``auto``
-    paragraphs when the file is the whole corpus or far larger than a document
-    (:data:`AUTO_PARAGRAPH_BYTES`), else the whole file."""
+    paragraphs when the corpus holds few text files (:data:`AUTO_WHOLE_FILES`) or the file
+    is far larger than a document (:data:`AUTO_PARAGRAPH_BYTES`), else the whole file."""
     if requested != "auto":
         return requested
-    return "paragraph" if single or size > AUTO_PARAGRAPH_BYTES else "file"
+    return "paragraph" if few_files or size > AUTO_PARAGRAPH_BYTES else "file"
+
+
+def auto_unit_reason(stats: CorpusStats) -> str:
+    """Why ``txt_unit: auto`` read the corpus's plain-text files as it did (for ingest's
+    report), from the counts :func:`text_unit`'s choices left in ``stats``."""
+    text_files = stats.text_files_whole + stats.text_files_in_paragraphs
+    if text_files < AUTO_WHOLE_FILES:
+        return (f"a corpus of fewer than {AUTO_WHOLE_FILES} text files is read in "
+                "paragraphs, so that the split gets enough documents; data.txt_unit: file "
+                "reads each file whole")
+    return (f"files over {AUTO_PARAGRAPH_BYTES // 2**20} MiB are read in paragraphs, the "
+            "others whole")
+
+
+def _few_text_files(root: Path, params: DataParams) -> bool:
+    """Whether the folder ``root`` holds fewer than :data:`AUTO_WHOLE_FILES` plain-text
+    files (binary ones aside): a walk that stops once it has counted that many. A file
+    that cannot be read is not counted; planning reports it in its turn."""
+    count = 0
+    for relative in iter_corpus_files(root, params.include):
+        path = root / relative
+        fmt, compression = detect_format(path.name)
+        if fmt != "txt":
+            continue
+        with contextlib.suppress(GptpipeError):
+            if not _is_binary(path, compression):
+                count += 1
+        if count >= AUTO_WHOLE_FILES:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -129,10 +165,13 @@ def _can_cut(fmt: str, compression: str | None, unit: str) -> bool:
     return compression is None and (fmt == "jsonl" or (fmt == "txt" and unit != "file"))
 
 
-def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats, single: bool,
-               range_bytes: int, on_read: OnRead) -> Iterator[ReadTask]:
-    """The tasks that read one file; a binary file is counted (or, if single, an error)
-    and its bytes reported to ``on_read`` as done."""
+def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats,
+               corpus_files: tuple[bool, bool], range_bytes: int, on_read: OnRead
+               ) -> Iterator[ReadTask]:
+    """The tasks that read one file; a binary file is counted (or, in a single-file corpus,
+    an error) and its bytes reported to ``on_read`` as done. ``corpus_files``: whether the
+    corpus is this single file, and whether it holds few text files (:func:`text_unit`)."""
+    single, few_files = corpus_files
     size = path.stat().st_size
     fmt, compression = detect_format(path.name)
     if fmt in TEXT_FORMATS and _is_binary(path, compression):
@@ -145,7 +184,7 @@ def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats, 
         stats.files_skipped_binary += 1
         on_read(size)
         return
-    unit = text_unit(params.txt_unit, size, single) if fmt == "txt" else "file"
+    unit = text_unit(params.txt_unit, size, few_files) if fmt == "txt" else "file"
     stats.files_read += 1
     if fmt == "txt":
         counter = {"file": "text_files_whole", "paragraph": "text_files_in_paragraphs",
@@ -169,10 +208,11 @@ def plan_reads(params: DataParams, stats: CorpusStats, range_bytes: int = RANGE_
     root = Path(params.corpus)
     if root.is_dir():
         matched = 0
+        few = params.txt_unit == "auto" and _few_text_files(root, params)
         for relative in iter_corpus_files(root, params.include):
             matched += 1
-            yield from _plan_file(root / relative, relative, params, stats, False, range_bytes,
-                                  on_read)
+            yield from _plan_file(root / relative, relative, params, stats, (False, few),
+                                  range_bytes, on_read)
         if matched == 0:
             raise GptpipeError(
                 f"data.corpus: {params.corpus}: no file matches data.include = "
@@ -181,7 +221,8 @@ def plan_reads(params: DataParams, stats: CorpusStats, range_bytes: int = RANGE_
             )
     elif root.is_file():
         # A single file is its own corpus root: its source is its bare name.
-        yield from _plan_file(root, root.name, params, stats, True, range_bytes, on_read)
+        yield from _plan_file(root, root.name, params, stats, (True, True), range_bytes,
+                              on_read)
     else:
         raise GptpipeError(f"data.corpus: {params.corpus} not found; allowed: {ALLOWED_CORPUS}")
 
