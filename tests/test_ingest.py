@@ -187,11 +187,12 @@ ERROR_CASES = {
     ),
     "binary single file": (
         lambda d: _write(d / "data.jsonl.gz", gzip.compress(b"\x00\x00", mtime=0)),
-        ["data.jsonl.gz is not text (a NUL byte, or mostly invalid UTF-8", "allowed: UTF-8 text"],
+        ["data.jsonl.gz is not text in data.encoding = utf-8 (a NUL byte, or mostly bytes "
+         "invalid in utf-8", "allowed: text in data.encoding"],
     ),
     "mostly invalid UTF-8 single file": (
         lambda d: _write(d / "notes.pdf", b"%PDF-1.7\n" + bytes(range(128, 256)) * 8),
-        ["notes.pdf is not text", "allowed: UTF-8 text"],
+        ["notes.pdf is not text in data.encoding = utf-8", "allowed: text in data.encoding"],
     ),
     "jsonl not json": (
         lambda d: _write(d / "c" / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),

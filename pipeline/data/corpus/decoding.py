@@ -1,15 +1,17 @@
 """Bytes to text: how a corpus file's bytes become a document's text, and whether a file's
 bytes are text at all.
 
-Text is UTF-8. Invalid bytes are decoded with ``surrogateescape``, so each one survives
-CSV and JSON parsing as one lone surrogate; :func:`repair_text` then replaces them with
-U+FFFD and counts them per document, which no codec error handler could do for a CSV
-record or a JSON value spread over an arbitrary stretch of the stream.
+Text is UTF-8, or the encoding ``data.encoding`` names (Shift_JIS, GB18030, Latin-1 ...).
+Invalid bytes are decoded to lone surrogates (:func:`decode_errors`), so each one survives
+CSV and JSON parsing; :func:`repair_text` then replaces them with U+FFFD and counts them
+per document, which no codec error handler could do for a CSV record or a JSON value
+spread over an arbitrary stretch of the stream.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from dataclasses import dataclass
 
@@ -35,6 +37,32 @@ class RawDocument:
     source: str
     text: str
     invalid_bytes: int
+
+
+# The error handler for encodings other than UTF-8 (see decode_errors).
+_LEGACY_ERRORS = "gptpipe-invalid-byte"
+
+
+def _each_byte_invalid(error: UnicodeError) -> tuple[str, int]:
+    """Decode each byte a legacy codec cannot read to U+DCFF, what ``surrogateescape``
+    makes of the byte 0xFF: invalid in UTF-8 in any context, so :func:`repair_text` turns
+    each into one U+FFFD and counts one byte."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    return "\udcff" * (error.end - error.start), error.end
+
+
+@functools.cache
+def decode_errors(codec: str) -> str:
+    """The codec error handler that reads a file in ``codec`` (a canonical name):
+    ``surrogateescape`` for UTF-8, whose escaped bytes :func:`repair_text` re-decodes into
+    exactly the U+FFFD a replacing decode makes; for any other codec one that marks every
+    byte it cannot read as one invalid byte, since re-decoding a Shift_JIS or GB18030
+    stretch as UTF-8 could make a character of it."""
+    if codec == "utf-8":
+        return "surrogateescape"
+    codecs.register_error(_LEGACY_ERRORS, _each_byte_invalid)
+    return _LEGACY_ERRORS
 
 
 def repair_text(text: str) -> tuple[str, int]:
@@ -91,17 +119,20 @@ def make_document(source: str, text: str) -> RawDocument:
 _CONTROL_BYTES = bytes(set(range(32)) - {9, 10, 11, 12, 13, 27})
 
 
-def looks_binary(head: bytes) -> bool:
-    """Whether the first bytes of a (decompressed) file are not text: a NUL byte (UTF-8
-    text never holds one; UTF-16, which does, is not read), or more than
-    :data:`BINARY_SHARE` of the bytes invalid as UTF-8 or control bytes."""
+def looks_binary(head: bytes, codec: str = "utf-8") -> bool:
+    """Whether the first bytes of a (decompressed) file are not text in ``codec``: a NUL
+    byte (text in an ASCII-compatible encoding never holds one; UTF-16, which does, is not
+    read), or more than :data:`BINARY_SHARE` of the bytes invalid in ``codec`` or control
+    bytes."""
     if b"\x00" in head:
         return True
     if not head:
         return False
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder = codecs.getincrementaldecoder(codec)("replace")
     # final=False: a character cut by the probe's end is not counted as invalid.
     decoded = decoder.decode(head, final=False)
-    invalid = decoded.count("\ufffd") - head.count("\ufffd".encode())
+    # A U+FFFD the file itself holds is text, not an invalid byte.
+    written = "\ufffd".encode(codec, "ignore")
+    invalid = decoded.count("\ufffd") - (head.count(written) if written else 0)
     controls = sum(head.count(byte) for byte in _CONTROL_BYTES)
     return invalid + controls > BINARY_SHARE * len(head)

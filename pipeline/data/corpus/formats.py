@@ -280,7 +280,8 @@ def read_file(
         span = None if byte_range is None else byte_range[:2]
         first_line = 1 if byte_range is None else byte_range[2]
         cap = json_cap(where) if fmt == "json" else None
-        with open_text(path, compression, on_read, newline, span, cap) as stream:
+        with open_text(path, compression, on_read, newline, span, cap,
+                       params.codec) as stream:
             if fmt == "txt":
                 yield from read_txt(stream, source, unit, first_line, where)
             elif fmt == "jsonl":

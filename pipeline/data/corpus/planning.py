@@ -93,7 +93,7 @@ def _few_text_files(root: Path, params: DataParams) -> bool:
         if fmt != "txt":
             continue
         with contextlib.suppress(GptpipeError):
-            if not _is_binary(path, compression):
+            if not _is_binary(path, compression, params.codec):
                 count += 1
         if count >= AUTO_WHOLE_FILES:
             return False
@@ -174,12 +174,14 @@ def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats,
     single, few_files = corpus_files
     size = path.stat().st_size
     fmt, compression = detect_format(path.name)
-    if fmt in TEXT_FORMATS and _is_binary(path, compression):
+    if fmt in TEXT_FORMATS and _is_binary(path, compression, params.codec):
         if single:
             raise GptpipeError(
-                f"data.corpus: {path.as_posix()} is not text (a NUL byte, or mostly invalid "
-                f"UTF-8 or control bytes, in its first {BINARY_PROBE_BYTES} bytes); "
-                "allowed: UTF-8 text"
+                f"data.corpus: {path.as_posix()} is not text in data.encoding = "
+                f"{params.encoding} (a NUL byte, or mostly bytes invalid in {params.codec} "
+                f"or control bytes, in its first {BINARY_PROBE_BYTES} bytes); allowed: "
+                "text in data.encoding (set it to the file's encoding: shift_jis, gb18030, "
+                "big5, latin-1, cp1252 ...)"
             )
         stats.files_skipped_binary += 1
         on_read(size)
@@ -227,9 +229,9 @@ def plan_reads(params: DataParams, stats: CorpusStats, range_bytes: int = RANGE_
         raise GptpipeError(f"data.corpus: {params.corpus} not found; allowed: {ALLOWED_CORPUS}")
 
 
-def _is_binary(path: Path, compression: str | None) -> bool:
+def _is_binary(path: Path, compression: str | None, codec: str) -> bool:
     try:
-        return looks_binary(read_head(path, compression))
+        return looks_binary(read_head(path, compression), codec)
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as err:
         what = {"gz": "gzip", "zst": "zstandard"}.get(compression or "", "a file")
         raise GptpipeError(

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from pipeline.core.errors import GptpipeError
-from pipeline.data.corpus.decoding import BINARY_PROBE_BYTES
+from pipeline.data.corpus.decoding import BINARY_PROBE_BYTES, decode_errors
 
 READ_CHUNK_BYTES = 1 << 20
 
@@ -175,19 +175,21 @@ def open_binary(
 def open_text(
     path: Path, compression: str | None, on_read: OnRead = no_progress, newline: str | None = None,
     byte_range: tuple[int, int] | None = None, cap: tuple[int, str] | None = None,
+    codec: str = "utf-8",
 ) -> Iterator[TextIO]:
-    """Open ``path`` as UTF-8 text whose invalid bytes are escaped (see :func:`repair_text`).
+    """Open ``path`` as text in ``codec`` (a canonical codec name, ``DataParams.codec``)
+    whose invalid bytes are escaped (see :func:`~pipeline.data.corpus.decoding.repair_text`).
 
-    A leading byte-order mark is dropped (utf-8-sig), so a CSV header from a spreadsheet
-    still names its first column. ``newline=None`` turns CRLF and CR into '\\n'.
-    ``byte_range`` reads only those bytes (see :func:`plan_ranges`); ``cap`` bounds the
-    decompressed bytes read (see :func:`open_binary`).
+    A leading UTF-8 byte-order mark is dropped (utf-8-sig), so a CSV header from a
+    spreadsheet still names its first column. ``newline=None`` turns CRLF and CR into
+    '\\n'. ``byte_range`` reads only those bytes (see :func:`plan_ranges`); ``cap`` bounds
+    the decompressed bytes read (see :func:`open_binary`).
     """
     with open_binary(path, compression, on_read, byte_range, cap) as binary:
         from_start = byte_range is None or byte_range[0] == 0
+        encoding = "utf-8-sig" if codec == "utf-8" and from_start else codec
         text = io.TextIOWrapper(
-            binary, encoding="utf-8-sig" if from_start else "utf-8",
-            errors="surrogateescape", newline=newline,
+            binary, encoding=encoding, errors=decode_errors(codec), newline=newline,
         )
         try:
             yield text
