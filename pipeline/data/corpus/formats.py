@@ -20,8 +20,6 @@ from pipeline.data.corpus import limits
 from pipeline.data.corpus.decoding import RawDocument, make_document
 from pipeline.data.corpus.streams import OnRead, no_progress, open_parquet, open_text
 
-TXT_UNITS = ("file", "paragraph", "line")
-
 PARQUET_BATCH_ROWS = 1024
 
 
@@ -64,7 +62,8 @@ def read_paragraphs(lines: Iterable[str], source: str, first_line: int = 1,
                 first, size = number, 0
             paragraph.append(line)
             size += len(line)
-            if size - line.endswith("\n") > limit:  # the paragraph's text so far
+            # The paragraph's text so far: its last line end will not be part of it.
+            if size - (1 if line.endswith("\n") else 0) > limit:
                 raise GptpipeError(limits.too_long(
                     where or source, f"the paragraph from line {first}", limit, "characters",
                     "blank lines between paragraphs, or data.txt_unit: line"))
