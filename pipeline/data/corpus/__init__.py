@@ -21,7 +21,9 @@ final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
   package ships (see data/builtin/); the package is located, never imported.
 
 A directory corpus is walked in sorted order of relative POSIX path, skipping hidden names;
-binary files are skipped and counted, never an error.
+binary files are skipped and counted, never an error. Text files are read in
+``data.encoding`` (UTF-8 by default; Parquet text is always UTF-8), and bytes invalid in
+it are replaced with U+FFFD and counted (:mod:`~pipeline.data.corpus.decoding`).
 
 Every reader holds a bounded amount at once: a longer line, document or JSON file (a
 compression bomb included) is refused in one line naming the file and the limit
