@@ -207,3 +207,15 @@ def test_min_bytes_counts_utf8_bytes_the_same_in_every_script(tmp_path: Path) ->
     assert [row["text"] for row in read_rows(tmp_path / "a")] == [texts[0], texts[2]]
     run(clean_params(min_bytes=25), input=raw, out=tmp_path / "b", metrics=tmp_path / "b.json")
     assert [row["text"] for row in read_rows(tmp_path / "b")] == [texts[2]]
+
+
+def test_clean_keeps_the_joiners_of_persian_words_and_emoji(tmp_path: Path) -> None:
+    # The French builtin corpus spells a Persian name this way: Shams al-Din, with a ZWNJ.
+    persian = "Hafez, \u0634\u0645\u0633\u200c\u0627\u0644\u062f\u06cc\u0646, was a poet of Shiraz."
+    emoji = "The sticker \U0001f469\u200d\U0001f4bb (woman technologist) is one emoji."
+    stray = "The Roman Republic (509\u200d\u2013\u200d27 BC) came before the Empire."
+    raw = write_raw(tmp_path / "raw", [persian, emoji, stray])
+    metrics = run(clean_params(), input=raw, out=tmp_path / "clean", metrics=tmp_path / "m.json")
+    assert [row["text"] for row in read_rows(tmp_path / "clean")] == [
+        persian, emoji, "The Roman Republic (509\u201327 BC) came before the Empire."]
+    assert metrics["chars_removed"] == 2

@@ -14,22 +14,11 @@ import zstandard
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import DataParams
-from pipeline.data import corpus
-from pipeline.data.corpus import (
-    CorpusStats,
-    RawDocument,
-    corpus_bytes,
-    detect_format,
-    glob_regex,
-    iter_corpus_files,
-    iter_documents,
-    load_pointer,
-    looks_binary,
-    read_builtin,
-    read_paragraphs,
-    repair_text,
-    source_unit,
-)
+from pipeline.data.corpus import CorpusStats, RawDocument, corpus_bytes, iter_documents, planning
+from pipeline.data.corpus.builtin import load_pointer, read_builtin
+from pipeline.data.corpus.decoding import looks_binary, repair_text
+from pipeline.data.corpus.formats import read_paragraphs
+from pipeline.data.corpus.paths import detect_format, glob_regex, iter_corpus_files, source_unit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = REPO_ROOT / "data" / "builtin"
@@ -291,7 +280,7 @@ def make_folder(root: Path) -> Path:
 
 def test_folder_is_read_in_sorted_path_order_without_hidden_files(tmp_path):
     root = make_folder(tmp_path / "corpus")
-    documents, stats = read_all(root)
+    documents, stats = read_all(root, txt_unit="file")
     # Code-point order of the relative POSIX path: 'B' < 'a'; '-' < '.' < '/' < '0'.
     assert [d.source for d in documents] == [
         "B.txt",
@@ -304,14 +293,14 @@ def test_folder_is_read_in_sorted_path_order_without_hidden_files(tmp_path):
         "sub/deep/c.md",
     ]
     assert stats.files_read == 8
-    assert stats.text_files_whole == 8  # small files, read whole (txt_unit auto)
+    assert stats.text_files_whole == 8
     # blob.txt, blob2.jsonl.gz (NUL after gunzip), image.png (NUL), notes.pdf (not UTF-8)
     assert stats.files_skipped_binary == 4
 
 
 def test_include_glob_selects_files_relative_to_the_folder(tmp_path):
     root = make_folder(tmp_path / "corpus")
-    documents, stats = read_all(root, include="*.txt")
+    documents, stats = read_all(root, include="*.txt", txt_unit="file")
     assert [d.source for d in documents] == ["B.txt", "a-b.txt", "a.txt", "a0.txt", "b.txt"]
     assert stats.files_skipped_binary == 1
     assert list(iter_corpus_files(root, "sub/**/*")) == ["sub/deep/c.md"]
@@ -424,10 +413,10 @@ def test_source_code_and_files_without_a_suffix_are_text_kept_as_written(tmp_pat
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text, encoding="utf-8")
-    documents, stats = read_all(root)
+    documents, stats = read_all(root, txt_unit="file")
     assert {d.source: d.text for d in documents} == files  # every byte as written
     assert stats.files_read == 5 and stats.text_files_whole == 5
-    documents, _ = read_all(root, include="**/*.py")
+    documents, _ = read_all(root, include="**/*.py", txt_unit="file")
     assert [d.source for d in documents] == ["pkg/mod.py"]
 
 
@@ -446,8 +435,10 @@ def test_binary_means_a_nul_or_mostly_invalid_utf8_or_control_bytes(head, binary
     assert looks_binary(head) is binary
 
 
-def test_txt_unit_auto_reads_one_file_and_big_files_in_paragraphs(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "AUTO_PARAGRAPH_BYTES", 100)
+def test_txt_unit_auto_reads_big_files_in_paragraphs_and_small_ones_whole(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(planning, "AUTO_PARAGRAPH_BYTES", 100)
+    monkeypatch.setattr(planning, "AUTO_WHOLE_FILES", 2)
     root = tmp_path / "c"
     root.mkdir()
     (root / "small.txt").write_text("One.\n\nTwo.\n", encoding="utf-8")
@@ -457,10 +448,42 @@ def test_txt_unit_auto_reads_one_file_and_big_files_in_paragraphs(tmp_path, monk
     assert [d.source for d in documents][:3] == ["big.txt:1", "big.txt:3", "big.txt:5"]
     assert documents[-1].source == "small.txt" and documents[-1].text == "One.\n\nTwo.\n"
     assert (stats.text_files_whole, stats.text_files_in_paragraphs) == (1, 1)
+    assert planning.auto_unit_reason(stats).startswith("files over ")
     # The same small file as the whole corpus: paragraphs.
     documents, stats = read_all(root / "small.txt")
     assert [d.text for d in documents] == ["One.", "Two."]
     assert stats.text_files_in_paragraphs == 1
+
+
+def few_long_files(root: Path, files: int, binary: int = 0) -> Path:
+    """``files`` text files of five paragraphs each (and ``binary`` binary files)."""
+    root.mkdir()
+    for index in range(files):
+        paragraphs = [f"Chapter {index}, part {part}." for part in range(5)]
+        (root / f"book{index:02d}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    for index in range(binary):
+        (root / f"image{index:02d}.png").write_bytes(PNG)
+    return root
+
+
+def test_txt_unit_auto_reads_a_corpus_of_few_text_files_in_paragraphs(tmp_path):
+    documents, stats = read_all(few_long_files(tmp_path / "three", 3))
+    assert len(documents) == 15 and documents[1].source == "book00.txt:3"
+    assert (stats.text_files_whole, stats.text_files_in_paragraphs) == (0, 3)
+    assert planning.auto_unit_reason(stats).startswith(
+        f"a corpus of fewer than {planning.AUTO_WHOLE_FILES} text files is read in paragraphs")
+    # Binary files do not count: they give no document.
+    few = planning.AUTO_WHOLE_FILES - 1
+    _, stats = read_all(few_long_files(tmp_path / "few", few, binary=5))
+    assert (stats.text_files_whole, stats.text_files_in_paragraphs) == (0, few)
+    # As many text files as that, each read whole, give the split enough documents.
+    many = planning.AUTO_WHOLE_FILES
+    documents, stats = read_all(few_long_files(tmp_path / "many", many))
+    assert len(documents) == many and documents[0].source == "book00.txt"
+    assert (stats.text_files_whole, stats.text_files_in_paragraphs) == (many, 0)
+    # data.txt_unit: file reads a few files whole all the same.
+    _, stats = read_all(few_long_files(tmp_path / "forced", 3), txt_unit="file")
+    assert stats.text_files_whole == 3
 
 
 def test_txt_unit_line_makes_one_document_per_line(tmp_path):

@@ -88,8 +88,9 @@ def test_ingest_writes_the_raw_table_and_metrics(tmp_path):
     table = pq.read_table(tmp_path / "raw" / PART_NAME)
     assert table.schema.equals(RAW_SCHEMA)
     assert table.to_pylist() == [
-        {"id": 0, "source": "docs/one.txt", "text": "Plain text file.\n", "invalid_bytes": 0},
-        {"id": 1, "source": "docs/two.md", "text": "Bad byte \ufffd here.\n", "invalid_bytes": 1},
+        # Two text files, fewer than txt_unit auto reads whole: read in paragraphs.
+        {"id": 0, "source": "docs/one.txt:1", "text": "Plain text file.", "invalid_bytes": 0},
+        {"id": 1, "source": "docs/two.md:1", "text": "Bad byte \ufffd here.", "invalid_bytes": 1},
         {"id": 2, "source": "lines.jsonl.gz:1", "text": "jsonl one", "invalid_bytes": 0},
         {"id": 3, "source": "lines.jsonl.gz:2", "text": "jsonl two", "invalid_bytes": 0},
         {"id": 4, "source": "list.json#0", "text": "json item", "invalid_bytes": 0},
@@ -101,8 +102,8 @@ def test_ingest_writes_the_raw_table_and_metrics(tmp_path):
     assert metrics == {
         "files_read": 6,
         "files_skipped_binary": 2,
-        "text_files_whole": 2,
-        "text_files_in_paragraphs": 0,
+        "text_files_whole": 0,
+        "text_files_in_paragraphs": 2,
         "text_files_in_lines": 0,
         "documents": 7,
         "documents_skipped_empty": 0,
@@ -186,11 +187,12 @@ ERROR_CASES = {
     ),
     "binary single file": (
         lambda d: _write(d / "data.jsonl.gz", gzip.compress(b"\x00\x00", mtime=0)),
-        ["data.jsonl.gz is not text (a NUL byte, or mostly invalid UTF-8", "allowed: UTF-8 text"],
+        ["data.jsonl.gz is not text in data.encoding = utf-8 (a NUL byte, or mostly bytes "
+         "invalid in utf-8", "allowed: text in data.encoding"],
     ),
     "mostly invalid UTF-8 single file": (
         lambda d: _write(d / "notes.pdf", b"%PDF-1.7\n" + bytes(range(128, 256)) * 8),
-        ["notes.pdf is not text", "allowed: UTF-8 text"],
+        ["notes.pdf is not text in data.encoding = utf-8", "allowed: text in data.encoding"],
     ),
     "jsonl not json": (
         lambda d: _write(d / "c" / "a.jsonl", b'{"text": "ok"}\n{"text": oops}\n'),

@@ -157,6 +157,28 @@ def test_one_big_text_file_goes_through_tokenize_with_every_default(tmp_path):
     assert json.loads((repo / "metrics/tokenize.json").read_text())["train"]["tokens"] > 0
 
 
+def test_a_folder_of_three_long_text_files_goes_through_split_with_every_default(tmp_path):
+    """Three manuals or books, each far longer than a document but under 1 MiB: read whole
+    they are three documents, too few for three splits; txt_unit auto reads a corpus of so
+    few files in paragraphs, and ingest says so."""
+    repo = make_dvc_repo(tmp_path / "repo", {"data.corpus": "books"})
+    paragraphs = [p for text in _builtin_extracts(900) for p in text.split("\n") if p.strip()]
+    (repo / "books").mkdir()
+    for index in range(3):
+        book = paragraphs[index::3]
+        (repo / "books" / f"book{index}.txt").write_text("\n\n".join(book) + "\n",
+                                                         encoding="utf-8")
+        assert 100_000 < (repo / "books" / f"book{index}.txt").stat().st_size < 2**20
+    output = run_cmd(["dvc", "repro", "split"], repo).stdout
+    assert "plain-text files read 3 in blank-line paragraphs (data.txt_unit: auto: a corpus " \
+           "of fewer than 50 text files is read in paragraphs" in output
+    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+    assert ingest["text_files_in_paragraphs"] == 3 and ingest["text_files_whole"] == 0
+    assert ingest["documents"] == len(paragraphs)
+    split = json.loads((repo / "metrics/split.json").read_text())
+    assert min(split[name]["documents"] for name in ("train", "val", "test")) > 50
+
+
 def test_a_folder_of_source_code_is_read_whole_with_its_layout(tmp_path):
     """A code base: data.include picks the .py files (other files are left out), each file
     is one document, and clean keeps its indentation and blank lines as written."""

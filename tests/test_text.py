@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.data.text import (
     INVISIBLE_CHARS,
+    JOINERS,
     SPACE_SEPARATORS,
     clean_document,
     dedup_key,
@@ -16,6 +17,7 @@ from pipeline.data.text import (
     normalize_unicode,
     normalize_whitespace,
     remove_invisible,
+    remove_stray_joiners,
     word_shingles,
 )
 
@@ -28,8 +30,44 @@ def test_line_breaks_become_newlines() -> None:
 
 
 def test_remove_invisible_deletes_controls_and_zero_width() -> None:
-    text = "a\x00b\x07c\x1bd\x7fe\x9ff\u200bg\u200ch\u200di\u2060j\ufeffk\u00adl"
-    assert remove_invisible(text) == ("abcdefghijkl", 11)
+    text = "a\x00b\x07c\x1bd\x7fe\x9ff\u200bg-\u200ch.\u200di\u2060j\ufeffk\u00adl"
+    assert remove_invisible(text) == ("abcdefg-h.ijkl", 11)
+
+
+# Joiners that are part of the text: a Persian word (ZWNJ between prefix and verb), a
+# Hindi conjunct kept as a half form (KA, VIRAMA, ZWJ, SSA), a Malayalam chillu at a
+# word's end (NA, VIRAMA, ZWJ, then a space), and emoji sequences (WOMAN ZWJ LAPTOP; a
+# rainbow flag: WHITE FLAG, VARIATION SELECTOR-16, ZWJ, RAINBOW; a skin tone, then ZWJ).
+SPELLED_WITH_JOINERS = [
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    "\u0915\u094d\u200d\u0937",
+    "\u0d28\u0d4d\u200d \u0d15",
+    "\U0001f469\u200d\U0001f4bb",
+    "\U0001f3f3\ufe0f\u200d\U0001f308",
+    "\U0001f469\U0001f3fd\u200d\U0001f52c",
+]
+
+
+@pytest.mark.parametrize("text", SPELLED_WITH_JOINERS)
+def test_joiners_that_spell_a_word_or_an_emoji_are_kept(text: str) -> None:
+    assert remove_stray_joiners(text) == (text, 0)
+    assert remove_invisible(text) == (text, 0)
+    assert clean_document(f"Before {text} after.", "NFKC") == (f"Before {text} after.", 0)
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    # Wikipedia's templates, as in the builtin English corpus: beside dashes and digits.
+    ("(509\u200d\u2013\u200d27 BC)", "(509\u201327 BC)"),
+    ("\u2212\u200d(\u22123) = 3", "\u2212(\u22123) = 3"),
+    ("shadow.\u200d\u200d Lunar", "shadow. Lunar"),
+    ("bonds\u2060\u200d\u2014\u200dthat", "bonds\u2014that"),
+    # At the edges of a text, beside a space, doubled between letters.
+    ("\u200cword\u200d", "word"),
+    ("a \u200c b", "a  b"),
+    ("a\u200d\u200db", "ab"),
+])
+def test_joiners_that_join_nothing_are_deleted(text: str, kept: str) -> None:
+    assert remove_invisible(text)[0] == kept
 
 
 def test_remove_invisible_keeps_newline_tab_and_visible_text() -> None:
@@ -58,8 +96,9 @@ def test_space_separators_are_exactly_unicode_zs() -> None:
     assert zs == SPACE_SEPARATORS
 
 
-def test_invisible_chars_are_the_documented_six() -> None:
-    assert sorted(INVISIBLE_CHARS) == sorted("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+def test_invisible_chars_are_the_documented_four_and_the_joiners_two() -> None:
+    assert sorted(INVISIBLE_CHARS) == sorted("\u200b\u2060\ufeff\u00ad")
+    assert JOINERS == "\u200c\u200d"
 
 
 def test_clean_document_composes_all_rules() -> None:

@@ -8,6 +8,7 @@ the file, the dotted key, what was found and what is allowed.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 import re
@@ -60,9 +61,14 @@ class DataParams(_Section):
     # The JSON/JSONL field or CSV/Parquet column that holds a document's text.
     text_field: str = "text"
     # Plain-text files (any suffix but jsonl, json, csv, parquet): one document per file,
-    # per blank-line-separated paragraph, or per line. auto: paragraphs for a single-file
-    # corpus and for files over 1 MiB (far larger than a document), else whole files.
+    # per blank-line-separated paragraph, or per line. auto: paragraphs for a corpus of
+    # fewer than 50 text files (one file, a few books: whole, too few documents for the
+    # split) and for files over 1 MiB (far larger than a document), else whole files.
     txt_unit: Literal["auto", "file", "paragraph", "line"] = "auto"
+    # The encoding of the corpus's text files (plain text, JSONL, JSON, CSV): utf-8, or
+    # shift_jis, cp932, euc_jp, gb18030, big5, euc_kr, latin-1, cp1252 ... (any Python codec
+    # that reads ASCII bytes as ASCII and has no shift states). Parquet text is UTF-8.
+    encoding: str = "utf-8"
     # Reading processes (files, and stretches of big text and JSONL files, side by side);
     # 0 = one per core. The raw table is the same for any number.
     workers: int = 0
@@ -75,6 +81,43 @@ class DataParams(_Section):
             raise self.fail("include", self.include, "a glob such as '**/*' or '*.txt'")
         if not self.text_field.strip():
             raise self.fail("text_field", self.text_field, "a non-empty field name")
+        if _text_codec(self.encoding) is None:
+            raise self.fail("encoding", self.encoding,
+                            "an encoding that reads ASCII as ASCII, with no shift states: "
+                            "utf-8, shift_jis, cp932, euc_jp, gb18030, gbk, big5, euc_kr, "
+                            "latin-1, cp1252 ...")
+
+    @property
+    def codec(self) -> str:
+        """The canonical name of ``encoding`` ('utf-8' for any spelling of UTF-8)."""
+        return _text_codec(self.encoding) or self.encoding
+
+
+def _text_codec(encoding: str) -> str | None:
+    """The canonical codec name of ``encoding`` when corpus files can be read in it, else
+    None. Readers find line ends by their bytes and cut big files at them, so the codec
+    must read every ASCII byte (a backslash escape too) as that character, and keep no
+    state from one line to the next (ISO-2022 and UTF-7 shift in and out of modes)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return None
+    if name in ("utf-8", "utf-8-sig"):
+        return "utf-8"
+    try:
+        # The backslash escapes first: unicode_escape would warn about bytes(range(128)).
+        for ascii_bytes in (b"\\u0041\\x41", bytes(range(128))):
+            if ascii_bytes.decode(name) != ascii_bytes.decode("ascii"):
+                return None
+        for shift in (b"\x1b$B", b"~{", b"+A"):
+            decoder = codecs.getincrementaldecoder(name)()
+            start = decoder.getstate()
+            decoder.decode(shift)
+            if decoder.getstate() != start:
+                return None
+    except (UnicodeError, LookupError):  # not a text encoding (base64, rot13 ...)
+        return None
+    return name
 
 
 @dataclass(frozen=True)

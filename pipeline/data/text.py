@@ -25,12 +25,22 @@ _LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
 # same would get different dedup keys and the tokenizer would spend tokens on them.
 INVISIBLE_CHARS = (
     "\u200b"  # ZERO WIDTH SPACE: an invisible line-break hint, common in scraped HTML.
-    "\u200c"  # ZERO WIDTH NON-JOINER: a shaping hint (Persian, Indic); letters survive.
-    "\u200d"  # ZERO WIDTH JOINER: glues emoji sequences; the parts survive as emoji.
     "\u2060"  # WORD JOINER: an invisible no-break hint.
     "\ufeff"  # BYTE ORDER MARK / ZERO WIDTH NO-BREAK SPACE: a file-encoding artifact.
     "\u00ad"  # SOFT HYPHEN: an invisible hyphenation hint that splits words for matching.
 )
+# ZERO WIDTH NON-JOINER and ZERO WIDTH JOINER are part of the spelling of Persian words
+# ("می\u200cخواهم" takes a ZWNJ between its prefix and verb), of Indic conjuncts and half
+# forms, and of emoji sequences ("👩\u200d💻" is WOMAN, ZWJ, LAPTOP): deleting them changes the
+# word or splits the emoji. They are kept wherever they can join or shape something
+# (:func:`remove_stray_joiners`) and deleted only where they cannot: beside spaces,
+# punctuation or digits (Wikipedia's templates leave them around dashes, as in
+# "509\u200d–\u200d27 BC"), where they are as invisible as the characters above.
+JOINERS = "\u200c\u200d"
+_JOINER = re.compile(f"[{JOINERS}]")
+# Unicode categories a joiner can join: letters, marks (vowel signs, viramas, emoji
+# variation selectors) and the symbols that emoji and their modifiers are (So, Sk).
+_JOINABLE = ("Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "So", "Sk")
 
 # Category Cc is exactly U+0000-U+001F and U+007F-U+009F. "\n" and "\t" stay for the
 # whitespace rules; "\r" and the other line breaks are already "\n" when this runs.
@@ -59,12 +69,39 @@ def normalize_line_breaks(text: str) -> str:
 
 
 def remove_invisible(text: str) -> tuple[str, int]:
-    """Delete control (Cc, except "\\n" and "\\t") and zero-width characters.
+    """Delete control (Cc, except "\\n" and "\\t") and zero-width characters, and the
+    joiners that join nothing (:func:`remove_stray_joiners`).
 
     Returns the text and how many characters were deleted (the clean metrics report it).
     """
     kept = text.translate(_DELETE_TABLE)
+    kept = remove_stray_joiners(kept)[0]
     return kept, len(text) - len(kept)
+
+
+def _joins(text: str, index: int) -> bool:
+    """Whether the joiner at ``text[index]`` sits where it can change the rendering: between
+    two joinable characters (:data:`_JOINABLE`), or right after a mark (a virama at a
+    word's end: Malayalam and other scripts spell half forms with virama + ZWJ)."""
+    before = unicodedata.category(text[index - 1]) if index > 0 else ""
+    after = unicodedata.category(text[index + 1]) if index + 1 < len(text) else ""
+    return before.startswith("M") or (before in _JOINABLE and after in _JOINABLE)
+
+
+def remove_stray_joiners(text: str) -> tuple[str, int]:
+    """Delete each ZERO WIDTH (NON-)JOINER that cannot join anything (see :data:`JOINERS`);
+    return the text and how many were deleted. A joiner beside another joiner joins
+    nothing either: a doubled one is a leftover, and both go."""
+    if "\u200c" not in text and "\u200d" not in text:  # the common case, at C speed
+        return text, 0
+    pieces, start, removed = [], 0, 0
+    for match in _JOINER.finditer(text):
+        if not _joins(text, match.start()):
+            pieces.append(text[start:match.start()])
+            start = match.end()
+            removed += 1
+    pieces.append(text[start:])
+    return "".join(pieces), removed
 
 
 def normalize_unicode(text: str, form: NormalizationForm) -> str:

@@ -4,17 +4,15 @@ Reads:  ``data.corpus``, a file or a folder of text files (any suffix; jsonl, js
         and parquet by field; each optionally .gz or .zst), or a builtin pointer such as
         data/builtin/wikipedia-en.corpus (see :mod:`pipeline.data.corpus`).
 Params: the ``data`` section of params.yaml (:class:`pipeline.core.params.DataParams`:
-        corpus, include, text_field, txt_unit, workers).
+        corpus, include, text_field, txt_unit, encoding, workers).
 Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_bytes;
         ids count from 0 in corpus order) and flat JSON metrics (``--metrics``,
         metrics/ingest.json: files_read, files_skipped_binary, text_files_whole,
         text_files_in_paragraphs, text_files_in_lines (how data.txt_unit read the plain-text
         files), documents, documents_skipped_empty, bytes, invalid_bytes).
 
-Documents are streamed from the readers straight into the Parquet writer, so memory stays
-flat however big the corpus is. ``data.workers`` processes read files, and stretches of
-lines of big plain-text and JSONL files, side by side; the table is byte-identical for
-any number of them.
+The readers are :mod:`pipeline.data.corpus`; a table row is written per document as it
+comes (:func:`pipeline.data.corpus.reading.iter_documents`).
 """
 
 from __future__ import annotations
@@ -24,10 +22,11 @@ from pathlib import Path
 
 from pipeline.core.io import atomic_dir, write_json
 from pipeline.core.parallel import usable_cores
-from pipeline.core.params import Params
+from pipeline.core.params import DataParams, Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
-from pipeline.data.corpus import RANGE_BYTES, CorpusStats, corpus_bytes, iter_documents
+from pipeline.data.corpus.planning import RANGE_BYTES, CorpusStats, auto_unit_reason
+from pipeline.data.corpus.reading import corpus_bytes, iter_documents
 from pipeline.data.doctable import RAW_SCHEMA, DocumentWriter
 
 
@@ -59,16 +58,29 @@ def run(params: Params, *, out: Path, metrics: Path,
             )
     result = stats.as_metrics()
     write_json(metrics, result)
-    say("ingest", f"{result['documents']} documents ({result['bytes']} bytes) from "
-                  f"{result['files_read']} files ({result['files_skipped_binary']} skipped as "
-                  f"binary) -> {out}")
-    units = [f"{result[key]} {how}" for key, how in (
-        ("text_files_whole", "whole"), ("text_files_in_paragraphs", "in blank-line paragraphs"),
-        ("text_files_in_lines", "one document per line")) if result[key]]
-    if units:
-        say("ingest", f"plain-text files read {', '.join(units)} (data.txt_unit: "
-                      f"{data.txt_unit})")
+    _report(data, stats, out)
     return result
+
+
+def _report(data: DataParams, stats: CorpusStats, out: Path) -> None:
+    """What ingest read, how it cut the plain-text files, and what did not decode."""
+    say("ingest", f"{stats.documents} documents ({stats.bytes} bytes) from "
+                  f"{stats.files_read} files ({stats.files_skipped_binary} skipped as "
+                  f"binary) -> {out}")
+    units = [f"{count} {how}" for count, how in (
+        (stats.text_files_whole, "whole"),
+        (stats.text_files_in_paragraphs, "in blank-line paragraphs"),
+        (stats.text_files_in_lines, "one document per line")) if count]
+    if units:
+        how = f"auto: {auto_unit_reason(stats)}" if data.txt_unit == "auto" else data.txt_unit
+        say("ingest", f"plain-text files read {', '.join(units)} (data.txt_unit: {how})")
+    encoding = f"data.encoding = {data.encoding}"
+    if stats.files_skipped_binary:
+        say("ingest", f"{stats.files_skipped_binary} files skipped: not text in {encoding} "
+                      "(binary files, or text in another encoding: set data.encoding)")
+    if stats.invalid_bytes:
+        say("ingest", f"{stats.invalid_bytes} bytes invalid in {encoding} were replaced with "
+                      "U+FFFD (if the files are in another encoding, set data.encoding)")
 
 
 main = stage_command(
