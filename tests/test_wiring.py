@@ -72,10 +72,28 @@ def _imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         for name in names:
+            if not name.startswith("pipeline"):
+                continue
             module = name.replace(".", "/") + ".py"
-            if name.startswith("pipeline") and (REPO_ROOT / module).is_file():
+            if (REPO_ROOT / module).is_file():
                 found.add(module)
+            # Importing a module runs its packages' __init__.py too (the module's own when
+            # it is a package): they count where they hold code.
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                package = "/".join(parts[:depth]) + "/__init__.py"
+                if _holds_code(REPO_ROOT / package):
+                    found.add(package)
     return found
+
+
+def _holds_code(path: Path) -> bool:
+    """Whether a file exists and has a statement beyond its docstring."""
+    if not path.is_file():
+        return False
+    body = ast.parse(path.read_text()).body
+    return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+               for node in body)
 
 
 def _library_closure(module: str) -> set[str]:
