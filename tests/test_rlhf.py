@@ -25,6 +25,7 @@ from pipeline.alignment.tuner import Tuner
 from pipeline.alignment.updates import (
     completion_logprob_sums,
     dpo_update,
+    grpo_update,
     leave_one_out_baseline,
     ppo_update,
     reinforce_update,
@@ -250,6 +251,36 @@ def test_nan_loss_stops_dpo():
     with pytest.raises(GptpipeError, match="the DPO loss is nan at update 1"):
         dpo_update(policy, frozen_copy(tiny_gpt()), make_optimizer(policy, params, CPU),
                    toy_pairs(toy_prompts(16, 1), 8, 3), params, 1)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce", "grpo", "dpo"])
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_the_update_before_the_step(algo, grad_clip):
+    gpt = tiny_gpt()
+    policy = PolicyWithValue(gpt).eval()
+    params = rlhf_params(algo=algo, grad_clip=grad_clip, samples_per_prompt=2)
+    optimizer = make_optimizer(policy, params, CPU)
+    rollout = _rollout(gpt, policy)
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    gpt.blocks[0].mlp.down.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in policy.parameters()]
+    name = {"ppo": "PPO", "reinforce": "REINFORCE", "grpo": "GRPO", "dpo": "DPO"}[algo]
+    with pytest.raises(GptpipeError, match=f"the {name} loss's gradient in the policy has "
+                                           "norm nan at update 4; stopped before the "
+                                           "optimizer step") as caught:
+        if algo == "ppo":
+            ppo_update(policy, optimizer, rollout, params, torch.Generator().manual_seed(0), 4)
+        elif algo == "grpo":
+            grpo_update(policy, optimizer, rollout, params, torch.Generator().manual_seed(0), 4)
+        elif algo == "reinforce":
+            reinforce_update(policy, optimizer, rollout, params, 4)
+        else:
+            dpo_update(policy, frozen_copy(gpt), optimizer, toy_pairs(toy_prompts(16, 1), 8, 3),
+                       params, 4)
+    assert "\n" not in str(caught.value)
+    # No weight took the step (Adam's would have turned every one it touched into NaN).
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    assert not optimizer.state  # the optimizer never stepped
 
 
 # ------------------------------------------------------------------------------- pieces
