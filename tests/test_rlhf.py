@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from pipeline.alignment.inputs import EncodedPair, prompt_tensors
 from pipeline.alignment.policy import PolicyWithValue, frozen_copy, make_optimizer
 from pipeline.alignment.policy_eval import evaluate_policy, sequence_kl, win_rate
-from pipeline.alignment.preference_data import Pair, write_pairs_jsonl
+from pipeline.alignment.preference_data import Pair, read_pairs_jsonl, write_pairs_jsonl
 from pipeline.alignment.reward_model import RewardModel, save_reward_model
 from pipeline.alignment.rollout import collect_rollout
 from pipeline.alignment.tuner import Tuner
@@ -479,12 +479,46 @@ def test_prompts_are_cut_to_the_shortest_and_fit_the_context(stage_inputs):
     from pipeline.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(stage_inputs["tokenizer"])
-    train, held_out, length = prompt_tensors(tokenizer, ["The river", "A small city", "The river"],
-                                             ["Music of"], 64, 8, eval_prompts=4)
-    assert length == 8  # "Music of": 8 characters
-    assert train.shape == (2, 9) and held_out.shape == (1, 9)  # duplicates count once
-    assert (train[:, 0] == BOS_ID).all()
-    _, _, capped = prompt_tensors(tokenizer, ["The river"], ["A small city"], 12, 8, 4)
-    assert capped == 3  # <bos> + 3 + 8 = 12
+    prompts = prompt_tensors(tokenizer, ["The river", "A small city", "The river"],
+                             ["Music of"], 64, 8, eval_prompts=4)
+    assert prompts.length == 8  # "Music of": 8 characters
+    # Duplicates count once.
+    assert prompts.train.shape == (2, 9) and prompts.heldout.shape == (1, 9)
+    assert (prompts.train[:, 0] == BOS_ID).all() and prompts.empty == 0
+    capped = prompt_tensors(tokenizer, ["The river"], ["A small city"], 12, 8, 4)
+    assert capped.length == 3  # <bos> + 3 + 8 = 12
     with pytest.raises(GptpipeError, match=r"rlhf\.max_new_tokens = 64"):
         prompt_tensors(tokenizer, ["The river"], ["A small"], 64, 64, 4)
+
+
+def test_an_empty_prompt_is_left_out_not_cutting_every_prompt_to_nothing(stage_inputs):
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(stage_inputs["tokenizer"])
+    prompts = prompt_tensors(tokenizer, ["The river", "", "A small city"],
+                             ["", "Music of", "The mountain"], 64, 8, eval_prompts=1)
+    assert prompts.length == 8  # "Music of", the shortest prompt with a token
+    assert prompts.train.shape == (2, 9) and prompts.heldout.shape == (1, 9)
+    assert prompts.empty == 2
+    assert tokenizer.decode(prompts.heldout[0, 1:].tolist()) == "Music of"
+    # A side with no prompt left is one line naming its file; DPO needs no train prompt.
+    with pytest.raises(GptpipeError, match=r"prefs/heldout\.jsonl: no held-out prompt of at "
+                                           "least one token"):
+        prompt_tensors(tokenizer, ["The river"], ["", ""], 64, 8, 4, "prefs")
+    with pytest.raises(GptpipeError, match=r"prefs/train\.jsonl: no train prompt"):
+        prompt_tensors(tokenizer, [""], ["Music of"], 64, 8, 4, "prefs")
+    dpo = prompt_tensors(tokenizer, [""], ["Music of"], 64, 8, 4, "prefs", need_train=False)
+    assert dpo.train.shape == (0, 9) and dpo.length == 8
+
+
+def test_the_stage_says_how_many_empty_prompts_it_left_out(stage_inputs):
+    root = stage_inputs["root"]
+    pairs = [*read_pairs_jsonl(root / "prefs/train.jsonl"), Pair("", " the end.", " no")]
+    write_pairs_jsonl(root / "prefs/train.jsonl", pairs)
+    params = json.loads((root / "params.yaml").read_text())
+    params["rlhf"]["steps"] = 2
+    (root / "params.yaml").write_text(json.dumps(params))
+    result = CliRunner().invoke(cli, stage_args(root))
+    assert result.exit_code == 0, result.output
+    assert "3 train and 1 held-out prompts of 12 tokens" in result.output
+    assert "rlhf: 1 empty prompts (no token) left out" in result.output

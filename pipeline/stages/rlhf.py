@@ -123,11 +123,14 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     )
     require_splits(tokens_meta, tokens, "val")
     python_reward = rlhf.python_reward()
-    if python_reward is not None:
-        load_function(*python_reward, rlhf.reward)  # an import that fails, fails now
-    train_prompts, eval_prompts, length = prompt_tensors(
+    # Imported once, now: an import that fails, fails before anything is loaded.
+    reward_function = None if python_reward is None else load_function(*python_reward,
+                                                                       rlhf.reward)
+    prompts = prompt_tensors(
         tokenizer, [p.prompt for p in train_pairs], [p.prompt for p in heldout_pairs],
-        config.context, rlhf.max_new_tokens, rlhf.eval_prompts)
+        config.context, rlhf.max_new_tokens, rlhf.eval_prompts, pairs,
+        need_train=rlhf.algo != "dpo")
+    train_prompts, eval_prompts, length = prompts.train, prompts.heldout, prompts.length
     val_tokens = read_tokens(tokens / "val")
     # The device type, not the param: a generator's state only fits its own kind of
     # device, and float results differ between kinds. --tokens is left out: the val bits
@@ -145,13 +148,16 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     base.eval().requires_grad_(False)
     reward_model = load_reward_model(reward, device)
     judge = GoldJudge.from_params(params.gold)
-    scorer = make_scorer(rlhf.reward, python_reward, reward_model_scorer=reward_model.score_ids,
+    scorer = make_scorer(rlhf.reward, reward_function, reward_model_scorer=reward_model.score_ids,
                          judge=judge, tokenizer=tokenizer, pretrained=base,
                          likelihood_per_token=rlhf.likelihood_per_token)
     what = "pairs" if rlhf.algo == "dpo" else "completions"
     say("rlhf", f"{rlhf.algo} on {device}, reward {rlhf.reward}: {rlhf.steps} steps of "
                 f"{rlhf.batch_size} {what}; {train_prompts.shape[0]} train and "
                 f"{eval_prompts.shape[0]} held-out prompts of {length} tokens")
+    if prompts.empty:
+        say("rlhf", f"{prompts.empty} empty prompts (no token) left out of the rollout and "
+                    "evaluation prompts: every prompt is cut to the shortest one's length")
     # Before the Tuner exists: resuming loads the snapshot's weights into ``policy``.
     byte_lengths = tokenizer.byte_lengths()
 
