@@ -84,6 +84,25 @@ def test_a_users_file_of_prompts_and_responses(inputs):
     assert metrics["examples.heldout"] > 0
 
 
+def test_a_file_with_no_held_out_example_reports_no_held_out_loss(inputs):
+    from pipeline.alignment.preference_data import prompt_fraction
+
+    # Prompts whose hash keeps them all on the train side of heldout_fraction 0.1.
+    prompts = [p for p in (f"The river {i}" for i in range(100)) if prompt_fraction(p) >= 0.1]
+    file = inputs / "sft.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p, "response": " runs north."}) + "\n"
+                            for p in prompts[:5]))
+    _set_sft(inputs, source="file", epochs=1, heldout_fraction=0.1)
+    result = CliRunner().invoke(cli, _args(inputs, file))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((inputs / "sft.json").read_text())
+    assert (metrics["examples.train"], metrics["examples.heldout"]) == (5, 0)
+    # None, not a perfect 0.0.
+    assert metrics["heldout_loss_before"] is None and metrics["heldout_loss_after"] is None
+    assert "sft: no held-out example (sft.heldout_fraction = 0.1" in result.output
+    assert metrics["train_loss"] > 0
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     (b'{"prompt": "a", "response": "  "}\n', "line 1: field 'response' is empty"),
     (b'{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', "line 2: field 'response' missing"),

@@ -98,10 +98,12 @@ def _batch(examples: Sequence[EncodedExample], device: torch.device
     return ids[:, :-1], ids[:, 1:], response
 
 
-def sft_loss(model: GPT, examples: Sequence[EncodedExample], batch_size: int = 32) -> float:
-    """The mean response-token cross-entropy (nats) of ``examples``, no gradient."""
+def sft_loss(model: GPT, examples: Sequence[EncodedExample],
+             batch_size: int = 32) -> float | None:
+    """The mean response-token cross-entropy (nats) of ``examples``, no gradient; None
+    when there is no example (no loss to report, rather than a perfect 0)."""
     if not examples:
-        return 0.0
+        return None
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
