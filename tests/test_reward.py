@@ -17,6 +17,7 @@ from pipeline.alignment.preference_data import Pair, heldout_split, write_pairs_
 from pipeline.alignment.reward_model import (
     RewardModel,
     TfidfPreferenceBaseline,
+    baseline_terms,
     encode_pair_ids,
     encode_pairs,
     evaluate_reward_model,
@@ -183,6 +184,37 @@ def test_tfidf_baseline_learns_the_marker_word_and_is_antisymmetric():
                                -torch.as_tensor(baseline.margins(heldout)))
     again = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)
     assert (again.margins(heldout) == baseline.margins(heldout)).all()
+
+
+def test_baseline_terms_are_the_projects_words_and_unspaced_character_pairs():
+    # Spaced words whole (contraction kept, lowercased, "<unk>" one word); each Chinese
+    # character a word, and each pair of adjacent ones; "。" separates 京 from 很.
+    assert baseline_terms("Don't STOP <unk> 3. 北京。很大") == [
+        "don't", "stop", "<unk>", "3", "北", "京", "北京", "很", "大", "很大"]
+    assert baseline_terms("") == []
+
+
+def _chinese_pairs(count: int, seed: int) -> list[Pair]:
+    """Reviews without spaces: the chosen clause says 好 (good) where the rejected says
+    差 (bad); every clause is otherwise random, so no two clauses are the same text."""
+    rng = random.Random(seed)
+    filler = "房间服务价格位置早餐环境干净安静方便热情周到设施停车交通附近"
+
+    def clause(marker: str) -> str:
+        chars = [rng.choice(filler) for _ in range(rng.randint(6, 10))]
+        chars.insert(rng.randrange(len(chars) + 1), marker)
+        return "".join(chars) + "。"
+
+    return [Pair(f"评论{index}：", clause("好"), clause("差")) for index in range(count)]
+
+
+def test_the_tfidf_baseline_learns_chinese_from_characters_not_whole_clauses():
+    train, heldout = heldout_split(_chinese_pairs(240, seed=4), 0.25)
+    baseline = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)
+    # Whole clauses as words (scikit-learn's default pattern) are never seen again:
+    # every held-out margin 0, accuracy 0.5. Characters carry the marker.
+    assert baseline.accuracy(heldout) > 0.9
+    assert "好" in baseline.vectorizer.vocabulary_ and "差" in baseline.vectorizer.vocabulary_
 
 
 # ---------------------------------------------------------------------------- stage

@@ -26,6 +26,7 @@ Saved like a model checkpoint (``model.safetensors`` + ``gptpipe.json`` +
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from pipeline.alignment.rl_losses import bradley_terry_loss, pairwise_accuracy
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, load_tensors, sha256_file
 from pipeline.core.params import RewardParams
+from pipeline.data import units
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.checkpoint import (
     WEIGHTS,
@@ -288,9 +290,35 @@ def evaluate_reward_model(model: RewardModel, tokenizer: TextTokenizer,
 # -------------------------------------------------------------------------- baseline
 
 
+def baseline_terms(text: str) -> list[str]:
+    """The terms the TF-IDF baseline counts in ``text``: its words as
+    :mod:`pipeline.data.units` finds them in any script, lowercased, and in scripts
+    written without spaces each pair of adjacent characters too.
+
+    A run of letters is a word where words are written with spaces; one character is
+    where they are not (Chinese, Japanese, Thai, ...), and the pairs add what a
+    one-character unit misses: a Chinese word is mostly two characters. (scikit-learn's
+    default pattern, runs of two or more word characters, takes a whole Chinese clause
+    for one word, so no clause of a held-out pair is ever seen in training.)
+    """
+    terms: list[str] = []
+    previous: re.Match[str] | None = None  # the last word, when of an unspaced script
+    for match in units.iter_words(text):
+        word = match.group().lower()
+        terms.append(word)
+        if not units.is_unspaced(word):
+            previous = None
+            continue
+        if previous is not None and previous.end() == match.start():
+            terms.append(previous.group().lower() + word)
+        previous = match
+    return terms
+
+
 class TfidfPreferenceBaseline:
     """TF-IDF of ``prompt + " " + completion`` and a linear score w . x, fitted as
-    Bradley-Terry by logistic regression on feature differences.
+    Bradley-Terry by logistic regression on feature differences. Terms are
+    :func:`baseline_terms`, the same in every script.
 
     Each pair gives x(chosen) - x(rejected) with label 1 and its mirror with label 0, and
     there is no intercept, so the fitted model is antisymmetric: swapping a pair flips its
@@ -302,7 +330,8 @@ class TfidfPreferenceBaseline:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
-        self.vectorizer = TfidfVectorizer(max_features=max_features, sublinear_tf=True)
+        self.vectorizer = TfidfVectorizer(analyzer=baseline_terms, max_features=max_features,
+                                          sublinear_tf=True)
         self.classifier = LogisticRegression(C=c, fit_intercept=False, max_iter=1000,
                                              random_state=seed)
 
