@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_preferences import HOSTILE, write_hostile_jsonl
 from test_rlhf import make_stage_inputs
 
 from pipeline.alignment.sft import EncodedExample, Example, encode_examples
@@ -119,6 +120,23 @@ def test_a_bad_example_file_is_one_line_and_nothing_is_written(inputs, content, 
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "bad.jsonl" in lines[0]
+    assert not (inputs / "sft").exists() and not (inputs / "sft.json").exists()
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+@pytest.mark.parametrize("source", ["file", "pairs"])
+def test_hostile_json_is_one_line_and_nothing_is_written(inputs, source, hostile):
+    if source == "file":
+        file = write_hostile_jsonl(inputs / "sft.jsonl", hostile,
+                                   {"prompt": "The river", "response": " runs north."})
+    else:  # the preference pairs' train.jsonl, which sft reads by default
+        file = write_hostile_jsonl(inputs / "prefs/train.jsonl", hostile,
+                                   {"prompt": "The river", "chosen": " runs.", "rejected": " no"})
+    _set_sft(inputs, source=source)
+    result = CliRunner().invoke(cli, _args(inputs, file if source == "file" else None))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{file}: {HOSTILE[hostile]}" in lines[0], lines[:1]
     assert not (inputs / "sft").exists() and not (inputs / "sft.json").exists()
 
 
