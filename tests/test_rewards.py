@@ -149,18 +149,26 @@ def test_a_better_evaluation_resets_the_patience(tmp_path):
 
 
 def test_select_by_reward_keeps_the_best_reward(tmp_path):
-    calls = []
+    # By construction, not by learning: the reward rises with every call of the scorer
+    # (each rollout and each evaluation batch calls it once) and the gold score falls
+    # with every evaluation, so by reward the last evaluation is the best and by gold
+    # the first would be.
+    golds, rewards = [], []
 
     def falling_gold(prompt, completion):
-        calls.append(1)
-        return -float(len(calls))  # every evaluation scores worse on gold
+        golds.append(1)
+        return -float(len(golds))
+
+    def rising_reward(prompts, completions):
+        rewards.append(1)
+        return torch.full((len(completions),), float(len(rewards)))
 
     params = rlhf_params(algo="reinforce", lr=1e-2, steps=20, eval_every=5, select_by="reward")
-    liked = lambda p, c: torch.tensor([sum(t == 7 for t in x) / max(len(x), 1) for x in c])  # noqa: E731
-    result = Tuner(tiny_gpt(), params, liked, falling_gold, toy_prompts(16, 1),
+    result = Tuner(tiny_gpt(), params, rising_reward, falling_gold, toy_prompts(16, 1),
                    toy_prompts(32, 2)).run()
-    assert result.best_step > 0  # by gold it would stay 0
+    assert result.best_step == 20  # by gold it would stay 0
     assert result.best.reward > result.start.reward
+    assert result.best.gold_score < result.start.gold_score
 
 
 # ------------------------------------------------------------------------- bad input
