@@ -17,11 +17,12 @@ from click.testing import CliRunner
 
 from pipeline.alignment.inputs import EncodedPair, prompt_tensors
 from pipeline.alignment.policy import PolicyWithValue, frozen_copy, make_optimizer
-from pipeline.alignment.policy_eval import evaluate_policy, sequence_kl, win_rate
+from pipeline.alignment.policy_eval import PolicyEval, evaluate_policy, sequence_kl, win_rate
 from pipeline.alignment.preference_data import Pair, read_pairs_jsonl, write_pairs_jsonl
+from pipeline.alignment.report import BitsPerByte, WinRates, rlhf_metrics, summary_line
 from pipeline.alignment.reward_model import RewardModel, save_reward_model
 from pipeline.alignment.rollout import collect_rollout
-from pipeline.alignment.tuner import Tuner
+from pipeline.alignment.tuner import Tuner, TuneResult
 from pipeline.alignment.updates import (
     completion_logprob_sums,
     dpo_update,
@@ -331,6 +332,29 @@ def test_win_rate_counts_ties_as_half():
     rate = win_rate(_LengthJudge(), ["p"] * 4, ["aaa", "a", "bb", "same"],
                     ["b", "bbb", "cc", "same"], rng)
     assert rate == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+
+
+def test_the_metrics_summary_by_hand():
+    def scored(gold: float, rm: float, reward: float, kl: float) -> PolicyEval:
+        return PolicyEval(reward, rm, gold, kl, 1.0, [[5]])
+
+    start, best, last = scored(0.5, 1.0, 1.0, 0.0), scored(1.25, 3.0, 3.0, 0.5), scored(
+        1.0, 4.0, 4.0, 2.0)
+    result = TuneResult({}, 20, start, best, last, 30, stopped_early=True)
+    metrics = rlhf_metrics(rlhf_params(), result, scored(0.25, -1.0, -1.0, 0.75),
+                           WinRates(0.75, 0.625), BitsPerByte(2.0, 2.5, 2.1))
+    assert metrics == {
+        "algo": "ppo", "reward": "model", "steps": 30, "stopped_early": True,
+        "best_step": 20, "gold_pretrained": 0.25, "gold_before": 0.5, "gold_after": 1.25,
+        "rm_pretrained": -1.0, "rm_before": 1.0, "rm_after": 3.0, "reward_before": 1.0,
+        "reward_after": 3.0, "win_rate": 0.75, "win_rate_vs_start": 0.625, "kl_best": 0.5,
+        "kl_final": 2.0, "val_bpb_pretrained": 2.0, "val_bpb_before": 2.5,
+        "val_bpb_after": 2.1, "val_bpb_change_pct": 5.0,  # 100 * (2.1 - 2) / 2
+    }
+    assert summary_line(metrics) == (
+        "best step 20 (stopped early): gold 0.250 pretrained, 0.500 at the start -> 1.250; "
+        "reward model 1.000 -> 3.000; win rate 0.750 over the pretrained model; val 2.0000 "
+        "-> 2.1000 bits/byte")
 
 
 # -------------------------------------------------------------------------------- stage

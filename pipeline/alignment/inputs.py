@@ -23,7 +23,6 @@ class EncodedPair:
     rejected: list[int]
 
 
-
 @dataclass(frozen=True)
 class RolloutPrompts:
     """The prompts rollouts and evaluations continue: ``<bos>`` + K tokens each."""
@@ -43,11 +42,14 @@ def prompt_tensors(
     within the context budget (<bos> + K + max_new_tokens fits ``context``).
 
     Why one length: ``sampling.sample_batch`` runs a batch without padding (left padding
-    would shift rotary positions), so every prompt is cut to the shortest. A prompt of no
-    token (an empty one: a pair may have none) would cut every other to nothing, so it
-    is left out and counted (``empty``); a side left with no prompt at all is one line
-    naming its file of ``pairs_dir`` (the train side only when ``need_train``: DPO
-    trains on the pairs themselves).
+    would shift rotary positions), so every prompt is cut to the shortest. Builtin pairs
+    all have preferences.prompt_tokens tokens, so nothing is cut; a file with one short
+    prompt cuts every prompt to it (the stage says K). A prompt of no token (an empty
+    one: a pair may have none) would cut every other to nothing, so it is left out and
+    counted (``empty``); a side left with no prompt at all is one line naming its file of
+    ``pairs_dir`` (the train side only when ``need_train``: DPO trains on the pairs
+    themselves). Duplicate prompts count once; evaluation takes the first
+    ``eval_prompts`` distinct held-out ones.
     """
     budget = context - 1 - max_new_tokens
     if budget < 0:
