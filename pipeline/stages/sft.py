@@ -15,6 +15,10 @@ Writes:  --out (models/sft/): a model checkpoint (model.safetensors, gptpipe.jso
 
 ``sft.epochs: 0`` writes the pretrained model through unchanged, so RL starts from it.
 The loss counts response tokens only (``pipeline.alignment.sft``).
+
+Refuses, with one line and nothing written: a bad line of the examples (named by file
+and line number), a file with no example left to train on after the held-out ones, and
+pairs sampled with another tokenizer than --model's.
 """
 
 from __future__ import annotations
