@@ -174,6 +174,20 @@ def test_training_is_deterministic_for_a_seed(setup):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_training_before_the_step(setup, grad_clip):
+    tokenizer = load_tokenizer(setup / "tokenizer.json")
+    model = RewardModel.from_pretrained(setup / "model", seed=0)
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    model.head.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = RewardParams(epochs=1, batch_size=8, grad_clip=grad_clip, device="cpu")
+    with pytest.raises(GptpipeError, match="reward: the loss's gradient at epoch 1, step 1 "
+                                           "has norm nan; stopped before the optimizer step"):
+        train_reward_model(model, tokenizer, toy_pairs(16), params, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_tfidf_baseline_learns_the_marker_word_and_is_antisymmetric():
     train, heldout = heldout_split(toy_pairs(240, seed=1), 0.25)
     baseline = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)

@@ -266,8 +266,8 @@ def test_a_nan_gradient_of_a_finite_loss_stops_the_update_before_the_step(algo, 
     gpt.blocks[0].mlp.down.weight.register_hook(lambda grad: grad * float("nan"))
     before = [p.detach().clone() for p in policy.parameters()]
     name = {"ppo": "PPO", "reinforce": "REINFORCE", "grpo": "GRPO", "dpo": "DPO"}[algo]
-    with pytest.raises(GptpipeError, match=f"the {name} loss's gradient in the policy has "
-                                           "norm nan at update 4; stopped before the "
+    with pytest.raises(GptpipeError, match=f"at update 4 the {name} loss's gradient in the "
+                                           "policy has norm nan; stopped before the "
                                            "optimizer step") as caught:
         if algo == "ppo":
             ppo_update(policy, optimizer, rollout, params, torch.Generator().manual_seed(0), 4)

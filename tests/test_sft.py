@@ -140,6 +140,28 @@ def test_hostile_json_is_one_line_and_nothing_is_written(inputs, source, hostile
     assert not (inputs / "sft").exists() and not (inputs / "sft.json").exists()
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_sft_before_the_step(grad_clip):
+    import torch
+
+    from pipeline.alignment.sft import train_sft
+    from pipeline.core.errors import GptpipeError
+    from pipeline.core.params import SftParams
+    from pipeline.lm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, context=16, n_layer=1, n_head=2, n_embd=16))
+    examples = [EncodedExample([BOS_ID, 5, 6, 7, EOS_ID], 2)] * 4
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    model.blocks[0].mlp.down.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = SftParams(epochs=1, batch_size=2, grad_clip=grad_clip, device="cpu")
+    with pytest.raises(GptpipeError, match="sft: the loss's gradient at epoch 1 has norm nan; "
+                                           "stopped before the optimizer step"):
+        train_sft(model, examples, params, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_examples_keep_the_response_and_lose_the_prompts_start_first():
     tokenizer = train_tokenizer(VocabParams(kind="char", min_freq=1), ["abcdefgh"])
     (long,) = encode_examples(tokenizer, [Example("abcdef", "gh")], context=6)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.preference_data import Pair
 from pipeline.alignment.rl_losses import bradley_terry_loss, pairwise_accuracy
 from pipeline.core.errors import GptpipeError
@@ -222,7 +223,8 @@ def train_reward_model(
     """Bradley-Terry training in place; returns {"epoch_losses": [...], "steps": n}.
 
     AdamW (:func:`pipeline.lm.optim.adamw`) at a constant ``params.lr``, gradient norm
-    clipped at ``params.grad_clip`` (0: off), ``params.epochs`` passes over the pairs in an
+    clipped at ``params.grad_clip`` (0: off; a loss or gradient that is not finite stops
+    it before the optimizer step), ``params.epochs`` passes over the pairs in an
     order shuffled by a generator seeded with ``params.seed``. Each step scores the chosen
     and the rejected sequences of ``params.batch_size`` pairs in one padded forward pass
     (2 * batch_size rows).
@@ -260,8 +262,8 @@ def _train(model, tokenizer, train_pairs, params, device, on_epoch) -> dict[str,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if params.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            finite_gradient_norm(model, params.grad_clip, f"reward: the loss's gradient at "
+                                 f"epoch {epoch}, step {steps + 1}", "reward.lr")
             optimizer.step()
             steps += 1
             total += loss.item() * len(picked)

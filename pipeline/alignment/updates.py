@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.inputs import EncodedPair
 from pipeline.alignment.policy import PolicyWithValue, completion_logits
 from pipeline.alignment.rl_losses import (
@@ -94,15 +95,6 @@ def check_finite(loss: torch.Tensor, what: str, update: int) -> float:
     return value
 
 
-def gradient_norm(module: torch.nn.Module, grad_clip: float) -> float:
-    """The total norm of ``module``'s gradients, clipped to ``grad_clip`` when > 0 (the
-    norm before clipping is returned: what ``clip_grad_norm_`` computes anyway)."""
-    if grad_clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip))
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, policy: PolicyWithValue,
           grad_clip: float, what: str, update: int) -> None:
     """Backward, clip, check and step. The GPT and the value head are clipped separately:
@@ -112,13 +104,9 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, policy: PolicyWi
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for part, module in (("policy", policy.gpt), ("value head", policy.value_head)):
-        norm = gradient_norm(module, grad_clip)
-        if not math.isfinite(norm):
-            raise GptpipeError(
-                f"rlhf: the {what} loss's gradient in the {part} has norm {norm} at update "
-                f"{update}; stopped before the optimizer step, no weight changed and no model "
-                "was written; lower rlhf.lr"
-            )
+        finite_gradient_norm(module, grad_clip,
+                             f"rlhf: at update {update} the {what} loss's gradient in the {part}",
+                             "rlhf.lr")
     optimizer.step()
 
 
