@@ -36,7 +36,7 @@ from pipeline.alignment.inputs import RolloutPrompts, encode_pairs, prompt_tenso
 from pipeline.alignment.preference_data import Pair, read_pairs_dir, visible_text
 from pipeline.alignment.preference_data import made_with as pairs_made_with
 from pipeline.alignment.report import BitsPerByte, rlhf_metrics, summary_line, win_rates
-from pipeline.alignment.reward_model import load_reward_model
+from pipeline.alignment.reward_model import RewardModel, load_reward_model
 from pipeline.alignment.rewards import TextReward, load_function, make_scorer
 from pipeline.alignment.rollout import GoldScorer
 from pipeline.alignment.tuner import Tuner, TuneResult
@@ -71,14 +71,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     fingerprint = _fingerprint(params, device.type, model=model, pretrained=pretrained,
                                reward=reward, pairs=pairs)
 
-    torch.manual_seed(rlhf.seed)
-    # The KL reference is the starting policy, the SFT model (as InstructGPT): the
-    # penalty keeps RL near the answers fine-tuning taught, where a pretrained reference
-    # would pull the policy back toward raw continuation. The Tuner copies it.
-    policy, _ = load_model(model, device)
-    base, _ = load_model(pretrained, device)
-    base.eval().requires_grad_(False)
-    reward_model = load_reward_model(reward, device)
+    policy, base, reward_model = _load_models(model, pretrained, reward, device, rlhf.seed)
     judge = GoldJudge.from_params(params.gold)
     scorer = make_scorer(rlhf.reward, reward_function,
                          reward_model_scorer=reward_model.score_ids, judge=judge,
@@ -151,6 +144,23 @@ def _import_python_reward(rlhf: RlhfParams) -> TextReward | None:
     before anything is loaded. None for the other rewards."""
     python_reward = rlhf.python_reward()
     return None if python_reward is None else load_function(*python_reward, rlhf.reward)
+
+
+def _load_models(model: Path, pretrained: Path, reward: Path, device: torch.device,
+                 seed: int) -> tuple[GPT, GPT, RewardModel]:
+    """The policy, the frozen pretrained model and the reward model, on ``device``; the
+    global generator seeded first (building a GPT draws from it).
+
+    The policy is also its own KL reference (the Tuner copies it before any step): the
+    starting policy, the SFT model, as in InstructGPT. The penalty keeps RL near the
+    answers fine-tuning taught, where a pretrained reference would pull the policy back
+    toward raw continuation.
+    """
+    torch.manual_seed(seed)
+    policy, _ = load_model(model, device)
+    base, _ = load_model(pretrained, device)
+    base.eval().requires_grad_(False)
+    return policy, base, load_reward_model(reward, device)
 
 
 def _val_bpb(params: Params, tokens: Path, inputs: _Inputs) -> Callable[[GPT], float]:
