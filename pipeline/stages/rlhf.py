@@ -1,5 +1,5 @@
-"""rlhf: tune the policy with PPO, GRPO, RLOO or REINFORCE against a reward, or with DPO
-on the preference pairs, and judge it with the gold judge.
+"""rlhf: tune the policy against a reward (PPO, GRPO, RLOO, REINFORCE) or on the pairs (DPO).
+The gold judge scores every evaluation.
 
 Reads:   --model (models/sft: the policy RL starts from, also its frozen KL reference),
          --pretrained (models/pretrain/best: what the tuned policy is judged against, and
