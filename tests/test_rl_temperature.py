@@ -18,7 +18,7 @@ from pipeline.alignment.rollout import collect_rollout
 from pipeline.alignment.updates import grpo_update, ppo_update, reinforce_update
 from pipeline.core.errors import GptpipeError
 from pipeline.lm.model import GPT
-from pipeline.lm.sampling import SamplingConfig, filter_logits
+from pipeline.lm.sampling import SamplingConfig, filter_logits, sample_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,8 +106,6 @@ def test_evaluation_kl_is_the_exact_kl_between_the_tempered_distributions():
     config = SamplingConfig(temperature=0.5, max_new_tokens=8)
     result = evaluate_policy(gpt, reference, prompts, config, 3, toy_scorer, toy_gold, 6)
     # The same draws again, by hand: every completion, its mask, both distributions.
-    from pipeline.lm.sampling import sample_batch
-
     completions, mask = sample_batch(gpt, prompts, config, torch.Generator().manual_seed(3))
     policy_logp = _sampler_log_probs(gpt, prompts, completions, 0.5)  # (B, N, V)
     reference_logp = _sampler_log_probs(reference, prompts, completions, 0.5)
