@@ -23,9 +23,25 @@ def judge() -> GoldJudge:
     return GoldJudge.from_params(Params().gold)
 
 
-def test_from_params_keeps_the_params():
-    params = GoldParams(noise=0.5)
-    assert GoldJudge.from_params(params).params is params
+def test_from_params_scores_with_those_params():
+    # Every weight and window changed from the default, each visible in one rule:
+    # "a b a b a b" has 6 words, bigrams ab ba ab ba ab: 3 recurrences * -2 = -6; no
+    # ending: 0 (weight 5 unused); 6 words against the window [2, 4]: 2 over * -0.5 = -1;
+    # shared with the prompt "alpha" (3+ letters): none. Total -7.
+    params = GoldParams(repeat_ngram=2, repetition_weight=-2.0, complete_sentence_weight=5.0,
+                        min_words=2, max_words=4, length_weight=-0.5, overlap_weight=3.0)
+    judge = GoldJudge.from_params(params)
+    assert judge.explain("alpha", "a b a b a b") == {
+        "repetition": -6.0, "complete_sentence": 0.0, "unk": 0.0, "length": -1.0,
+        "overlap": 0.0, "empty": 0.0,
+    }
+    assert judge.score("alpha", "a b a b a b") == -7.0
+    # "alpha ends." : 2 words, inside [2, 4]; complete: +5; "alpha" shared: +3. Total 8.
+    assert judge.score("alpha", "alpha ends.") == 8.0
+    # The default judge scores the same text otherwise: 6 words, 2 short: -0.2; the
+    # trigrams a b a / b a b / a b a* / b a b*: 2 recurrences: -2. Total -2.2.
+    assert GoldJudge.from_params(GoldParams()).score("alpha", "a b a b a b") == (
+        pytest.approx(-2.2))
 
 
 def test_words_keep_unk_and_contractions_whole():
@@ -166,13 +182,29 @@ def test_a_degenerate_completion_scored_by_hand(judge):
 
 
 @pytest.mark.parametrize(
-    "completion",
-    ["", "It rained.", "the the the the the <unk>", " ".join(["word"] * 50) + "!", PROMPT],
+    ("completion", "explanation", "total"),
+    [
+        # No word: 8 short (-0.8) and empty (-2).
+        ("", {"length": -0.8, "empty": -2.0}, -2.8),
+        # 2 words: 6 short (-0.6); complete (+1); "rained" is not in the prompt.
+        ("It rained.", {"complete_sentence": 1.0, "length": -0.6}, 0.4),
+        # 6 words (2 short: -0.2); trigrams the-the-the x3 and the-the-<unk>: 2
+        # recurrences (-2); one <unk> (-1); "the" shared with the prompt (+0.5).
+        ("the the the the the <unk>",
+         {"repetition": -2.0, "unk": -1.0, "length": -0.2, "overlap": 0.5}, -2.7),
+        # 50 words (10 over: -1); 48 equal trigrams: 47 recurrences (-47); ends "!" (+1).
+        (" ".join(["word"] * 50) + "!",
+         {"repetition": -47.0, "complete_sentence": 1.0, "length": -1.0}, -47.0),
+        # The prompt itself: 7 words (-0.1); no ending; 6 shared content words, capped
+        # at 4 (+2).
+        (PROMPT, {"length": -0.1, "overlap": 2.0}, 1.9),
+    ],
 )
-def test_explain_sums_to_score(judge, completion):
-    explanation = judge.explain(PROMPT, completion)
-    assert tuple(explanation) == RULES
-    assert sum(explanation.values()) == pytest.approx(judge.score(PROMPT, completion))
+def test_each_rule_and_the_score_by_hand(judge, completion, explanation, total):
+    expected = {rule: explanation.get(rule, 0.0) for rule in RULES}  # in RULES' order
+    assert judge.explain(PROMPT, completion) == pytest.approx(expected)
+    assert tuple(judge.explain(PROMPT, completion)) == RULES
+    assert judge.score(PROMPT, completion) == pytest.approx(total)
 
 
 # -------------------------------------------------------------------------------- prefer

@@ -21,6 +21,7 @@ from pipeline.alignment.preference_data import (
 )
 from pipeline.cli import cli
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import MAX_JSONL_LINE_BYTES
 from pipeline.core.params import GoldParams, PreferencesParams
 from pipeline.data.doctable import DocumentWriter
 
@@ -268,6 +269,44 @@ def test_stage_bad_file_is_one_line_exit_2_and_writes_nothing(tiny_setup, tmp_pa
     assert result.exit_code == 2
     error_lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(error_lines) == 1 and needle in error_lines[0], result.output
+    assert not (tmp_path / "prefs").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def write_hostile_jsonl(path: Path, hostile: str, good: dict) -> Path:
+    """``path``: one good line, then one line of the ``hostile`` kind (see HOSTILE)."""
+    first = (json.dumps(good) + "\n").encode()
+    if hostile == "over-long line":
+        # A sparse file: the second line is MAX_JSONL_LINE_BYTES + 1 zero bytes on disk
+        # that take no space, and no newline ends it.
+        with path.open("wb") as stream:
+            stream.write(first)
+            stream.truncate(len(first) + MAX_JSONL_LINE_BYTES + 1)
+        return path
+    # Nesting far past the limit, or an integer of more digits than Python converts.
+    value = "[" * 10_000 + "]" * 10_000 if hostile == "deep nesting" else "1" * 5_000
+    second = json.dumps({**good, "prompt": "x"})[:-1] + f', "extra": {value}}}\n'
+    path.write_bytes(first + second.encode())
+    return path
+
+
+# Each kind of hostile JSONL line, and what its one-line refusal says.
+HOSTILE = {
+    "deep nesting": "line 2: not valid JSON (nested deeper than 200 levels)",
+    "huge integer": "line 2: not valid JSON (Exceeds the limit",
+    "over-long line": f"line 2 is longer than the limit of {MAX_JSONL_LINE_BYTES:,} bytes",
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+def test_stage_refuses_hostile_json_in_one_line_and_writes_nothing(tiny_setup, tmp_path,
+                                                                   hostile):
+    file = write_hostile_jsonl(tmp_path / "p.jsonl", hostile, GOOD)
+    params = _params_file(tmp_path / "params.yaml", source="file", min_pairs=1)
+    result = _run_stage(tiny_setup, tmp_path, params, file)
+    assert result.exit_code == 2, result.output
+    error_lines = result.stderr.strip().splitlines()
+    assert len(error_lines) == 1 and f"{file}: {HOSTILE[hostile]}" in error_lines[0], (
+        error_lines[:1])
     assert not (tmp_path / "prefs").exists() and not (tmp_path / "metrics.json").exists()
 
 

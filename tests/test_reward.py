@@ -17,6 +17,7 @@ from pipeline.alignment.preference_data import Pair, heldout_split, write_pairs_
 from pipeline.alignment.reward_model import (
     RewardModel,
     TfidfPreferenceBaseline,
+    baseline_terms,
     encode_pair_ids,
     encode_pairs,
     evaluate_reward_model,
@@ -173,6 +174,20 @@ def test_training_is_deterministic_for_a_seed(setup):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_training_before_the_step(setup, grad_clip):
+    tokenizer = load_tokenizer(setup / "tokenizer.json")
+    model = RewardModel.from_pretrained(setup / "model", seed=0)
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    model.head.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = RewardParams(epochs=1, batch_size=8, grad_clip=grad_clip, device="cpu")
+    with pytest.raises(GptpipeError, match="reward: the loss's gradient at epoch 1, step 1 "
+                                           "has norm nan; stopped before the optimizer step"):
+        train_reward_model(model, tokenizer, toy_pairs(16), params, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_tfidf_baseline_learns_the_marker_word_and_is_antisymmetric():
     train, heldout = heldout_split(toy_pairs(240, seed=1), 0.25)
     baseline = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)
@@ -183,6 +198,37 @@ def test_tfidf_baseline_learns_the_marker_word_and_is_antisymmetric():
                                -torch.as_tensor(baseline.margins(heldout)))
     again = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)
     assert (again.margins(heldout) == baseline.margins(heldout)).all()
+
+
+def test_baseline_terms_are_the_projects_words_and_unspaced_character_pairs():
+    # Spaced words whole (contraction kept, lowercased, "<unk>" one word); each Chinese
+    # character a word, and each pair of adjacent ones; "。" separates 京 from 很.
+    assert baseline_terms("Don't STOP <unk> 3. 北京。很大") == [
+        "don't", "stop", "<unk>", "3", "北", "京", "北京", "很", "大", "很大"]
+    assert baseline_terms("") == []
+
+
+def _chinese_pairs(count: int, seed: int) -> list[Pair]:
+    """Reviews without spaces: the chosen clause says 好 (good) where the rejected says
+    差 (bad); every clause is otherwise random, so no two clauses are the same text."""
+    rng = random.Random(seed)
+    filler = "房间服务价格位置早餐环境干净安静方便热情周到设施停车交通附近"
+
+    def clause(marker: str) -> str:
+        chars = [rng.choice(filler) for _ in range(rng.randint(6, 10))]
+        chars.insert(rng.randrange(len(chars) + 1), marker)
+        return "".join(chars) + "。"
+
+    return [Pair(f"评论{index}：", clause("好"), clause("差")) for index in range(count)]
+
+
+def test_the_tfidf_baseline_learns_chinese_from_characters_not_whole_clauses():
+    train, heldout = heldout_split(_chinese_pairs(240, seed=4), 0.25)
+    baseline = TfidfPreferenceBaseline(max_features=1000, c=1.0, seed=0).fit(train)
+    # Whole clauses as words (scikit-learn's default pattern) are never seen again:
+    # every held-out margin 0, accuracy 0.5. Characters carry the marker.
+    assert baseline.accuracy(heldout) > 0.9
+    assert "好" in baseline.vectorizer.vocabulary_ and "差" in baseline.vectorizer.vocabulary_
 
 
 # ---------------------------------------------------------------------------- stage

@@ -17,7 +17,7 @@ from test_rlhf import make_stage_inputs, rlhf_params, stage_args, tiny_gpt, toy_
 
 from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.policy import frozen_copy
-from pipeline.alignment.rewards import completion_logprob, make_scorer
+from pipeline.alignment.rewards import completion_logprob, load_function, make_scorer
 from pipeline.alignment.tuner import Tuner
 from pipeline.cli import cli
 from pipeline.core.errors import GptpipeError
@@ -68,8 +68,9 @@ def test_a_python_reward_from_a_file_is_raised(tokenizer, tmp_path):
     module.write_text("def dots(prompt, completion):\n"
                       "    return completion.count('.') / max(len(completion), 1)\n")
     name = f"python:{module}:dots"
-    scorer = make_scorer(name, (str(module), "dots"), reward_model_scorer=None, judge=None,
-                         tokenizer=tokenizer, pretrained=None, likelihood_per_token=True)
+    scorer = make_scorer(name, load_function(str(module), "dots", name),
+                         reward_model_scorer=None, judge=None, tokenizer=tokenizer,
+                         pretrained=None, likelihood_per_token=True)
     result = _tune(scorer, _text_gold(tokenizer, _dot_share))
     assert result.start.reward < 0.1  # about one character in 31 is a "."
     assert result.best.reward > result.start.reward + 0.2
@@ -148,18 +149,26 @@ def test_a_better_evaluation_resets_the_patience(tmp_path):
 
 
 def test_select_by_reward_keeps_the_best_reward(tmp_path):
-    calls = []
+    # By construction, not by learning: the reward rises with every call of the scorer
+    # (each rollout and each evaluation batch calls it once) and the gold score falls
+    # with every evaluation, so by reward the last evaluation is the best and by gold
+    # the first would be.
+    golds, rewards = [], []
 
     def falling_gold(prompt, completion):
-        calls.append(1)
-        return -float(len(calls))  # every evaluation scores worse on gold
+        golds.append(1)
+        return -float(len(golds))
+
+    def rising_reward(prompts, completions):
+        rewards.append(1)
+        return torch.full((len(completions),), float(len(rewards)))
 
     params = rlhf_params(algo="reinforce", lr=1e-2, steps=20, eval_every=5, select_by="reward")
-    liked = lambda p, c: torch.tensor([sum(t == 7 for t in x) / max(len(x), 1) for x in c])  # noqa: E731
-    result = Tuner(tiny_gpt(), params, liked, falling_gold, toy_prompts(16, 1),
+    result = Tuner(tiny_gpt(), params, rising_reward, falling_gold, toy_prompts(16, 1),
                    toy_prompts(32, 2)).run()
-    assert result.best_step > 0  # by gold it would stay 0
+    assert result.best_step == 20  # by gold it would stay 0
     assert result.best.reward > result.start.reward
+    assert result.best.gold_score < result.start.gold_score
 
 
 # ------------------------------------------------------------------------- bad input
@@ -189,6 +198,22 @@ def test_a_bad_python_reward_is_one_line_and_nothing_is_written(tmp_path, monkey
     assert len(lines) == 1 and needle in lines[0] and "rlhf.reward = python:" in lines[0]
     for output in ("out", "ckpt", "metrics.json"):
         assert not (root / output).exists(), output
+
+
+def test_a_python_reward_module_is_imported_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    imports = tmp_path / "imports.txt"
+    module = tmp_path / "counted.py"
+    # Each import of the module appends one line: its top level runs once per import.
+    module.write_text(f"with open({str(imports)!r}, 'a') as log:\n"
+                      "    log.write('imported\\n')\n"
+                      "def score(prompt, completion):\n"
+                      "    return float(len(completion))\n")
+    root = make_stage_inputs(tmp_path, rlhf={"reward": f"python:{module}:score",
+                                             "reward_module": str(module), "steps": 2})["root"]
+    result = CliRunner().invoke(cli, stage_args(root))
+    assert result.exit_code == 0, result.output
+    assert imports.read_text().splitlines() == ["imported"]
 
 
 def test_a_group_algorithm_with_one_sample_per_prompt_is_refused(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from pipeline.alignment.rl_losses import (
     rloo_baseline,
     sequence_logprobs,
     shaped_rewards,
+    tempered_logits,
 )
 
 NAN, INF = math.nan, math.inf
@@ -278,6 +279,25 @@ def test_sequence_logprobs_picks_each_tokens_log_softmax_at_the_same_position():
     logits[0, 1] = logits[0, 1].log() + 7.0  # a constant shift does not change softmax
     tokens = torch.tensor([[3, 2]])
     assert _close(sequence_logprobs(logits, tokens), [[math.log(0.25), math.log(0.125)]])
+
+
+def test_tempered_logits_are_the_logits_a_sampler_at_that_temperature_draws_from():
+    # Logits (0, ln 4): at temperature 2 they are (0, ln 2), probabilities (1/3, 2/3); at
+    # 0.5 (0, ln 16), probabilities (1/17, 16/17).
+    logits = torch.tensor([[[0.0, math.log(4.0)]]])
+    tokens = torch.tensor([[1]])
+    assert _close(tempered_logits(logits, 2.0), [[[0.0, math.log(2.0)]]])
+    assert _close(sequence_logprobs(tempered_logits(logits, 2.0), tokens), [[math.log(2 / 3)]])
+    assert _close(sequence_logprobs(tempered_logits(logits, 0.5), tokens),
+                  [[math.log(16 / 17)]])
+    # Entropy at temperature 2: -(1/3 ln 1/3 + 2/3 ln 2/3)
+    expected = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+    assert _close(entropy_from_logits(tempered_logits(logits, 2.0)), [[expected]])
+    # Temperature 1: the very tensor (the same bits as without tempering).
+    assert tempered_logits(logits, 1.0) is logits
+    for greedy_or_worse in (0.0, -1.0, NAN):
+        with pytest.raises(ValueError, match="allowed: a number > 0"):
+            tempered_logits(logits, greedy_or_worse)
 
 
 # --------------------------------------------------------------------------------- DPO

@@ -17,14 +17,16 @@ from click.testing import CliRunner
 
 from pipeline.alignment.inputs import EncodedPair, prompt_tensors
 from pipeline.alignment.policy import PolicyWithValue, frozen_copy, make_optimizer
-from pipeline.alignment.policy_eval import evaluate_policy, sequence_kl, win_rate
-from pipeline.alignment.preference_data import Pair, write_pairs_jsonl
+from pipeline.alignment.policy_eval import PolicyEval, evaluate_policy, sequence_kl, win_rate
+from pipeline.alignment.preference_data import Pair, read_pairs_jsonl, write_pairs_jsonl
+from pipeline.alignment.report import BitsPerByte, WinRates, rlhf_metrics, summary_line
 from pipeline.alignment.reward_model import RewardModel, save_reward_model
 from pipeline.alignment.rollout import collect_rollout
-from pipeline.alignment.tuner import Tuner
+from pipeline.alignment.tuner import Tuner, TuneResult
 from pipeline.alignment.updates import (
     completion_logprob_sums,
     dpo_update,
+    grpo_update,
     leave_one_out_baseline,
     ppo_update,
     reinforce_update,
@@ -252,6 +254,36 @@ def test_nan_loss_stops_dpo():
                    toy_pairs(toy_prompts(16, 1), 8, 3), params, 1)
 
 
+@pytest.mark.parametrize("algo", ["ppo", "reinforce", "grpo", "dpo"])
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_the_update_before_the_step(algo, grad_clip):
+    gpt = tiny_gpt()
+    policy = PolicyWithValue(gpt).eval()
+    params = rlhf_params(algo=algo, grad_clip=grad_clip, samples_per_prompt=2)
+    optimizer = make_optimizer(policy, params, CPU)
+    rollout = _rollout(gpt, policy)
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    gpt.blocks[0].mlp.down.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in policy.parameters()]
+    name = {"ppo": "PPO", "reinforce": "REINFORCE", "grpo": "GRPO", "dpo": "DPO"}[algo]
+    with pytest.raises(GptpipeError, match=f"at update 4 the {name} loss's gradient in the "
+                                           "policy has norm nan; stopped before the "
+                                           "optimizer step") as caught:
+        if algo == "ppo":
+            ppo_update(policy, optimizer, rollout, params, torch.Generator().manual_seed(0), 4)
+        elif algo == "grpo":
+            grpo_update(policy, optimizer, rollout, params, torch.Generator().manual_seed(0), 4)
+        elif algo == "reinforce":
+            reinforce_update(policy, optimizer, rollout, params, 4)
+        else:
+            dpo_update(policy, frozen_copy(gpt), optimizer, toy_pairs(toy_prompts(16, 1), 8, 3),
+                       params, 4)
+    assert "\n" not in str(caught.value)
+    # No weight took the step (Adam's would have turned every one it touched into NaN).
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    assert not optimizer.state  # the optimizer never stepped
+
+
 # ------------------------------------------------------------------------------- pieces
 
 
@@ -300,6 +332,29 @@ def test_win_rate_counts_ties_as_half():
     rate = win_rate(_LengthJudge(), ["p"] * 4, ["aaa", "a", "bb", "same"],
                     ["b", "bbb", "cc", "same"], rng)
     assert rate == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+
+
+def test_the_metrics_summary_by_hand():
+    def scored(gold: float, rm: float, reward: float, kl: float) -> PolicyEval:
+        return PolicyEval(reward, rm, gold, kl, 1.0, [[5]])
+
+    start, best, last = scored(0.5, 1.0, 1.0, 0.0), scored(1.25, 3.0, 3.0, 0.5), scored(
+        1.0, 4.0, 4.0, 2.0)
+    result = TuneResult({}, 20, start, best, last, 30, stopped_early=True)
+    metrics = rlhf_metrics(rlhf_params(), result, scored(0.25, -1.0, -1.0, 0.75),
+                           WinRates(0.75, 0.625), BitsPerByte(2.0, 2.5, 2.1))
+    assert metrics == {
+        "algo": "ppo", "reward": "model", "steps": 30, "stopped_early": True,
+        "best_step": 20, "gold_pretrained": 0.25, "gold_before": 0.5, "gold_after": 1.25,
+        "rm_pretrained": -1.0, "rm_before": 1.0, "rm_after": 3.0, "reward_before": 1.0,
+        "reward_after": 3.0, "win_rate": 0.75, "win_rate_vs_start": 0.625, "kl_best": 0.5,
+        "kl_final": 2.0, "val_bpb_pretrained": 2.0, "val_bpb_before": 2.5,
+        "val_bpb_after": 2.1, "val_bpb_change_pct": 5.0,  # 100 * (2.1 - 2) / 2
+    }
+    assert summary_line(metrics) == (
+        "best step 20 (stopped early): gold 0.250 pretrained, 0.500 at the start -> 1.250; "
+        "reward model 1.000 -> 3.000; win rate 0.750 over the pretrained model; val 2.0000 "
+        "-> 2.1000 bits/byte")
 
 
 # -------------------------------------------------------------------------------- stage
@@ -448,12 +503,46 @@ def test_prompts_are_cut_to_the_shortest_and_fit_the_context(stage_inputs):
     from pipeline.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(stage_inputs["tokenizer"])
-    train, held_out, length = prompt_tensors(tokenizer, ["The river", "A small city", "The river"],
-                                             ["Music of"], 64, 8, eval_prompts=4)
-    assert length == 8  # "Music of": 8 characters
-    assert train.shape == (2, 9) and held_out.shape == (1, 9)  # duplicates count once
-    assert (train[:, 0] == BOS_ID).all()
-    _, _, capped = prompt_tensors(tokenizer, ["The river"], ["A small city"], 12, 8, 4)
-    assert capped == 3  # <bos> + 3 + 8 = 12
+    prompts = prompt_tensors(tokenizer, ["The river", "A small city", "The river"],
+                             ["Music of"], 64, 8, eval_prompts=4)
+    assert prompts.length == 8  # "Music of": 8 characters
+    # Duplicates count once.
+    assert prompts.train.shape == (2, 9) and prompts.heldout.shape == (1, 9)
+    assert (prompts.train[:, 0] == BOS_ID).all() and prompts.empty == 0
+    capped = prompt_tensors(tokenizer, ["The river"], ["A small city"], 12, 8, 4)
+    assert capped.length == 3  # <bos> + 3 + 8 = 12
     with pytest.raises(GptpipeError, match=r"rlhf\.max_new_tokens = 64"):
         prompt_tensors(tokenizer, ["The river"], ["A small"], 64, 64, 4)
+
+
+def test_an_empty_prompt_is_left_out_not_cutting_every_prompt_to_nothing(stage_inputs):
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(stage_inputs["tokenizer"])
+    prompts = prompt_tensors(tokenizer, ["The river", "", "A small city"],
+                             ["", "Music of", "The mountain"], 64, 8, eval_prompts=1)
+    assert prompts.length == 8  # "Music of", the shortest prompt with a token
+    assert prompts.train.shape == (2, 9) and prompts.heldout.shape == (1, 9)
+    assert prompts.empty == 2
+    assert tokenizer.decode(prompts.heldout[0, 1:].tolist()) == "Music of"
+    # A side with no prompt left is one line naming its file; DPO needs no train prompt.
+    with pytest.raises(GptpipeError, match=r"prefs/heldout\.jsonl: no held-out prompt of at "
+                                           "least one token"):
+        prompt_tensors(tokenizer, ["The river"], ["", ""], 64, 8, 4, "prefs")
+    with pytest.raises(GptpipeError, match=r"prefs/train\.jsonl: no train prompt"):
+        prompt_tensors(tokenizer, [""], ["Music of"], 64, 8, 4, "prefs")
+    dpo = prompt_tensors(tokenizer, [""], ["Music of"], 64, 8, 4, "prefs", need_train=False)
+    assert dpo.train.shape == (0, 9) and dpo.length == 8
+
+
+def test_the_stage_says_how_many_empty_prompts_it_left_out(stage_inputs):
+    root = stage_inputs["root"]
+    pairs = [*read_pairs_jsonl(root / "prefs/train.jsonl"), Pair("", " the end.", " no")]
+    write_pairs_jsonl(root / "prefs/train.jsonl", pairs)
+    params = json.loads((root / "params.yaml").read_text())
+    params["rlhf"]["steps"] = 2
+    (root / "params.yaml").write_text(json.dumps(params))
+    result = CliRunner().invoke(cli, stage_args(root))
+    assert result.exit_code == 0, result.output
+    assert "3 train and 1 held-out prompts of 12 tokens" in result.output
+    assert "rlhf: 1 empty prompts (no token) left out" in result.output

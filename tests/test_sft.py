@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_preferences import HOSTILE, write_hostile_jsonl
 from test_rlhf import make_stage_inputs
 
 from pipeline.alignment.sft import EncodedExample, Example, encode_examples
@@ -84,6 +85,25 @@ def test_a_users_file_of_prompts_and_responses(inputs):
     assert metrics["examples.heldout"] > 0
 
 
+def test_a_file_with_no_held_out_example_reports_no_held_out_loss(inputs):
+    from pipeline.alignment.preference_data import prompt_fraction
+
+    # Prompts whose hash keeps them all on the train side of heldout_fraction 0.1.
+    prompts = [p for p in (f"The river {i}" for i in range(100)) if prompt_fraction(p) >= 0.1]
+    file = inputs / "sft.jsonl"
+    file.write_text("".join(json.dumps({"prompt": p, "response": " runs north."}) + "\n"
+                            for p in prompts[:5]))
+    _set_sft(inputs, source="file", epochs=1, heldout_fraction=0.1)
+    result = CliRunner().invoke(cli, _args(inputs, file))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((inputs / "sft.json").read_text())
+    assert (metrics["examples.train"], metrics["examples.heldout"]) == (5, 0)
+    # None, not a perfect 0.0.
+    assert metrics["heldout_loss_before"] is None and metrics["heldout_loss_after"] is None
+    assert "sft: no held-out example (sft.heldout_fraction = 0.1" in result.output
+    assert metrics["train_loss"] > 0
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     (b'{"prompt": "a", "response": "  "}\n', "line 1: field 'response' is empty"),
     (b'{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n', "line 2: field 'response' missing"),
@@ -101,6 +121,45 @@ def test_a_bad_example_file_is_one_line_and_nothing_is_written(inputs, content, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "bad.jsonl" in lines[0]
     assert not (inputs / "sft").exists() and not (inputs / "sft.json").exists()
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+@pytest.mark.parametrize("source", ["file", "pairs"])
+def test_hostile_json_is_one_line_and_nothing_is_written(inputs, source, hostile):
+    if source == "file":
+        file = write_hostile_jsonl(inputs / "sft.jsonl", hostile,
+                                   {"prompt": "The river", "response": " runs north."})
+    else:  # the preference pairs' train.jsonl, which sft reads by default
+        file = write_hostile_jsonl(inputs / "prefs/train.jsonl", hostile,
+                                   {"prompt": "The river", "chosen": " runs.", "rejected": " no"})
+    _set_sft(inputs, source=source)
+    result = CliRunner().invoke(cli, _args(inputs, file if source == "file" else None))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{file}: {HOSTILE[hostile]}" in lines[0], lines[:1]
+    assert not (inputs / "sft").exists() and not (inputs / "sft.json").exists()
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_nan_gradient_of_a_finite_loss_stops_sft_before_the_step(grad_clip):
+    import torch
+
+    from pipeline.alignment.sft import train_sft
+    from pipeline.core.errors import GptpipeError
+    from pipeline.core.params import SftParams
+    from pipeline.lm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, context=16, n_layer=1, n_head=2, n_embd=16))
+    examples = [EncodedExample([BOS_ID, 5, 6, 7, EOS_ID], 2)] * 4
+    # The loss stays finite; one weight's gradient turns NaN on its way back.
+    model.blocks[0].mlp.down.weight.register_hook(lambda grad: grad * float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    params = SftParams(epochs=1, batch_size=2, grad_clip=grad_clip, device="cpu")
+    with pytest.raises(GptpipeError, match="sft: the loss's gradient at epoch 1 has norm nan; "
+                                           "stopped before the optimizer step"):
+        train_sft(model, examples, params, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_examples_keep_the_response_and_lose_the_prompts_start_first():

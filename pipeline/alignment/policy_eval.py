@@ -1,5 +1,9 @@
 """Judging a policy: fresh samples on held-out prompts, scored by the reward model and
-the gold judge, with the exact KL to the reference; and head-to-head win rates."""
+the gold judge, with the exact KL to the reference; and head-to-head win rates.
+
+The KL and the entropy are those of the distributions the samples come from: the policy's
+and the reference's next-token distributions both at the sampling temperature
+(:func:`pipeline.alignment.rollout.sampling_temperature`), as in training."""
 
 from __future__ import annotations
 
@@ -11,8 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.alignment.policy import completion_logits
-from pipeline.alignment.rl_losses import entropy_from_logits, masked_mean
-from pipeline.alignment.rollout import GoldScorer, Scorer, split_ids
+from pipeline.alignment.rl_losses import entropy_from_logits, masked_mean, tempered_logits
+from pipeline.alignment.rollout import GoldScorer, Scorer, sampling_temperature, split_ids
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig, sample_batch
 
@@ -74,14 +78,16 @@ def evaluate_policy(
     """Sample one completion per (P, T0) prompt and score them.
 
     Sampling uses ``config`` (the rollout temperature, not greedy: what the policy is
-    trained to produce) from a generator seeded with ``seed`` afresh on every call, so
-    two evaluations of one policy give the same samples and evaluations of different
-    policies are compared on the same random draws. ``batch_size`` prompts at a time
+    trained to produce; the KL and entropy are at that temperature too) from a generator
+    seeded with ``seed`` afresh on every call, so two evaluations of one policy give the
+    same samples and evaluations of different policies are compared on the same random
+    draws. ``batch_size`` prompts at a time
     (part of what fixes the draws: the generator serves a batch's rows together).
     Returns the means of ``scorer`` (what RL maximizes), of ``rm_scorer`` (the reward
     model; None: the scorer is the reward model), of the gold score, of the KL to
     ``reference`` (:func:`sequence_kl`) and of the entropy, and the completions.
     """
+    temperature = sampling_temperature(config)
     device = gpt.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     rewards, rm_scores, gold_scores, kls, entropies, counts = [], [], [], [], [], []
@@ -89,11 +95,13 @@ def evaluate_policy(
     for first in range(0, prompts.shape[0], batch_size):
         chunk = prompts[first : first + batch_size].to(device)  # (b, T0)
         new_tokens, mask = sample_batch(gpt, chunk, config, generator)  # (b, N)
-        logits = completion_logits(gpt, chunk, new_tokens)  # (b, N, V)
+        logits = tempered_logits(completion_logits(gpt, chunk, new_tokens),
+                                 temperature)  # (b, N, V)
         entropies.append(float(masked_mean(entropy_from_logits(logits), mask)) *
                          float(mask.sum()))
         counts.append(float(mask.sum()))
-        ref_logits = completion_logits(reference, chunk, new_tokens)
+        ref_logits = tempered_logits(completion_logits(reference, chunk, new_tokens),
+                                     temperature)
         kls += sequence_kl(logits, ref_logits, mask).tolist()
         del logits, ref_logits
         prompt_ids, completion_ids = split_ids(chunk, new_tokens, mask)

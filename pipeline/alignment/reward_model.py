@@ -26,6 +26,7 @@ Saved like a model checkpoint (``model.safetensors`` + ``gptpipe.json`` +
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.preference_data import Pair
 from pipeline.alignment.rl_losses import bradley_terry_loss, pairwise_accuracy
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, load_tensors, sha256_file
 from pipeline.core.params import RewardParams
+from pipeline.data import units
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.checkpoint import (
     WEIGHTS,
@@ -220,7 +223,8 @@ def train_reward_model(
     """Bradley-Terry training in place; returns {"epoch_losses": [...], "steps": n}.
 
     AdamW (:func:`pipeline.lm.optim.adamw`) at a constant ``params.lr``, gradient norm
-    clipped at ``params.grad_clip`` (0: off), ``params.epochs`` passes over the pairs in an
+    clipped at ``params.grad_clip`` (0: off; a loss or gradient that is not finite stops
+    it before the optimizer step), ``params.epochs`` passes over the pairs in an
     order shuffled by a generator seeded with ``params.seed``. Each step scores the chosen
     and the rejected sequences of ``params.batch_size`` pairs in one padded forward pass
     (2 * batch_size rows).
@@ -258,8 +262,8 @@ def _train(model, tokenizer, train_pairs, params, device, on_epoch) -> dict[str,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if params.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            finite_gradient_norm(model, params.grad_clip, f"reward: the loss's gradient at "
+                                 f"epoch {epoch}, step {steps + 1}", "reward.lr")
             optimizer.step()
             steps += 1
             total += loss.item() * len(picked)
@@ -288,9 +292,35 @@ def evaluate_reward_model(model: RewardModel, tokenizer: TextTokenizer,
 # -------------------------------------------------------------------------- baseline
 
 
+def baseline_terms(text: str) -> list[str]:
+    """The terms the TF-IDF baseline counts in ``text``: its words as
+    :mod:`pipeline.data.units` finds them in any script, lowercased, and in scripts
+    written without spaces each pair of adjacent characters too.
+
+    A run of letters is a word where words are written with spaces; one character is
+    where they are not (Chinese, Japanese, Thai, ...), and the pairs add what a
+    one-character unit misses: a Chinese word is mostly two characters. (scikit-learn's
+    default pattern, runs of two or more word characters, takes a whole Chinese clause
+    for one word, so no clause of a held-out pair is ever seen in training.)
+    """
+    terms: list[str] = []
+    previous: re.Match[str] | None = None  # the last word, when of an unspaced script
+    for match in units.iter_words(text):
+        word = match.group().lower()
+        terms.append(word)
+        if not units.is_unspaced(word):
+            previous = None
+            continue
+        if previous is not None and previous.end() == match.start():
+            terms.append(previous.group().lower() + word)
+        previous = match
+    return terms
+
+
 class TfidfPreferenceBaseline:
     """TF-IDF of ``prompt + " " + completion`` and a linear score w . x, fitted as
-    Bradley-Terry by logistic regression on feature differences.
+    Bradley-Terry by logistic regression on feature differences. Terms are
+    :func:`baseline_terms`, the same in every script.
 
     Each pair gives x(chosen) - x(rejected) with label 1 and its mirror with label 0, and
     there is no intercept, so the fitted model is antisymmetric: swapping a pair flips its
@@ -302,7 +332,8 @@ class TfidfPreferenceBaseline:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
-        self.vectorizer = TfidfVectorizer(max_features=max_features, sublinear_tf=True)
+        self.vectorizer = TfidfVectorizer(analyzer=baseline_terms, max_features=max_features,
+                                          sublinear_tf=True)
         self.classifier = LogisticRegression(C=c, fit_intercept=False, max_iter=1000,
                                              random_state=seed)
 

@@ -136,10 +136,11 @@ def completion_logprob(model: GPT, prompt_ids: Sequence[Sequence[int]],
     return torch.tensor(results, dtype=torch.float32)
 
 
-def make_scorer(reward: str, python_reward: tuple[str, str] | None, *,
+def make_scorer(reward: str, python_function: TextReward | None, *,
                 reward_model_scorer: Scorer, judge: GoldJudge, tokenizer: TextTokenizer,
                 pretrained: GPT, likelihood_per_token: bool) -> Scorer:
-    """The scorer ``rlhf.reward`` names (see the module docstring)."""
+    """The scorer ``rlhf.reward`` names (see the module docstring); a ``python:`` reward's
+    function comes loaded (:func:`load_function`, once: its module runs once)."""
     if reward == "model":
         return reward_model_scorer
     if reward == "gold":
@@ -150,7 +151,6 @@ def make_scorer(reward: str, python_reward: tuple[str, str] | None, *,
             return completion_logprob(pretrained, prompt_ids, completion_ids,
                                       likelihood_per_token)
         return likelihood
-    if python_reward is None:
+    if python_function is None:
         raise ValueError(f"unknown reward {reward!r}")
-    module_file, function = python_reward
-    return text_scorer(load_function(module_file, function, reward), tokenizer, reward)
+    return text_scorer(python_function, tokenizer, reward)

@@ -410,6 +410,23 @@ def response_loss(logits: torch.Tensor, targets: torch.Tensor,
     return masked_mean(nats, response_mask)
 
 
+def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits of the distribution a sampler at ``temperature`` draws from: (..., V)
+    logits / temperature in float32, as ``sampling.filter_logits`` scales them.
+
+    RL scores a sample under the distribution it came from: a rollout drawn at
+    temperature T has the log-probabilities, entropy and KL of softmax(logits / T), and
+    its PPO ratio is 1 at the rollout policy only when both sides are tempered alike. At
+    temperature 1 the logits come back as they are (the same tensor, the same bits).
+    """
+    if not temperature > 0:  # NaN too
+        raise ValueError(f"temperature = {temperature}; allowed: a number > 0 (greedy "
+                         "decoding has no distribution to score)")
+    if temperature == 1.0:
+        return logits
+    return logits.float() / temperature
+
+
 def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[b, t, tokens[b, t]], (B, T, V) and (B, T) -> (B, T), float32.
 

@@ -7,6 +7,11 @@ alignment). Rewards come from any :data:`Scorer`: a callable
 ``(prompt_ids, completion_ids) -> (B,)`` tensor, prompt ids without the leading ``<bos>``
 and completion ids cut before ``<eos>`` (``RewardModel.score_ids`` is one; a test plugs in
 a toy rule).
+
+Every quantity is computed under the distribution the completions were sampled from,
+softmax(logits / rlhf.temperature) (:func:`sampling_temperature`), for the policy and the
+reference alike: the PPO ratio is then 1 at the rollout policy, and the KL penalty is the
+KL between the two tempered distributions (never a bonus, in expectation).
 """
 
 from __future__ import annotations
@@ -22,13 +27,32 @@ from pipeline.alignment.rl_losses import (
     masked_mean,
     sequence_logprobs,
     shaped_rewards,
+    tempered_logits,
 )
+from pipeline.core.errors import GptpipeError
 from pipeline.data.tokenizer import BOS_ID, EOS_ID
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig, sample_batch
 
 Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 GoldScorer = Callable[[list[int], list[int]], float]
+
+
+def sampling_temperature(config: SamplingConfig) -> float:
+    """The temperature RL samples and scores at; one line refusing a sampler whose
+    distribution RL cannot score.
+
+    Top-k and top-p keep a set of tokens that moves with the weights: a sampled token can
+    fall outside the updated policy's set (ratio 0) or the reference's (log-probability
+    -inf, an infinite KL). Greedy decoding has no distribution at all.
+    """
+    if config.greedy or config.top_k or config.top_p < 1:
+        raise GptpipeError(
+            f"rlhf: sampling with temperature {config.temperature:g}, top_k {config.top_k}, "
+            f"top_p {config.top_p:g}; allowed for RL: a temperature > 0 with neither top_k "
+            "nor top_p (RL scores each sample under the distribution it came from)"
+        )
+    return config.temperature
 
 
 def split_ids(prompts: torch.Tensor, completions: torch.Tensor,
@@ -61,6 +85,7 @@ class Rollout:
     rewards: torch.Tensor  # (B, N) score at the last real token - kl_coef * kl
     entropy: float  # mean per-token entropy of the policy over real tokens
     kl_coef: float
+    temperature: float  # what the completions were sampled at, and every column scored at
 
     @property
     def kl_per_sequence(self) -> torch.Tensor:
@@ -90,22 +115,26 @@ def collect_rollout(
     """Sample one completion per (B, T0) prompt and score the batch.
 
     Sampling uses the KV cache; then one forward pass of the policy (log-probabilities,
-    values, entropy) and one of the reference over the whole batch, and one call of the
-    scorer. Rewards follow InstructGPT: the score at the last real token, minus
-    ``kl_coef`` times the per-token KL everywhere.
+    values, entropy) and one of the reference over the whole batch, all at the sampling
+    temperature, and one call of the scorer. Rewards follow InstructGPT: the score at the
+    last real token, minus ``kl_coef`` times the per-token KL everywhere.
     """
+    temperature = sampling_temperature(config)
     device = policy.value_head.weight.device
     prompts = prompts.to(device)
     completions, mask = sample_batch(policy.gpt, prompts, config, generator)  # (B, N) each
     tokens = torch.cat((prompts, completions), dim=1)[:, :-1]
     logits, values = policy(tokens, start=prompts.shape[1] - 1)  # (B, N, V), (B, N)
+    logits = tempered_logits(logits, temperature)
     logprobs = sequence_logprobs(logits, completions)  # (B, N)
     entropy = float(masked_mean(entropy_from_logits(logits), mask))
     del logits
-    ref_logprobs = sequence_logprobs(completion_logits(reference, prompts, completions),
-                                     completions)
+    ref_logits = tempered_logits(completion_logits(reference, prompts, completions),
+                                 temperature)  # (B, N, V)
+    ref_logprobs = sequence_logprobs(ref_logits, completions)
+    del ref_logits
     prompt_ids, completion_ids = split_ids(prompts, completions, mask)
     scores = torch.as_tensor(scorer(prompt_ids, completion_ids)).to(device, torch.float32)
     rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     return Rollout(prompts, completions, mask, logprobs, ref_logprobs, values.float(), scores,
-                   kl, rewards, entropy, kl_coef)
+                   kl, rewards, entropy, kl_coef, temperature)

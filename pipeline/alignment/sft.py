@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.preference_data import Pair, read_jsonl_records
 from pipeline.alignment.rl_losses import response_loss
 from pipeline.core.errors import GptpipeError
@@ -98,10 +99,12 @@ def _batch(examples: Sequence[EncodedExample], device: torch.device
     return ids[:, :-1], ids[:, 1:], response
 
 
-def sft_loss(model: GPT, examples: Sequence[EncodedExample], batch_size: int = 32) -> float:
-    """The mean response-token cross-entropy (nats) of ``examples``, no gradient."""
+def sft_loss(model: GPT, examples: Sequence[EncodedExample],
+             batch_size: int = 32) -> float | None:
+    """The mean response-token cross-entropy (nats) of ``examples``, no gradient; None
+    when there is no example (no loss to report, rather than a perfect 0)."""
     if not examples:
-        return 0.0
+        return None
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
@@ -124,8 +127,9 @@ def train_sft(model: GPT, examples: Sequence[EncodedExample], params: SftParams,
               on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Fine-tune ``model`` in place for ``params.epochs`` passes over ``examples`` in an
     order shuffled by a generator seeded with ``params.seed``; AdamW at a constant
-    ``params.lr``, gradients clipped at ``params.grad_clip`` (0: off). Returns each
-    epoch's mean training loss; ``on_epoch(epoch, loss)`` after each."""
+    ``params.lr``, gradients clipped at ``params.grad_clip`` (0: off); a loss or a gradient
+    that is not finite stops it before the optimizer step. Returns each epoch's mean
+    training loss; ``on_epoch(epoch, loss)`` after each."""
     model.to(device).train()
     optimizer = adamw(model, lr=params.lr, weight_decay=params.weight_decay,
                       betas=(0.9, 0.95), device=device)
@@ -145,8 +149,8 @@ def train_sft(model: GPT, examples: Sequence[EncodedExample], params: SftParams,
                                        "lower sft.lr or set sft.grad_clip > 0")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if params.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+                finite_gradient_norm(model, params.grad_clip,
+                                     f"sft: the loss's gradient at epoch {epoch}", "sft.lr")
                 optimizer.step()
                 tokens = int(response.sum())
                 total += float(loss.detach()) * tokens

@@ -1,13 +1,19 @@
 """Policy updates: one PPO, REINFORCE or DPO step each, with the health checks.
 
 The maths is in :mod:`pipeline.alignment.rl_losses` (pure functions); here it meets the
-model. Health checks, each a one-line ``GptpipeError`` naming the update:
+model. Log-probabilities and entropies are those of the distribution the rollout was
+sampled from (``rollout.temperature``, see :mod:`pipeline.alignment.rollout`); DPO
+samples nothing and scores the policy itself.
+
+Health checks, each a one-line ``GptpipeError`` naming the update:
 
 - before the first optimizer step of an update the importance ratio must be 1 on every
   real token (|ratio - 1| < :data:`RATIO_TOLERANCE`): otherwise the rollout was not made
   by this policy (a stale copy, a different mode, a mismatched alignment), and every
   PPO statistic is wrong;
-- a NaN or infinite loss stops the run at that update;
+- a NaN or infinite loss stops the run at that update, and so does a NaN or infinite
+  gradient (a finite loss can still overflow on its way back), before the optimizer
+  step, so no weight ever takes it;
 - the policy's KL to the reference, in nats per sequence, must stay at or below
   ``rlhf.kl_ceiling`` (checked on every rollout; DPO has no rollouts, so its KL is
   checked at every evaluation).
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.inputs import EncodedPair
 from pipeline.alignment.policy import PolicyWithValue, completion_logits
 from pipeline.alignment.rl_losses import (
@@ -35,6 +42,7 @@ from pipeline.alignment.rl_losses import (
     reinforce_loss,
     rloo_baseline,
     sequence_logprobs,
+    tempered_logits,
 )
 from pipeline.alignment.rollout import Rollout
 from pipeline.core.errors import GptpipeError
@@ -88,15 +96,17 @@ def check_finite(loss: torch.Tensor, what: str, update: int) -> float:
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, policy: PolicyWithValue,
-          grad_clip: float) -> None:
-    """Backward, clip and step. The GPT and the value head are clipped separately: their
-    gradients are independent (the head reads detached features), and the value loss's
-    scale (reward units) must not shrink the policy's step through a joint norm."""
+          grad_clip: float, what: str, update: int) -> None:
+    """Backward, clip, check and step. The GPT and the value head are clipped separately:
+    their gradients are independent (the head reads detached features), and the value
+    loss's scale (reward units) must not shrink the policy's step through a joint norm.
+    A gradient norm that is not finite stops the run before the optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(policy.gpt.parameters(), grad_clip)
-        torch.nn.utils.clip_grad_norm_(policy.value_head.parameters(), grad_clip)
+    for part, module in (("policy", policy.gpt), ("value head", policy.value_head)):
+        finite_gradient_norm(module, grad_clip,
+                             f"rlhf: at update {update} the {what} loss's gradient in the {part}",
+                             "rlhf.lr")
     optimizer.step()
 
 
@@ -134,6 +144,7 @@ def ppo_update(
             rows = order[first : first + rlhf.minibatch_size]
             mask = rollout.mask[rows]
             logits, values = policy(tokens[rows], start=start)  # (b, N, V), (b, N)
+            logits = tempered_logits(logits, rollout.temperature)
             logprobs = sequence_logprobs(logits, rollout.completions[rows])  # (b, N)
             if ratio_error is None:
                 ratio_error = check_in_step(logprobs, rollout.logprobs[rows], mask, update)
@@ -147,7 +158,7 @@ def ppo_update(
                 loss = loss - rlhf.entropy_coef * entropy
                 totals["entropy"] += float(entropy.detach())
             check_finite(loss, "PPO", update)
-            _step(optimizer, loss, policy, rlhf.grad_clip)
+            _step(optimizer, loss, policy, rlhf.grad_clip, "PPO", update)
             minibatches += 1
             for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                 ("clip_fraction", clip_fraction), ("approx_kl", approx_kl)):
@@ -192,12 +203,15 @@ def reinforce_update(
         baseline = rloo_baseline(returns, rlhf.samples_per_prompt)
     else:
         baseline = leave_one_out_baseline(returns)
-    logits = completion_logits(policy.gpt, rollout.prompts, rollout.completions)  # (B, N, V)
+    logits = tempered_logits(completion_logits(policy.gpt, rollout.prompts,
+                                               rollout.completions),
+                             rollout.temperature)  # (B, N, V)
     logprobs = sequence_logprobs(logits, rollout.completions)  # (B, N)
     ratio_error = check_in_step(logprobs, rollout.logprobs, rollout.mask, update)
     loss = reinforce_loss(logprobs, rollout.mask, returns, baseline)
-    check_finite(loss, "RLOO" if rlhf.algo == "rloo" else "REINFORCE", update)
-    _step(optimizer, loss, policy, rlhf.grad_clip)
+    what = "RLOO" if rlhf.algo == "rloo" else "REINFORCE"
+    check_finite(loss, what, update)
+    _step(optimizer, loss, policy, rlhf.grad_clip, what, update)
     return {"policy_loss": float(loss.detach()), "return": float(returns.mean()),
             "ratio_error": ratio_error}
 
@@ -225,8 +239,9 @@ def grpo_update(
         order = torch.randperm(size, generator=generator).to(rollout.prompts.device)
         for first in range(0, size, rlhf.minibatch_size):
             rows = order[first : first + rlhf.minibatch_size]
-            logits = completion_logits(policy.gpt, rollout.prompts[rows],
-                                       rollout.completions[rows])  # (b, N, V)
+            logits = tempered_logits(completion_logits(policy.gpt, rollout.prompts[rows],
+                                                       rollout.completions[rows]),
+                                     rollout.temperature)  # (b, N, V)
             logprobs = sequence_logprobs(logits, rollout.completions[rows])  # (b, N)
             mask = rollout.mask[rows]
             if ratio_error is None:
@@ -235,7 +250,7 @@ def grpo_update(
                 logprobs, rollout.logprobs[rows], rollout.ref_logprobs[rows],
                 advantages[rows], mask, rlhf.clip_range, rollout.kl_coef)
             check_finite(loss, "GRPO", update)
-            _step(optimizer, loss, policy, rlhf.grad_clip)
+            _step(optimizer, loss, policy, rlhf.grad_clip, "GRPO", update)
             minibatches += 1
             for name, value in (("policy_loss", loss), ("clip_fraction", clip_fraction),
                                 ("kl_term", kl)):
@@ -289,7 +304,7 @@ def dpo_update(
         policy_logps[:count], policy_logps[count:], ref_logps[:count], ref_logps[count:],
         rlhf.dpo_beta)
     check_finite(loss, "DPO", update)
-    _step(optimizer, loss, policy, rlhf.grad_clip)
+    _step(optimizer, loss, policy, rlhf.grad_clip, "DPO", update)
     return {"dpo_loss": float(loss.detach()), "reward_accuracy": float(accuracy),
             "reward_margin": float((chosen - rejected).mean()),
             "chosen_reward": float(chosen.mean()), "rejected_reward": float(rejected.mean())}

@@ -11,6 +11,8 @@ Writes:  --out (models/reward/): model.safetensors, gptpipe.json ("kind": "rewar
 
 Accuracy is the share of pairs whose chosen completion scores above the rejected one
 (a tie counts half); margin is the mean score difference, in logits for both models.
+The baseline counts words in any script (``reward_model.baseline_terms``).
+
 Refuses, with one line and nothing written: a pairs folder without train.jsonl or
 heldout.jsonl, or pairs sampled with another tokenizer than --model's (meta.json).
 """

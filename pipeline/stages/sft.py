@@ -10,10 +10,15 @@ Params:  sft (source, file, held-out fraction, epochs, batch size, optimizer, se
 Writes:  --out (models/sft/): a model checkpoint (model.safetensors, gptpipe.json,
          tokenizer.json), the policy RL starts from; --metrics (metrics/sft.json):
          source, examples.train, examples.heldout, heldout_loss_before,
-         heldout_loss_after (response-token cross-entropy, nats), train_loss.
+         heldout_loss_after (response-token cross-entropy, nats; null when no example
+         is held out), train_loss.
 
 ``sft.epochs: 0`` writes the pretrained model through unchanged, so RL starts from it.
 The loss counts response tokens only (``pipeline.alignment.sft``).
+
+Refuses, with one line and nothing written: a bad line of the examples (named by file
+and line number), a file with no example left to train on after the held-out ones, and
+pairs sampled with another tokenizer than --model's.
 """
 
 from __future__ import annotations
@@ -83,13 +88,22 @@ def run(params: Params, *, model: Path, pairs: Path, file: Path, out: Path,
         "source": settings.source,
         "examples.train": len(train),
         "examples.heldout": len(heldout),
-        "heldout_loss_before": round(before, 6),
-        "heldout_loss_after": round(after, 6),
+        "heldout_loss_before": _rounded(before),
+        "heldout_loss_after": _rounded(after),
         "train_loss": round(losses[-1], 6) if losses else None,
     }
     write_json(metrics, result)
-    say("sft", f"held-out response loss {before:.4f} -> {after:.4f} nats/token -> {out}")
+    if before is None:
+        say("sft", f"no held-out example (sft.heldout_fraction = {settings.heldout_fraction:g} "
+                   f"held out no prompt of the file), so no held-out loss -> {out}")
+    else:
+        say("sft", f"held-out response loss {before:.4f} -> {after:.4f} nats/token -> {out}")
     return result
+
+
+def _rounded(loss: float | None) -> float | None:
+    """A loss as metrics record it: 6 decimals, or null when there is none."""
+    return None if loss is None else round(loss, 6)
 
 
 main = stage_command(
