@@ -56,6 +56,21 @@ def test_a_previous_output_of_the_same_kind_is_replaced(tmp_path):
         ["train", "val", "test", "meta.json"], "new")
 
 
+def test_a_previous_output_with_more_numbered_parts_is_replaced(tmp_path):
+    out = tmp_path / "raw"
+    out.mkdir()
+    for index in range(3):
+        (out / f"part-{index:05d}.parquet").write_text("old")
+    with io.atomic_dir(out) as tmp:  # a smaller corpus: one part
+        (tmp / "part-00000.parquet").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["part-00000.parquet"]
+    # A name of another family is not the output's, numbered or not.
+    (out / "model-00001-of-00002.safetensors").write_text("mine")
+    with pytest.raises(GptpipeError, match=r"'model-00001-of-00002\.safetensors'"), \
+            io.atomic_dir(out) as tmp:
+        (tmp / "part-00000.parquet").write_text("new")
+
+
 def test_an_empty_folder_is_replaced_and_a_file_in_its_place_is_refused(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Collection, Iterable, Iterator
@@ -272,13 +273,17 @@ def atomic_dir(path: str | Path, writes: Collection[str] = ()) -> Iterator[Path]
 def _check_replaceable(path: Path, writes: set[str]) -> None:
     """Refuse to replace what gptpipe did not write: ``path`` may be replaced when it is
     absent or empty, when each of its entries is one the new output writes too (``writes``:
-    a previous output of the same kind) or a gptpipe temporary, or when it is (or lies
-    inside) an output that the dvc.yaml of the working directory declares (DVC removes and
-    caches those itself). A file or a link where the folder goes is not a previous output.
+    a previous output of the same kind; a numbered entry, such as part-00003.parquet, is of
+    the same kind as any of its family, since a smaller output holds fewer) or a gptpipe
+    temporary, or when it is (or lies inside) an output that the dvc.yaml of the working
+    directory declares (DVC removes and caches those itself). A file or a link where the
+    folder goes is not a previous output.
     """
     if path.is_dir() and not path.is_symlink():
+        families = {_family(name) for name in writes}
         foreign = sorted(entry.name for entry in path.iterdir()
-                         if entry.name not in writes and _temp_owner(entry.name) is None)
+                         if _family(entry.name) not in families
+                         and _temp_owner(entry.name) is None)
         if not foreign:
             return
         what = f"a folder that gptpipe did not write (it holds {foreign[0]!r}, which this " \
@@ -291,6 +296,11 @@ def _check_replaceable(path: Path, writes: set[str]) -> None:
         return
     raise GptpipeError(f"{path}: refusing to replace {what}; name a new or empty folder for "
                        "the output, or move this one away")
+
+
+def _family(name: str) -> str:
+    """``name`` with each run of digits as ``#``: shard-00001.parquet -> shard-#.parquet."""
+    return re.sub(r"[0-9]+", "#", name)
 
 
 def _is_declared_output(path: Path) -> bool:
