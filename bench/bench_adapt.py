@@ -29,14 +29,15 @@ Usage (from the repository root, after ``dvc repro pretrain``; about 20 minutes 
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
 from pathlib import Path
 
 import click
-from common import REPO_ROOT, TINY_PARAMS, publish, run, scratch_repo, work_folder
+from common import REPO_ROOT, TINY_PARAMS, publish, run, scratch_repo, work_dir_and_out, work_folder
+
+from pipeline.core.io import read_json
 
 DEFAULT_BASE = REPO_ROOT / "models/pretrain/best"
 
@@ -63,9 +64,9 @@ def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | No
     result = run(["dvc", "repro", "evaluate"], repo)
     seconds = time.perf_counter() - started
     (work / f"{name}.log").write_text(result.stdout + result.stderr)
-    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
-    meta = json.loads((repo / "data/tokens/meta.json").read_text())
-    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
+    evaluate = read_json(repo / "metrics/evaluate.json")
+    meta = read_json(repo / "data/tokens/meta.json")
+    pretrain = read_json(repo / "metrics/pretrain.json")
     return {"name": name, "repo": repo, "seconds": seconds, "steps": pretrain["steps"],
             "train_tokens": meta["splits"]["train"]["tokens"],
             **{key: evaluate[key] for key in ("val.bpb", "val.bigram_bpb", "test.bpb",
@@ -81,8 +82,7 @@ def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | No
 @click.option("--smallest", is_flag=True,
               help="Tiny params, the first run's model as the base: a check that the script "
                    "works, not a measurement.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
+@work_dir_and_out
 def main(base: Path | None, steps: int | None, smallest: bool, work_dir: Path | None,
          out: Path | None) -> None:
     if base is None and not smallest:

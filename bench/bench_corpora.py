@@ -52,9 +52,12 @@ from common import (
     publish,
     run,
     scratch_repo,
+    work_dir_and_out,
     work_folder,
     write_wiki_folder,
 )
+
+from pipeline.core.io import parse_json, read_json
 
 CORPORA = ("en", "fr", "zh", "py", "es")
 SMALLEST_DOCUMENTS = 300  # per corpus, with --smallest
@@ -104,7 +107,7 @@ def build(name: str, folder: Path, limit: int | None) -> dict[str, Any]:
 
 
 def _json(repo: Path, name: str) -> dict:
-    return json.loads((repo / name).read_text(encoding="utf-8"))
+    return read_json(repo / name)
 
 
 def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
@@ -122,7 +125,7 @@ def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
     config = SamplingConfig(max_new_tokens=rl["max_new_tokens"], temperature=rl["temperature"])
     tokenizer = load_tokenizer(repo / "data/vocab/tokenizer.json")
     lines = (repo / "data/preferences/heldout.jsonl").read_text(encoding="utf-8").splitlines()
-    texts = [json.loads(line)["prompt"] for line in lines[:prompts]]
+    texts = [parse_json(line, "heldout.jsonl")["prompt"] for line in lines[:prompts]]
     samples = {"prompts": texts}
     for key, folder in (("before", "models/pretrain/best"), ("after", "models/rlhf/best")):
         model, _ = load_model(repo / folder)
@@ -209,8 +212,7 @@ def report(results: list[dict[str, Any]]) -> str:
 @click.option("--smallest", is_flag=True,
               help="Tiny params, corpora of missing packages skipped: a check that the "
                    "script works, not a measurement.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
+@work_dir_and_out
 def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...], smallest: bool,
          work_dir: Path | None, out: Path | None) -> None:
     work = work_folder("gptpipe-corpora-", work_dir)

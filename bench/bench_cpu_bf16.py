@@ -29,7 +29,6 @@ Usage (from the repository root; about 30 minutes on 2 cores, run it alone)::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -38,10 +37,11 @@ from pathlib import Path
 import click
 import torch
 import yaml
-from common import BIN, publish, work_folder
+from common import BIN, publish, work_dir_and_out, work_folder
 from common import REPO_ROOT as ROOT
 
 from pipeline.core.device import cpu_has_native_bf16
+from pipeline.core.io import read_json
 
 SMALLEST_STEPS, SMALLEST_CALIBRATE_STEPS = 4, 2
 
@@ -67,8 +67,8 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
     result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     if result.returncode:
         raise click.ClickException(f"{name} failed:\n{result.stdout}\n{result.stderr}")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    speed = json.loads((folder / "speed.json").read_text())
+    metrics = read_json(folder / "metrics.json")
+    speed = read_json(folder / "speed.json")
     return {"name": name, "steps": metrics["steps"], "val_bpb": metrics["val_bpb"],
             "tokens_per_second": speed["tokens_per_second"], "wall": speed["wall_seconds"]}
 
@@ -96,8 +96,7 @@ def calibrate(work: Path, repo: Path, steps: int, native_bf16: bool) -> dict[str
               help=f"{SMALLEST_STEPS} steps, calibrated on {SMALLEST_CALIBRATE_STEPS}; "
                    "bfloat16 skipped where the CPU lacks it: a check that the script works, "
                    "not a measurement.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
+@work_dir_and_out
 def main(repo: Path, steps: int | None, calibrate_steps: int, smallest: bool,
          work_dir: Path | None, out: Path | None) -> None:
     native_bf16 = cpu_has_native_bf16()

@@ -61,8 +61,11 @@ from common import (
     md_table,
     publish,
     run_measured,
+    work_dir_and_out,
     work_folder,
 )
+
+from pipeline.core.io import read_json
 
 KINDS = ("bpe", "word", "char")
 RSS_LIMIT = 1536 * MB  # the bound: 1.5 GB per stage on the 1 GB corpus
@@ -129,7 +132,7 @@ class Bench:
                                 "the log)")
             raise
         click.echo(f" {result.seconds:.1f} s, {result.peak / MB:.0f} MB peak", err=True)
-        read = json.loads((where / metrics).read_text())
+        read = read_json(where / metrics)
         if stage == "clean":
             self.clean_metrics[corpus.name] = read
         self.runs.append(StageRun(corpus.name, kind, stage, text_bytes(read), result,
@@ -148,7 +151,7 @@ class Bench:
         clean_bytes = self.clean_metrics[corpus.name]["bytes_out"]
         self.stage(corpus, where, "", "split", lambda m: clean_bytes,
                    ["--input", "data/clean", "--out", "data/split"])
-        train_bytes = json.loads((where / "metrics/split.json").read_text())["train"]["bytes"]
+        train_bytes = read_json(where / "metrics/split.json")["train"]["bytes"]
         self.split_dirs[corpus.name] = where / "data" / "split"
         if not self.keep:
             shutil.rmtree(where / "data" / "raw")
@@ -463,8 +466,6 @@ def measure_corpora(bench: Bench, sizes: Sequence[float], skip_builtin: bool,
               help="MB of generated train text the BPE encoders are compared on.")
 @click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path),
               default=REPO_ROOT / "params.yaml", help="The params.yaml to start from.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to make the scratch folder (default: the system temp folder).")
 @click.option("--corpus-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Generate the corpus here and reuse it on later runs (kept).")
 @click.option("--keep", is_flag=True, help="Keep the work directory.")
@@ -473,8 +474,7 @@ def measure_corpora(bench: Bench, sizes: Sequence[float], skip_builtin: bool,
               help="Estimate the run's duration for a generated corpus of this size.")
 @click.option("--sample-interval", type=float, default=0.05, show_default=True,
               help="Seconds between RSS samples of a stage's process tree.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the Markdown report to this file.")
+@work_dir_and_out
 def main(size_mb: tuple[float, ...], kinds: str, skip_generated: bool, skip_builtin: bool,
          generated_vocab: str, compare_mb: float, params_path: Path, work_dir: Path | None,
          corpus_dir: Path | None, keep: bool, seed: int, extrapolate_mb: float,

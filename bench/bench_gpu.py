@@ -40,6 +40,8 @@ import yaml
 from common import REPO_ROOT as ROOT
 from common import TINY_PARAMS, publish, set_params, work_folder
 
+from pipeline.core.io import read_json
+
 # --smallest: on the CPU, not compiled, the tiny model and budget.
 SMALLEST = {"train.device": "cpu", "train.compile": False,
             **{key: value for key, value in TINY_PARAMS.items()
@@ -111,8 +113,8 @@ def run_case(case: str, work: Path, forced: dict, args: argparse.Namespace,
     print(text[-1500:], file=sys.stderr, flush=True)
     if rc != 0:
         return f"| {case} | failed (rc {rc}) | | | | |", None
-    metrics = json.loads((work / "metrics.json").read_text())
-    speed = json.loads((work / "speed.json").read_text())
+    metrics = read_json(work / "metrics.json")
+    speed = read_json(work / "speed.json")
     tflops = speed["gflops_per_second"] / 1e3
     return (f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
             f"{speed['tokens_per_second']:,.0f} | {tflops:.1f} | {metrics['val_bpb']:.4f} |",

@@ -30,6 +30,8 @@ from pathlib import Path
 import yaml
 from common import BIN, publish
 
+from pipeline.core.io import parse_json, read_json
+
 ALGOS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
 REWARDS = ("model", "gold", "likelihood")
 # One optimizer step per batch (reinforce, rloo, dpo) needs a larger rate than several
@@ -77,9 +79,9 @@ def run_one(repo: Path, work: Path, algo: str, reward: str) -> dict:
         row["error"] = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
         return row
     # The row's own keys win: the metrics' "reward" is the params' (DPO's row is "pairs").
-    row = {**json.loads((work / "metrics.json").read_text()), **row}
+    row = {**read_json(work / "metrics.json"), **row}
     heldout = (repo / "data/preferences/heldout.jsonl").read_text().splitlines()
-    prompt = json.loads(heldout[0])["prompt"]
+    prompt = parse_json(heldout[0], "heldout.jsonl")["prompt"]
     row["prompt"] = prompt
     row["sample"] = _sample(work / "out" / "best", prompt)
     return row

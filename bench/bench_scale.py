@@ -31,7 +31,6 @@ alone: anything beside it skews the times)::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
@@ -49,8 +48,11 @@ from common import (
     publish,
     run_measured,
     scratch_repo,
+    work_dir_and_out,
     work_folder,
 )
+
+from pipeline.core.io import read_json
 
 SMALLEST_MB = 0.1
 
@@ -86,9 +88,9 @@ def run_corpus(name: str, data: dict, root: Path, budget: dict, interval: float)
         measured = run_measured(["dvc", "repro", "--single-item", stage], repo, log, interval)
         rows.append({"stage": stage, "seconds": measured.seconds,
                      "max_rss": measured.max_rss, "tree_rss": measured.tree_rss})
-    speed = json.loads((repo / "metrics/pretrain_speed.json").read_text())
-    tokens = json.loads((repo / "data/tokens/meta.json").read_text())["splits"]
-    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+    speed = read_json(repo / "metrics/pretrain_speed.json")
+    tokens = read_json(repo / "data/tokens/meta.json")["splits"]
+    ingest = read_json(repo / "metrics/ingest.json")
     return {"name": name, "rows": rows, "tokens_per_second": speed["tokens_per_second"],
             "train_tokens": tokens["train"]["tokens"], "text_bytes": ingest["bytes"],
             "documents": ingest["documents"]}
@@ -143,14 +145,12 @@ def report(results: list[dict], budget_line: str) -> str:
               help="Pretraining steps on every corpus.")
 @click.option("--corpus-dir", type=click.Path(path_type=Path), default=None,
               help="Where to generate (and reuse) the corpora.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-interval", type=float, default=0.2, show_default=True)
 @click.option("--smallest", is_flag=True,
               help=f"Tiny params on one {SMALLEST_MB:g} MB generated corpus: a check that "
                    "the script works, not a measurement.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Also write the Markdown report here.")
+@work_dir_and_out
 def main(sizes, steps, corpus_dir, work_dir, seed, sample_interval, smallest, out) -> None:
     # dvc, and the stage commands it starts, are this environment's.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -394,6 +394,17 @@ def report(args, sizes, peak_rows, results) -> str:
     return "\n".join(lines)
 
 
+OPTIONS = {  # flag: (type, default, meaning)
+    "--sizes": (str, "small,large", "comma-separated: small, large, or LxCxHxTxB"),
+    "--vocab-size": (int, 8192, "vocabulary of every model (the BPE default)"),
+    "--steps": (int, 0, "timed steps per model (0: enough for --seconds)"),
+    "--seconds": (float, 15.0, "timed seconds per model and size when --steps is 0"),
+    "--warmup": (int, 3, "untimed steps per model"),
+    "--rounds": (int, 2, "split the timed steps into rounds of alternating order"),
+    "--peak-seconds": (float, 2.0, "timing per matmul shape for the peak"),
+    "--threads": (int, 0, "torch threads (0: torch's default, every core)"),
+    "--seed": (int, 0, "seed of the models' weights and of the batches"),
+}
 SWITCHES = {
     "--compile": "also time torch.compile'd models (compile time reported apart)",
     "--untied-reference": "untie the reference's decoder from its embedding (as the tutorial)",
@@ -410,22 +421,9 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring for what is measured and how.",
     )
-    parser.add_argument("--sizes", default="small,large",
-                        help="comma-separated: small, large, or LxCxHxTxB (default small,large)")
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="vocabulary of every model (default 8192, the BPE default)")
-    parser.add_argument("--steps", type=int, default=0,
-                        help="timed steps per model (default: enough for --seconds)")
-    parser.add_argument("--seconds", type=float, default=15.0,
-                        help="timed seconds per model and size when --steps is 0 (default 15)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="split the timed steps into rounds of alternating order")
-    parser.add_argument("--peak-seconds", type=float, default=2.0,
-                        help="timing per matmul shape for the peak (default 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default 0: torch's default, every core)")
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, (kind, default, meaning) in OPTIONS.items():
+        parser.add_argument(flag, type=kind, default=default,
+                            help=f"{meaning} (default {default})")
     parser.add_argument("--out", type=Path, help="write the Markdown report to this file")
     for flag, meaning in SWITCHES.items():
         parser.add_argument(flag, action="store_true", help=meaning)

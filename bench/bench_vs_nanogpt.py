@@ -102,6 +102,8 @@ import yaml
 from common import REPO_ROOT as ROOT
 from common import cpu_name, git_commit, publish, work_folder
 
+from pipeline.core.io import read_json
+
 RANDOM_INIT = ROOT / "data" / "builtin" / "random.init"
 # --smallest: the options it sets, a shape and budget of seconds on the CPU.
 SMALLEST = {"device": "cpu", "dtype": "float32", "use_compile": False, "n_layer": 1,
@@ -257,7 +259,7 @@ def read_token_meta(tokens: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise fail(f"--tokens {tokens}: no meta.json; run `dvc repro tokenize` (or gptpipe "
                    "tokenize) first, or name the folder it wrote")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path)
     if meta.get("dtype", "uint16") != "uint16":
         raise fail(f"{meta_path}: token ids are {meta.get('dtype')}; nanoGPT reads uint16 "
                    "only (a vocabulary of at most 65,536 tokens)")
@@ -429,9 +431,9 @@ def run_gptpipe(tokens: Path, tokenizer: Path, shape: Shape, options: dict[str, 
     # Step s (1-based) is nanoGPT's iteration s - 1: drop the same first warmup_iters.
     timed = [ms for (step, _), ms in zip(steps, iteration_ms, strict=True)
              if step > options["warmup_iters"]]
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_json(folder / "metrics.json")
     result = SideResult("gptpipe", iteration_ms, timed, wall, log, metrics.get("parameters"))
-    speed = json.loads((folder / "speed.json").read_text())
+    speed = read_json(folder / "speed.json")
     result.notes.append(f"its --speed JSON (every step but the first, mean): "
                         f"{speed['tokens_per_second']:,.0f} tokens/s on {speed['device']}")
     return result

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,15 @@ def git_commit(folder: Path = REPO_ROOT) -> str:
                                                       if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "not a git checkout"
+
+
+def work_dir_and_out(command: Callable) -> Callable:
+    """The ``--work-dir`` and ``--out`` options of a click bench script."""
+    command = click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Also write the Markdown report to this file.")(command)
+    return click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+                        help="Where to make the scratch folder (default: the system "
+                             "temp folder).")(command)
 
 
 def publish(text: str, out: Path | None) -> None:
