@@ -76,8 +76,8 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
 def calibrate(work: Path, repo: Path, steps: int, native_bf16: bool) -> dict[str, float]:
     """Steady-state tokens/s of each dtype: ``steps`` steps each, alternated twice so that
     drift in the machine's speed falls on both."""
-    rates: dict[str, list[float]] = {"float32": [], "bfloat16": []} if native_bf16 else {
-        "float32": []}
+    dtypes = ("float32", "bfloat16") if native_bf16 else ("float32",)
+    rates: dict[str, list[float]] = {dtype: [] for dtype in dtypes}
     short = {"steps": steps, "eval_every": steps, "checkpoint_every": steps,
              "log_every": max(1, steps // 4), "warmup_steps": 1}
     for round_ in range(2):
