@@ -484,8 +484,10 @@ class RlhfParams(_Section):
     algo: Literal["ppo", "dpo", "reinforce", "grpo", "rloo"] = "ppo"
     # What RL maximizes: model (the learned reward model), gold (the judge itself),
     # likelihood (the frozen pretrained model's log-probability of the sample), or
-    # python:<file.py>:<function> (your function of (prompt, completion) -> float; the
-    # file must be reward_module, which dvc.yaml tracks).
+    # python:<file.py>:<function> (your function of (prompt, completion) -> float, or
+    # TRL's batched reward function (prompts, completions, **kwargs) -> list[float],
+    # told apart by its parameter names; the file must be reward_module, which dvc.yaml
+    # tracks).
     reward: str = "model"
     reward_module: str = "data/builtin/example_rewards.py"
     # likelihood: the mean log-probability per token (true) or the sum (false: favours
