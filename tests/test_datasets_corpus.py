@@ -24,8 +24,16 @@ from pipeline.data.corpus import arrow
 from pipeline.data.corpus.planning import CorpusStats
 from pipeline.data.corpus.reading import corpus_bytes, iter_documents
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MIXED = ["The Nile flows north.", "北京是中国的首都。", "def f(x):\n    return x\n",
          "Zürich liegt am See.", "🎉 emoji 🐍"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may reach the Hugging Face Hub: every test runs offline."""
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
 
 
 def write_dataset(folder: Path, columns: dict[str, list], shards: int = 1,

@@ -37,6 +37,15 @@ from pipeline.stages import export
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may reach the Hugging Face Hub: every test runs offline."""
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+
+
 DOCS = REPO_ROOT / "docs" / "lm_eval.md"
 
 # Test documents in several scripts: items whose choices start with a space, a newline,
@@ -235,13 +244,11 @@ def _lm_eval_loglikelihoods(samples: Path, items: list[Item]) -> np.ndarray:
     return np.array(values)
 
 
-def test_lm_eval_puts_bos_first_without_being_asked(project, monkeypatch):
+def test_lm_eval_puts_bos_first_without_being_asked(project):
     """lm-eval 0.4.9.2 and later leave special tokens to the tokenizer, and the exported
     tokenizer puts <bos> first: the documented add_bos_token=True only keeps older
     versions right."""
     pytest.importorskip("lm_eval")
-    for name, value in OFFLINE.items():
-        monkeypatch.setenv(name, value)
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=str(project / "models/hf/pretrain"), dtype="float32", device="cpu",

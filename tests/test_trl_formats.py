@@ -37,6 +37,13 @@ DOCS = REPO_ROOT / "docs" / "trl.md"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Nothing here may reach the Hugging Face Hub: every test runs offline."""
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+
+
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
