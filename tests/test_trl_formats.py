@@ -107,7 +107,7 @@ def test_preferences_read_trls_standard_and_conversational_records(tmp_path):
 Q = [user("q")]
 BAD_SFT = [
     ({"prompt": "a", "response": "b", "completion": "c"}, "both response and completion"),
-    ({"messages": [user("hi")]}, "messages[-1][0] has role 'user'; allowed: 'assistant'"),
+    ({"messages": [user("hi")]}, "messages[-1] has role 'user'; allowed: 'assistant'"),
     ({"messages": []}, "field 'messages' is a list []; allowed: a list of messages"),
     ({"messages": "hi"}, "field 'messages' is a str 'hi'; allowed: a list of messages"),
     ({"prompt": Q, "completion": [assistant([{"type": "text", "text": "a"}])]},

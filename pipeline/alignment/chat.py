@@ -56,6 +56,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Message:
+    """One message of a conversation: who says it (``user``, ``assistant`` ...) and what."""
+
     role: str
     content: str
 
@@ -101,18 +103,20 @@ def messages(where: str, name: str, value: Any, may_be_empty: bool) -> list[Mess
 
 
 def prompt_and_completion(where: str, prompt: list[Message], completion: list[Message],
-                          name: str = "completion") -> tuple[str, str]:
+                          name: str = "completion", first: str = "") -> tuple[str, str]:
     """The texts of a conversational prompt and its completion (module docstring): the
-    completion must open with an assistant message."""
+    completion (field ``name``, whose first message errors call ``first``, by default
+    ``name[0]``) must open with an assistant message."""
+    first = first or f"{name}[0]"
     if completion[0].role != ASSISTANT:
-        raise GptpipeError(f"{where}: {name}[0] has role {completion[0].role!r}; allowed: "
-                           f"'{ASSISTANT}' (a {name} is the assistant's answer)")
+        raise GptpipeError(f"{where}: {first} has role {completion[0].role!r}; allowed: "
+                           f"'{ASSISTANT}' (the {name}'s answer is the assistant's)")
     prompt_text = chat_text(prompt, add_generation_prompt=True)
     # The whole opens with the prompt's text: its answer's line starts "assistant:", as
     # the generation prompt ends.
     completion_text = chat_text([*prompt, *completion])[len(prompt_text):]
     if not completion_text.strip():
-        raise GptpipeError(f"{where}: {name}[0] has an empty content; allowed: non-empty "
+        raise GptpipeError(f"{where}: {first} has an empty content; allowed: non-empty "
                            "text (the answer)")
     return prompt_text, completion_text
 
@@ -124,7 +128,7 @@ def conversational_example(where: str, record: dict[str, Any]) -> tuple[str, str
     if "messages" in record:
         conversation = messages(where, "messages", record["messages"], may_be_empty=False)
         return prompt_and_completion(where, conversation[:-1], conversation[-1:],
-                                     "messages[-1]")
+                                     "messages", "messages[-1]")
     for name in ("prompt", "completion"):
         if name not in record:
             raise GptpipeError(f"{where}: field '{name}' missing; allowed: messages, or "
