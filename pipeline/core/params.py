@@ -417,7 +417,8 @@ class PreferencesParams(_Section):
     """``preferences``: where (prompt, chosen, rejected) pairs come from."""
 
     # builtin: sample completions from the pretrained model on val prompts and label them
-    # with the gold judge; file: read `file`, JSONL lines with prompt, chosen, rejected.
+    # with the gold judge; file: read `file`, JSONL lines with prompt, chosen, rejected
+    # (texts, or TRL's conversational message lists).
     source: Literal["builtin", "file"] = "builtin"
     # A dependency of the stage either way (so DVC tracks its content); the default is a
     # small example of the format.
@@ -484,8 +485,10 @@ class RlhfParams(_Section):
     algo: Literal["ppo", "dpo", "reinforce", "grpo", "rloo"] = "ppo"
     # What RL maximizes: model (the learned reward model), gold (the judge itself),
     # likelihood (the frozen pretrained model's log-probability of the sample), or
-    # python:<file.py>:<function> (your function of (prompt, completion) -> float; the
-    # file must be reward_module, which dvc.yaml tracks).
+    # python:<file.py>:<function> (your function of (prompt, completion) -> float, or
+    # TRL's batched reward function (prompts, completions, **kwargs) -> list[float],
+    # told apart by its parameter names; the file must be reward_module, which dvc.yaml
+    # tracks).
     reward: str = "model"
     reward_module: str = "data/builtin/example_rewards.py"
     # likelihood: the mean log-probability per token (true) or the sum (false: favours
@@ -581,7 +584,8 @@ class SftParams(_Section):
 
     # pairs: the chosen completions of the preference pairs (best-of-n sampling judged by
     # gold: rejection-sampling fine-tuning, as Llama 2 used it); file: a JSONL of
-    # prompt/response, held out by prompt hash (heldout_fraction) to measure the loss.
+    # prompt/response (or TRL's prompt/completion, or its conversational messages), held
+    # out by prompt hash (heldout_fraction) to measure the loss.
     source: Literal["pairs", "file"] = "pairs"
     file: str = "data/builtin/example-sft.jsonl"
     heldout_fraction: float = 0.1
