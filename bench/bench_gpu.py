@@ -115,6 +115,11 @@ def run_case(case: str, work: Path, forced: dict, args: argparse.Namespace,
         return f"| {case} | failed (rc {rc}) | | | | |", None
     metrics = read_json(work / "metrics.json")
     speed = read_json(work / "speed.json")
+    if speed.get("tokens_per_second") is None:
+        # A resumed run that found its snapshot finished (the stop signal came after the
+        # last step: a tiny run on a fast machine) trained no step, so it has no speed.
+        return (f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
+                f"no step trained | | {metrics['val_bpb']:.4f} |", metrics)
     tflops = speed["gflops_per_second"] / 1e3
     return (f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
             f"{speed['tokens_per_second']:,.0f} | {tflops:.1f} | {metrics['val_bpb']:.4f} |",
