@@ -7,8 +7,8 @@ with a value head, the frozen reference, the optimizer), :mod:`~pipeline.alignme
 or DPO step, with health checks) and :mod:`~pipeline.alignment.policy_eval` (fresh
 samples on held-out prompts, win rates). :class:`Tuner`: updates, an evaluation every
 ``rlhf.eval_every`` steps, and the best policy by gold score; given a run folder, a
-resumable snapshot at every evaluation (and on a stop signal), through
-:class:`pipeline.core.runs.RunFolder` like pretraining's.
+resumable snapshot at every evaluation (and on a stop signal), through the run component
+(:class:`pipeline.core.runs.Run`) like pretraining's.
 
 Prompts are fixed-length token prefixes, ``<bos>`` + K prompt tokens, all the same
 length, so a batch samples at once (``sampling.sample_batch``): the model has no padding
@@ -25,9 +25,8 @@ Resuming: a snapshot holds everything the rest of the run depends on, so a resum
 is bit-for-bit the uninterrupted one on the same device: the policy and value head, the
 optimizer moments, the KL coefficient, the states of the generators that sample
 rollouts and shuffle batches and minibatches, the indices drawn but not yet served, and
-the evaluations so far (the final metrics need the starting policy's samples). The best
-policy's weights live in the run folder's ``best/``, written only when a snapshot would
-otherwise lose them (see :meth:`Tuner.save_state`).
+the evaluations so far (the final metrics need the starting policy's samples), and the
+best policy's weights when they are not the snapshot's own.
 """
 
 from __future__ import annotations

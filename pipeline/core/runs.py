@@ -3,42 +3,43 @@
 A loop builds its model and optimizer, asks its :class:`Run` to ``start`` (resume,
 reuse a finished run, or start afresh), then steps, evaluates, hands better weights to
 ``run.best`` and ends every step with :meth:`Run.end_step`. Everything about keeping a
-run across kills, parameter changes and machines lives here, the same for every loop.
+run across kills, param changes and machines lives here, the same for every loop.
 
-**The run folder** (``--checkpoint``: checkpoints/pretrain, checkpoints/rlhf) has a fixed
-layout, and gptpipe writes, moves and deletes nothing else in it; a folder holding
-anything else (a model folder named by mistake, a user's files) is refused before
-anything is written::
+**The run folder** (``--checkpoint``: checkpoints/pretrain, checkpoints/rlhf) holds
+``snapshot/`` (the whole run at one step: weights, optimizer, generators, data position,
+the best weights so far, what produced it) and ``aside/`` (runs set aside), and nothing
+else: a folder holding anything else (a model folder named by mistake, a user's files)
+is refused before anything is written (:mod:`pipeline.core.run_folder`).
 
-    <run folder>/snapshot/           state.safetensors + state.json: the whole run at a
-                                     step (weights, optimizer, generators, data position,
-                                     the best weights so far, what produced it)
-    <run folder>/aside/<id>/snapshot an interrupted run of other params, set aside
-
-**At the start** (:meth:`RunFolder.start`; every decision is one printed line):
+**At the start** (every decision is one printed line):
 
 - a snapshot of this run (same :class:`RunId`: params, input bytes, gptpipe's code),
-  unfinished: resumed; a machine, torch or precision other than the one that wrote it
-  is named, since the remaining steps then round another way;
+  unfinished: resumed. A machine, torch or precision other than the one that wrote it is
+  named, since the remaining steps then round another way;
 - this run, finished, with the same settings (cadence) on the same machine and software:
-  its outputs are written without training. Training it again here would give the same
-  bits (on a CPU), so this is what ``dvc repro -f`` does; on another machine, torch or
-  precision, or with another eval/log/snapshot cadence, it is trained again;
+  its outputs are written without training, since training it again would compute the
+  same bits (on a CPU). This is what ``dvc repro -f`` does: it reruns the stage, and the
+  stage finds its result already computed. On another machine, torch or precision, or
+  with another eval/log/snapshot cadence, the run is trained again. To train it again
+  anyway, delete the snapshot (``rm -r checkpoints/pretrain/snapshot``) first;
 - an unfinished run of other params (or inputs, or code): set aside in ``aside/<id>``,
-  never deleted; the line names what differs. Setting the params back resumes it. At
-  most :data:`ASIDE_LIMIT` runs are kept aside: then the stage stops with one line
-  saying which to delete. A loop may allow a change that cannot alter the result
-  (pretraining: a longer budget whose learning rates for the steps done are the same);
+  never deleted; the line names what differs, where it went and how to discard it.
+  Setting the params back resumes it. At most :data:`ASIDE_LIMIT` runs are kept aside,
+  then the stage stops with one line saying what to delete. A loop may allow a change
+  that cannot alter the result (pretraining: a budget under which every step done had
+  the same learning rate);
 - a finished run of other params: replaced. Its outputs were written when it finished,
-  and DVC caches them with this folder;
-- a damaged snapshot (unreadable, or whose tensors no longer match their recorded
-  sha256): set aside as ``aside/damaged-<n>``, and the run starts afresh.
+  and DVC caches them (and this folder) with the stage;
+- a damaged snapshot (unreadable, or whose tensors no longer have the sha256 they were
+  saved with): set aside as ``aside/damaged-<n>``, and the run starts afresh.
 
 **Snapshots** (:meth:`Run.save`) are written atomically; weights or optimizer moments
 that are not finite are refused (the last good snapshot stays), so a resume never meets
 a NaN. **Best weights** (:class:`BestWeights`) ride in the snapshot. **Interrupts**
 (:class:`StopSignals`): Ctrl-C and SIGTERM stop the loop at the next step boundary, after
-a snapshot. **Several processes**: :mod:`pipeline.core.ranks`.
+a snapshot. **Several processes**: every machine decides for its own folder, then all
+continue from the newest snapshot any of them holds (:mod:`pipeline.core.ranks`); a
+process that dies or freezes is named by the others (:mod:`pipeline.core.peers`).
 """
 
 from __future__ import annotations

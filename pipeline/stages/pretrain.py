@@ -13,7 +13,15 @@ Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenize
 
 Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
 several: the first process of each machine writes the outputs (one per shared folder).
-Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
+A process that dies or freezes is named by the others, which stop within
+train.peer_timeout seconds.
+
+Re-running after a crash, a kill or Ctrl-C resumes from the snapshot in --checkpoint
+(pipeline.core.runs says when, and what happens to a snapshot of other params: it is set
+aside, never deleted). A finished run is written out without training when it was
+trained on this machine and software with these params, since training it again would
+give the same bits: that is what `dvc repro -f pretrain` does. To train it again anyway,
+delete checkpoints/pretrain/snapshot first.
 """
 
 from __future__ import annotations
