@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,7 +35,13 @@ from pipeline.core.io import atomic_dir
 from pipeline.core.machine import describe_machine
 from pipeline.core.params import ModelParams, TrainParams
 from pipeline.core.runs import Run
-from pipeline.lm.batching import WindowSampler, eval_windows
+from pipeline.lm.batching import (
+    WindowSampler,
+    batch_too_large,
+    check_cpu_memory,
+    eval_windows,
+    is_out_of_memory,
+)
 from pipeline.lm.checkpoint import load_weights, save_model
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.optim import adamw
@@ -70,13 +75,6 @@ def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
     if runtime.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(runtime.device)
     return state
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return "can't allocate memory" in text or "out of memory" in text
 
 
 @dataclass
@@ -141,7 +139,8 @@ class Trainer:
         self.step = 0
         self.tokens_per_step = (
             train.batch_size * train.grad_accum * runtime.world_size * self.config.context)
-        self._check_memory()
+        if runtime.device.type == "cpu":
+            check_cpu_memory(train.batch_size, self.config)
 
     @property
     def state_dir(self) -> Path:
@@ -154,30 +153,6 @@ class Trainer:
     @property
     def best_val_loss(self) -> float:
         return self.run.best.record.get("val_loss", math.inf)
-
-    def _check_memory(self) -> None:
-        """Refuse, before training, a CPU batch whose activations cannot fit in RAM.
-
-        On a CPU an oversized batch is not an exception: the kernel's OOM killer ends the
-        process. So estimate instead: per token, about 20 * n_embd floats per layer are
-        kept for the backward pass, plus 3 * vocab_size floats for the logits, their
-        log-softmax and gradient (a measured upper bound for these models, rounded up).
-        GPUs raise a catchable out-of-memory error, handled in fit().
-        """
-        if self.runtime.device.type != "cpu":
-            return
-        c = self.config
-        needed = self.train.batch_size * c.context * 4 * (20 * c.n_layer * c.n_embd
-                                                          + 3 * c.vocab_size)
-        available = psutil.virtual_memory().available
-        if needed > available:
-            raise GptpipeError(
-                f"train.batch_size = {self.train.batch_size} sequences of model.context = "
-                f"{c.context} tokens need about {needed / 2**30:.1f} GiB of activations; "
-                f"this machine has {available / 2**30:.1f} GiB free, so they do not fit in cpu "
-                "memory; lower train.batch_size (and raise train.grad_accum to keep the same "
-                "tokens per step)"
-            )
 
     def _restore(self, rng: dict[str, torch.Tensor], info: dict[str, Any]) -> int:
         """The loop's own state from a snapshot; returns the step resumed from."""
@@ -231,12 +206,12 @@ class Trainer:
     def _check_gradients(self) -> None:
         """Clip (train.grad_clip) and stop before the update if the gradient norm is not
         finite. float16's scaler skips such steps itself, shrinking its scale."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.train.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         elif not self.scaler.is_enabled():
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
         else:
             return
         if not self.scaler.is_enabled() and not math.isfinite(norm.item()):
@@ -300,14 +275,10 @@ class Trainer:
         try:
             return self._train_step()
         except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_out_of_memory(err):
+            if not is_out_of_memory(err):
                 raise
-            raise GptpipeError(
-                f"train.batch_size = {self.train.batch_size} sequences of model.context = "
-                f"{self.config.context} tokens do not fit in {self.runtime.device} memory; "
-                "lower train.batch_size (and raise train.grad_accum to keep the same "
-                "tokens per step)"
-            ) from None
+            raise batch_too_large(self.train.batch_size, self.config.context,
+                                  self.runtime.device) from None
 
     def finish(self, out_dir: Path, tokenizer_path: Path) -> None:
         """Write ``out_dir/best`` and ``out_dir/last`` as self-contained model checkpoints
