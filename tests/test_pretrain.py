@@ -119,7 +119,7 @@ def test_pretrain_writes_models_metrics_and_plots(token_data, tmp_path):
     assert [int(r.split("\t")[0]) for r in val_rows] == [6, 12, 18, 24]
 
 
-def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32,
+def _trainer(data: Path, state_dir: Path, precision: torch.dtype = torch.float32,
              init_from: Path | None = None, **train) -> Trainer:
     """A Trainer on the tiny model, in this process; ``init_from``: a base model folder."""
     if init_from is not None:
@@ -129,7 +129,7 @@ def _trainer(data: Path, state_dir: Path, dtype: torch.dtype = torch.float32,
     inputs = {"tokens": data / "tokens",
               **({"init_from": init_from} if init_from else
                  {"tokenizer": data / "tokenizer.json"})}
-    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), dtype),
+    return Trainer(params.model, params.train, Runtime(torch.device("cpu"), precision),
                    read_tokens(data / "tokens/train"), read_tokens(data / "tokens/val"),
                    meta["vocab_size"], inputs, state_dir, {}, init_from=init_from)
 
@@ -141,7 +141,7 @@ class _Crash(Exception):
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 def test_bfloat16_autocast_trains_on_a_cpu_that_runs_it_natively(token_data, tmp_path):
     losses: dict[int, float] = {}
-    trainer = _trainer(token_data, tmp_path / "bf16", dtype=torch.bfloat16, steps=12)
+    trainer = _trainer(token_data, tmp_path / "bf16", precision=torch.bfloat16, steps=12)
     trainer.fit(lambda log: losses.update({log.step: log.train_loss}), lambda s, v: None)
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[12] < losses[1] - 0.5
@@ -205,6 +205,32 @@ def test_a_param_change_sets_an_interrupted_run_aside_and_setting_it_back_resume
     back = _trainer(token_data, tmp_path / "s")
     assert back.resumed_from == 12
     assert "resuming from step 12 of 24 (the run set aside in" in capsys.readouterr().out
+
+
+def test_where_and_how_a_run_is_computed_never_makes_it_another_run(token_data, tmp_path,
+                                                                   capsys):
+    """train.device, dtype, threads, compile and nproc_per_node say where and how, not
+    what: an interrupted run goes on (saying so when the rounding changes with them)."""
+    from pipeline.lm.pretrain_run import pretrain_run_id
+
+    threads = torch.get_num_threads()
+    _crashed_at(token_data, tmp_path / "s", 15, device="cpu", dtype="float32")
+    capsys.readouterr()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        again = _trainer(token_data, tmp_path / "s", device="auto", dtype="auto",
+                         threads=torch.get_num_threads(), nproc_per_node=4, peer_timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.resumed_from == 12
+    said = capsys.readouterr().out
+    assert f"resuming from step 12 of 24; written with threads {threads} there, " in said
+    assert "the remaining steps round as this machine does" in said
+    # What the process count changes is the global batch: the world size, part of the run.
+    params = parse_params({"model": TINY_MODEL, "train": TINY_TRAIN})
+    inputs = {"tokens": token_data / "tokens"}
+    one, two = (pretrain_run_id(params.model, params.train, size, inputs) for size in (1, 2))
+    assert list(two.differences(one)) == ["world_size"]
 
 
 def test_a_longer_budget_resumes_only_where_the_steps_done_had_the_same_learning_rates(
@@ -288,7 +314,7 @@ def test_float16s_loss_scale_is_resumed(token_data, tmp_path):
     """float16 (GPUs without bfloat16; here autocast on the CPU) scales its loss with a
     GradScaler whose scale is state: a resumed run must go on with it, not start over."""
     def fp16(state_dir: Path) -> Trainer:
-        trainer = _trainer(token_data, state_dir, dtype=torch.float16)
+        trainer = _trainer(token_data, state_dir, precision=torch.float16)
         if trainer.resumed_from is None:  # a scale a fresh scaler would not start from
             trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 1024.0})
         return trainer

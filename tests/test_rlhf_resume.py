@@ -15,6 +15,7 @@ dvclive plots must equal those of an uninterrupted run, wherever its best step f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -159,6 +160,24 @@ def test_a_finished_snapshot_is_not_tuned_again_and_a_foreign_one_not_resumed(tm
     assert "(step 4 of 12) is of another run (fingerprint = 'run' there, 'other inputs' " \
            "here): set aside in" in said
     assert _tuner(params, tmp_path).resumed_from == 4  # the inputs back: resumed
+
+
+def test_rl_never_snapshots_non_finite_weights(tmp_path):
+    """The run component refuses them for every loop: a policy weight gone NaN after the
+    evaluation of step 4 stops the run at its snapshot, and the one of step 2 stays."""
+    from pipeline.core.runs import NonFiniteWeights
+
+    tuner = _tuner(_params("dpo", 1e-2), tmp_path)
+
+    def poison(step: int) -> None:
+        if step == 4:
+            with torch.no_grad():
+                tuner.policy.value_head.weight.fill_(math.nan)
+
+    with pytest.raises(NonFiniteWeights, match="rlhf: .*is not finite at step 4: refusing to "
+                                               r"save it; the last good snapshot \(step 2\)"):
+        tuner.run(progress=poison)
+    assert json.loads((tmp_path / "snapshot/state.json").read_text())["step"] == 2
 
 
 # ------------------------------------------------------------------------------- the stage
