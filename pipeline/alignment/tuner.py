@@ -190,6 +190,7 @@ class Tuner:
         rng = {"sample": self.sample_generator.get_state(),
                "shuffle": self.shuffle_generator.get_state(), "torch": torch.get_rng_state()}
         info = {
+            "steps": self.rlhf.steps,
             "kl_coef": self.controller.value,
             "pending": self.batches.pending,
             "since_best": self.since_best,
