@@ -198,6 +198,21 @@ def test_a_damaged_snapshot_is_set_aside_and_the_run_starts_afresh(tmp_path, cap
                                                                     "state.safetensors"]
 
 
+def test_a_damaged_run_set_aside_is_not_resumed_and_stays_where_it_is(tmp_path, capsys):
+    folder = tmp_path / "run"
+    _snapshot(folder, 4)
+    assert _start(folder, _run_id(lr=0.2)) is None
+    aside = folder / "aside" / _run_id().digest[:12]
+    tensors = aside / "snapshot" / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-1] + b"!")
+    capsys.readouterr()
+    assert _start(folder) is None
+    assert (f"stage: the run set aside in {aside} would resume, but {tensors}: damaged (its "
+            "sha256 is not the one it was saved with); it stays there\n"
+            ) == capsys.readouterr().out
+    assert tensors.is_file()
+
+
 @pytest.mark.parametrize("make", [
     lambda root: (root / "user.txt").write_text("mine"),
     lambda root: save_model(root / "best", *_tiny_gpt(), {}, None) or (root / "last").mkdir(),

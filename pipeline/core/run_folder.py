@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import MAX_JSON_BYTES, check_size
 from pipeline.core.machine import describe_machine, machine_differences
 from pipeline.core.run_id import RunId, describe_changes
 from pipeline.core.snapshot import (
     STATE_JSON,
     STATE_TENSORS,
-    folder_files,
     parse_info,
     parse_tensors,
     write_folder_files,
@@ -73,28 +73,41 @@ class Held:
 
 
 def read_held(where: Path) -> Held:
-    """The snapshot in ``where`` (none: ``files`` None), checked whole: its JSON parses
-    and its tensor file has the sha256 it was saved with."""
+    """The snapshot in ``where`` as far as deciding about it needs: its ``state.json``
+    (``files`` None: there is none; ``damage``: why it cannot be one)."""
     held = Held(where)
     if not where.exists():
         return held
+    held.files = {}
     try:
-        held.files = folder_files(where) or {}
-        if STATE_JSON not in held.files or STATE_TENSORS not in held.files:
+        names = {p.name for p in where.iterdir()} if where.is_dir() else set()
+        if not {STATE_JSON, STATE_TENSORS} <= names:
             raise GptpipeError(f"{where}: incomplete ({STATE_JSON} and {STATE_TENSORS} needed)")
+        check_size(where / STATE_JSON, MAX_JSON_BYTES, "snapshot")
+        held.files[STATE_JSON] = (where / STATE_JSON).read_bytes()
         held.info = parse_info(held.files[STATE_JSON], where / STATE_JSON)
         if not isinstance(held.info.get("step"), int) or held.info["step"] < 0:
             raise GptpipeError(f"{where / STATE_JSON}: no step")
+    except (GptpipeError, OSError) as err:
+        held.damage = str(err)
+    return held
+
+
+def read_whole(held: Held) -> None:
+    """Read the tensor file of a snapshot to resume, checked against the sha256 it was
+    saved with (``held.damage`` says what is wrong)."""
+    where = held.where
+    try:
+        data = (where / STATE_TENSORS).read_bytes()
         recorded = held.info.get("tensors_sha256")
-        data = held.files[STATE_TENSORS]
         if recorded is None:  # written before the sha256 was recorded: parse it whole
             parse_tensors(data, where / STATE_TENSORS)
         elif hashlib.sha256(data).hexdigest() != recorded:
             raise GptpipeError(f"{where / STATE_TENSORS}: damaged (its sha256 is not the one "
                                "it was saved with)")
+        held.files = {**(held.files or {}), STATE_TENSORS: data}
     except (GptpipeError, OSError) as err:
         held.damage = str(err)
-    return held
 
 
 @dataclass
@@ -210,8 +223,11 @@ class RunFolder:
         held = read_held(self.snapshot)
         verdict = self.verdict(held)
         if verdict.kind in ("resume", "reuse"):
-            self._say_resuming(held, verdict)
-            return held
+            read_whole(held)
+            if held.damage is None:
+                self._say_resuming(held, verdict)
+                return held
+            verdict = Verdict("damaged", held.damage)
         restored = self._find_aside()
         self._clear(held, verdict, keep_slot=restored is not None)
         if restored is None:
@@ -241,7 +257,11 @@ class RunFolder:
             held = read_held(entry / SNAPSHOT)
             verdict = self.verdict(held)
             if verdict.kind in ("resume", "reuse"):
-                return entry.name, held, verdict
+                read_whole(held)
+                if held.damage is None:
+                    return entry.name, held, verdict
+                self._say(f"the run set aside in {entry} would resume, but {held.damage}; "
+                          "it stays there")
         return None
 
     def _clear(self, held: Held, verdict: Verdict, keep_slot: bool) -> None:
