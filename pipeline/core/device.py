@@ -38,7 +38,7 @@ class Runtime:
     # Whether this process writes the run folder and the stage's outputs: the first
     # process of each machine, so that every machine holds the whole run (a torchrun
     # rendezvous may give global rank 0 to any machine), but only one of the machines
-    # that share a folder (see pipeline.lm.training.one_writer_per_folder).
+    # that share a folder (see pipeline.core.ranks.one_writer_per_folder).
     writes_files: bool = True
 
     @property
