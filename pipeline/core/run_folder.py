@@ -66,8 +66,9 @@ class Held:
 
     @property
     def finished(self) -> bool:
-        """Over by its own budget (or stopped early, as an RL run without progress is)."""
-        total = self.info.get("total_steps")
+        """Over by its own budget (or stopped early, as an RL run without progress is);
+        RL's snapshots written before ``total_steps`` was recorded name it ``steps``."""
+        total = self.info.get("total_steps", self.info.get("steps"))
         return bool(self.info.get("stopped_early")) or (isinstance(total, int)
                                                         and self.step >= total)
 
