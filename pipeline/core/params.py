@@ -268,6 +268,10 @@ class TrainParams(_Section):
     # Processes on this machine: > 1 re-launches the stage under torchrun (DDP), one per
     # GPU (or CPU processes with gloo). Several machines: see the README.
     nproc_per_node: int = 1
+    # Several processes: the seconds one may go without a sign of life (killed, frozen, its
+    # machine gone) before every other stops with one line naming it; a collective that a
+    # live process does not join fails a little later.
+    peer_timeout: float = 300.0
     seed: int = 1337
     # Sequences per optimizer step per process = batch_size * grad_accum.
     batch_size: int = 16
@@ -299,6 +303,8 @@ class TrainParams(_Section):
         )
         if self.steps == 0 and self.tokens == 0:
             raise self.fail("steps", self.steps, "a budget: train.steps > 0 or train.tokens > 0")
+        if not self.peer_timeout >= 5:  # several heartbeats, one a second (core/peers.py)
+            raise self.fail("peer_timeout", self.peer_timeout, "a number of seconds >= 5")
         if self.min_lr > self.lr:
             raise self.fail("min_lr", self.min_lr, f"at most train.lr ({self.lr})")
         for key in ("beta1", "beta2"):
