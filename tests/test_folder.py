@@ -13,7 +13,7 @@ from conftest import run_cmd, save_tiny_checkpoint, synthetic_documents
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import load_state, tied_names, unique_state
+from pipeline.core.weights import load_state, tied_names, unique_state
 from pipeline.lm.folder import GPTPIPE, OLDER_GPTPIPE, TRANSFORMERS, ModelFolder
 from pipeline.lm.hf import write_transformers_folder
 

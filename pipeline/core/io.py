@@ -40,13 +40,6 @@ from pipeline.core.jsonfile import (  # noqa: F401 - importable from here, as al
     parse_json,
     read_json,
 )
-from pipeline.core.weights import (  # noqa: F401 - importable from here, as always
-    load_state,
-    load_tensors,
-    save_tensors,
-    tied_names,
-    unique_state,
-)
 
 _TMP_MARK = ".tmp-"
 # The tail of an aside copy's name: the previous output while its replacement moves in.

@@ -58,7 +58,6 @@ from torch import nn
 
 from pipeline.core.device import Runtime, together
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import unique_state
 from pipeline.core.ranks import check_same_run, newest_snapshot, one_writer_per_folder
 from pipeline.core.run_folder import ASIDE, ASIDE_LIMIT, SNAPSHOT, Allow, RunFolder
 from pipeline.core.run_id import RunId, run_fingerprint
@@ -74,6 +73,7 @@ from pipeline.core.snapshot import (
     save_training_state,
     snapshot_tensors,
 )
+from pipeline.core.weights import unique_state
 
 __all__ = ["ASIDE", "ASIDE_LIMIT", "SNAPSHOT", "Allow", "BestWeights", "NonFiniteWeights",
            "Run", "RunFolder", "RunId", "StopSignals", "apply_training_state",

@@ -20,16 +20,8 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import (
-    MAX_JSON_BYTES,
-    atomic_dir,
-    check_size,
-    load_tensors,
-    parse_json,
-    save_tensors,
-    sha256_file,
-    unique_state,
-)
+from pipeline.core.io import MAX_JSON_BYTES, atomic_dir, check_size, parse_json, sha256_file
+from pipeline.core.weights import load_state, load_tensors, save_tensors, unique_state
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -146,17 +138,6 @@ def load_training_state(directory: str | Path, module: nn.Module,
                                 optimizer, directory)
 
 
-def load_into(module: nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Load ``weights`` into ``module``; the later names of tied tensors may be absent."""
-    tied = set(module.state_dict()) - set(unique_state(module))
-    try:
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-    except RuntimeError:  # a tensor of another shape
-        raise GptpipeError(f"{where}: the weights do not match the model") from None
-    if set(missing) - tied or unexpected:
-        raise GptpipeError(f"{where}: the weights do not match the model")
-
-
 def apply_training_state(tensors: dict[str, torch.Tensor] | bytes, info: dict[str, Any],
                          module: nn.Module, optimizer: torch.optim.Optimizer,
                          where: str | Path = "the snapshot"
@@ -167,7 +148,7 @@ def apply_training_state(tensors: dict[str, torch.Tensor] | bytes, info: dict[st
         tensors = parse_tensors(tensors, where)
     info = dict(info)
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    load_into(module, weights, where)
+    load_state(module, weights, f"{where}: the weights do not match the model")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, info.pop("optimizer")))
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     return rng, info

@@ -23,7 +23,8 @@ import yaml
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_dir, save_tensors, unique_state
+from pipeline.core.io import atomic_dir
+from pipeline.core.weights import save_tensors, unique_state
 from pipeline.data.tokenizer import TextTokenizer
 from pipeline.lm.folder import (  # noqa: F401 - the names callers import from here
     CONFIG,

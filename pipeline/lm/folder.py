@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import load_state, load_tensors, read_json
+from pipeline.core.io import read_json
+from pipeline.core.weights import load_state, load_tensors
 from pipeline.data.tokenizer import MadeWith, TextTokenizer, load_tokenizer, require_tokenizer
 from pipeline.lm.hf import (
     HF_CONFIG,

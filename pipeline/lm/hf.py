@@ -38,14 +38,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import (
-    MAX_JSON_BYTES,
-    check_size,
-    load_state,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
+from pipeline.core.io import MAX_JSON_BYTES, check_size, read_json
+from pipeline.core.weights import load_state, load_tensors, save_tensors
 from pipeline.data.tokenizer import (
     BOS_ID,
     EOS_ID,

@@ -43,6 +43,7 @@ from pipeline.lm.batching import (
     is_out_of_memory,
 )
 from pipeline.lm.checkpoint import load_weights, save_model
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.optim import adamw
 from pipeline.lm.pretrain_run import budget_change, pretrain_run_id, settings_of, total_steps
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, model_params: ModelParams, train: TrainParams, runtime: Runtime,
                  train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int,
                  inputs: dict[str, Path], state_dir: Path, provenance: dict[str, Any],
-                 init_from: Path | None = None,
+                 init_from: ModelFolder | Path | None = None,
                  shared_settings: dict[str, Any] | None = None) -> None:
         self.train, self.runtime, self.provenance = train, runtime, provenance
         # Up to the first collective, set-up can fail in one process only (its machine's
@@ -117,7 +118,8 @@ class Trainer:
         self.fault_step = int(fault) if fault.isdigit() else None
 
     def _build(self, model_params: ModelParams, vocab_size: int, train_tokens: np.ndarray,
-               val_tokens: np.ndarray, inputs: dict[str, Path], init_from: Path | None) -> None:
+               val_tokens: np.ndarray, inputs: dict[str, Path],
+               init_from: ModelFolder | Path | None) -> None:
         """This process's own set-up: the run's identity, model, optimizer, data."""
         train, runtime = self.train, self.runtime
         self.config = GPTConfig(vocab_size=vocab_size, **asdict(model_params))

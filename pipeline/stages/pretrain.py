@@ -46,8 +46,9 @@ from pipeline.core.runs import one_writer_per_folder
 from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_tokenizer
-from pipeline.lm.checkpoint import base_model, check_same_shape, load_model, open_model_folder
+from pipeline.lm.checkpoint import base_model, check_same_shape
 from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPTConfig
 from pipeline.lm.training import StepLog, Trainer
 
@@ -77,13 +78,14 @@ def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path
     # Each machine checks its own checkout; one that fails stops every process.
     meta, text_tokenizer, base, train_tokens, val_tokens = together(
         runtime, lambda: _read_inputs(params, tokens, tokenizer))
-    inputs = {"tokens": tokens, "tokenizer": tokenizer, **({"init_from": base} if base else {})}
+    inputs = {"tokens": tokens, "tokenizer": tokenizer,
+              **({"init_from": base.path} if base else {})}
     provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
-                  **({"init_from": str(base)} if base else {})}
+                  **({"init_from": str(base.path)} if base else {})}
     if runtime.is_main:
         say("pretrain", f"device {runtime.describe()}")
         if base is not None:
-            say("pretrain", f"continuing {base}")
+            say("pretrain", f"continuing {base.path}")
     runtime = one_writer_per_folder(runtime, checkpoint)
     trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
                       int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
@@ -111,20 +113,23 @@ def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
             read_tokens(tokens / "val"))
 
 
-def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int) -> Path | None:
-    """``train.init_from``'s model folder, once its tokenizer is the data's and its shape
-    the model section's; None for random weights."""
-    base = base_model(params.train.init_from)
-    if base is None:
+def _check_base_model(params: Params, tokenizer: TextTokenizer,
+                      vocab_size: int) -> ModelFolder | None:
+    """``train.init_from``'s model folder (opened once: the trainer loads its weights
+    from it), once its tokenizer is the data's and its shape the model section's; None
+    for random weights."""
+    path = base_model(params.train.init_from)
+    if path is None:
         return None
-    config, _, base_tokenizer = open_model_folder(base)
+    base = ModelFolder.open(path)
+    config, base_tokenizer = base.config, base.tokenizer()
     if base_tokenizer.sha256 != tokenizer.sha256:
         raise GptpipeError(
-            f"train.init_from = {base}: its tokenizer is not the data's ({tokenizer.path}); "
+            f"train.init_from = {path}: its tokenizer is not the data's ({tokenizer.path}); "
             "set vocab.kind: from_model, so that the vocab stage copies the base model's "
             "tokenizer and the data is tokenized with it"
         )
-    check_same_shape(base, config, GPTConfig(vocab_size=vocab_size, **asdict(params.model)))
+    check_same_shape(path, config, GPTConfig(vocab_size=vocab_size, **asdict(params.model)))
     return base
 
 
@@ -182,7 +187,7 @@ def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Pa
 def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady) -> dict:
     runtime = trainer.runtime
     # The best checkpoint, scored on the val split (the periodic evals use a few windows).
-    best, _ = load_model(out / "best", runtime.device)
+    best = ModelFolder.open(out / "best").load_model(runtime.device)
     scores = score_val(best)
     val_loss, bits_per_byte = scores["loss"], scores["bpb"]
     steps_run = trainer.step - start_step
