@@ -2,6 +2,13 @@
 
 Stage modules are imported only when their subcommand runs, so ``gptpipe --help`` and a
 cheap stage start fast without loading torch or pyarrow.
+
+Before any of them imports torch, :func:`pin_kernels` fixes the code paths of the CPU math
+libraries, so that float32 training gives the same bits on every x86-64 machine with AVX2
+or newer: torch's own kernels (ATen), MKL's BLAS and oneDNN each pick, by default, the
+widest vector instructions the CPU has, and AVX-512 sums in another order than AVX2.
+``GPTPIPE_KERNELS=native`` in the environment lifts the pin, for speed over identical bits
+(bench/README.md measures the cost).
 """
 
 from __future__ import annotations
@@ -10,11 +17,29 @@ import ast
 import importlib
 import importlib.util
 import os
+import platform
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import click
 
+from pipeline.core.errors import GptpipeError
 from pipeline.core.stage import command_help
+
+# The AVX2 code path of every CPU math library the stages run, set before torch is imported
+# (each library reads its switch once, when it loads). AVX2 is the widest instruction set
+# that every x86-64 machine of the last decade has; MKL's STRICT mode also makes its matrix
+# products independent of the thread count.
+PINNED_KERNELS: dict[str, str] = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+}
+# The environment switch that lifts the pin: "native" (each library's own choice) or
+# "avx2" (the default).
+KERNELS_SWITCH = "GPTPIPE_KERNELS"
 
 # subcommand -> module that defines ``main`` (a click command), in pipeline order.
 COMMANDS: dict[str, str] = {
@@ -69,9 +94,30 @@ def cli() -> None:
     """
 
 
+def pin_kernels(environ: MutableMapping[str, str], machine: str) -> None:
+    """Set :data:`PINNED_KERNELS` in ``environ`` on an x86-64 ``machine``, unless
+    ``GPTPIPE_KERNELS=native`` asks for each library's own choice. Values set outside are
+    replaced: a machine capped lower would compute other bits. Other architectures (Arm)
+    have one code path per build and keep it.
+
+    Torchrun workers and every process a stage starts inherit the environment, so they
+    run the same kernels."""
+    choice = environ.get(KERNELS_SWITCH, "avx2")
+    if choice not in ("avx2", "native"):
+        raise GptpipeError(f"environment {KERNELS_SWITCH}={choice!r}: allowed avx2 (the "
+                           "same bits on every x86-64 machine) or native (fastest)")
+    if choice == "avx2" and machine.lower() in ("x86_64", "amd64"):
+        environ.update(PINNED_KERNELS)
+
+
 def main() -> None:
     # DVC is driven from our tests and scripts; never send its usage analytics.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    try:
+        pin_kernels(os.environ, platform.machine())
+    except GptpipeError as error:  # raised before click runs: print it as click would
+        error.show()
+        raise SystemExit(error.exit_code) from None
     cli()
 
 
