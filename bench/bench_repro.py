@@ -13,6 +13,12 @@ In a fresh `git clone` of this repository (no .venv, no data, an empty DVC cache
    each took; then `dvc params diff`, `dvc metrics diff` and `dvc exp show` against the
    committed run are saved beside the report (the README's experiment excerpt).
 
+``--kernels ROUNDS`` measures instead what the CPU kernel pin costs (pipeline/cli.py,
+``GPTPIPE_KERNELS``): ``--kernel-steps`` AdamW steps of the default pretraining (model,
+batch 16 x 128 tokens, vocabulary 8192), in fresh processes alternating pinned (avx2) and
+native, ROUNDS of each; tokens per second of process CPU time, which other processes'
+load skews less than wall time.
+
 ``--smallest`` checks that the script works, in about a minute: the clone runs the tiny
 params (``tests/tiny_params.yaml``) on 240 builtin articles, with this environment's
 tools instead of a .venv of its own (``dvc repro`` and the summary, no install), one
@@ -109,6 +115,66 @@ def save_excerpts(repo: Path, path: Path, tools: Path) -> None:
          "gold_after|win_rate"])))
 
 
+# The default pretraining's step, timed after two warm-up steps; prints the tokens trained,
+# the CPU seconds and the wall seconds they took, and torch's chosen CPU capability.
+KERNEL_STEPS = """
+import os, platform, sys, time
+from pipeline.cli import pin_kernels
+pin_kernels(os.environ, platform.machine())
+import torch
+from pipeline.lm.model import GPT, GPTConfig
+from pipeline.lm.optim import adamw
+steps = int(sys.argv[1])
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=8192))
+optimizer = adamw(model, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), device=torch.device("cpu"))
+batch = torch.randint(0, 8192, (16, 129))  # (B, T + 1)
+def step():
+    _, loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+for _ in range(2):
+    step()
+cpu, wall = time.process_time(), time.perf_counter()
+for _ in range(steps):
+    step()
+print(steps * 16 * 128, time.process_time() - cpu, time.perf_counter() - wall,
+      torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def kernel_cost(rounds: int, steps: int) -> str:
+    """Pinned against native kernels, alternating: a Markdown report."""
+    rates: dict[str, list[float]] = {"avx2": [], "native": []}
+    walls: dict[str, list[float]] = {"avx2": [], "native": []}
+    chosen = {}
+    for _ in range(rounds):
+        for choice in rates:
+            env = {**environment(BIN), "GPTPIPE_KERNELS": choice, "PYTHONPATH": str(REPO_ROOT)}
+            done = subprocess.run([sys.executable, "-c", KERNEL_STEPS, str(steps)], env=env,
+                                  check=True, capture_output=True, text=True)
+            tokens, cpu, wall, chosen[choice] = done.stdout.split()
+            rates[choice].append(int(tokens) / float(cpu))
+            walls[choice].append(int(tokens) / float(wall))
+    pinned, native = (statistics.median(rates[c]) for c in ("avx2", "native"))
+    cpu_name = next((line.split(":", 1)[1].strip() for line in
+                     Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), platform.processor())
+    return "\n".join([
+        f"### CPU kernel pin, {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"- machine: {cpu_name}, {os.cpu_count()} cores; {rounds} rounds of {steps} steps",
+        "",
+        "| kernels | capability | tokens per CPU second (median) | tokens/s wall (median) |",
+        "|---|---|---:|---:|",
+        *(f"| {c} | {chosen[c]} | {statistics.median(rates[c]):.0f} | "
+          f"{statistics.median(walls[c]):.0f} |" for c in rates),
+        "",
+        f"Pinned runs at **{pinned / native:.1%}** of native speed (CPU time).",
+    ])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -121,6 +187,9 @@ def parse_args() -> argparse.Namespace:
                         help="tiny params and this environment's tools: a check that the "
                         "script works, not a measurement")
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--kernels", type=int, metavar="ROUNDS",
+                        help="measure the CPU kernel pin's cost instead (see the module doc)")
+    parser.add_argument("--kernel-steps", type=int, default=10)
     args = parser.parse_args()
     defaults = SMALLEST_DEFAULTS if args.smallest else {"change": "train.lr=0.0025",
                                                         "noop_runs": 5}
@@ -132,6 +201,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.kernels:
+        publish(kernel_cost(args.kernels, args.kernel_steps), args.out)
+        return
     work = args.workdir or work_folder("gptpipe-repro-")
     work.mkdir(parents=True, exist_ok=True)
     repo = work / "gptpipe"
