@@ -129,3 +129,11 @@ def test_the_machine_record_names_what_picks_the_kernels():
     assert there["cpu_capability"] == "DEFAULT"
     differing = machine_differences(there, describe_machine())
     assert any(line.startswith("kernel_switches ") for line in differing)
+
+
+def test_the_machine_record_says_when_the_kernel_pin_is_lifted():
+    # GPTPIPE_KERNELS=native: each library's widest kernels, so other bits than the pin's.
+    env = {**os.environ, "GPTPIPE_KERNELS": "native"}
+    record = json.loads(subprocess.run([sys.executable, "-c", _DESCRIBE], env=env, check=True,
+                                       capture_output=True, text=True).stdout)
+    assert record["kernel_switches"]["GPTPIPE_KERNELS"] == "native"

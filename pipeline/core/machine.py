@@ -22,8 +22,9 @@ import torch
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
               "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd",
               "sve", "sve2", "bf16", "i8mm")
-# Environment switches that make torch, MKL or oneDNN pick other kernels.
-_KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+# Environment switches that make torch, MKL or oneDNN pick other kernels, and gptpipe's own
+# (GPTPIPE_KERNELS=native: the libraries' widest kernels instead of the AVX2 pin, cli.py).
+_KERNEL_SWITCHES = ("GPTPIPE_KERNELS", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
                     "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG",
                     "NVIDIA_TF32_OVERRIDE")
 
