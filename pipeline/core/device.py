@@ -5,7 +5,8 @@ per device: bfloat16 autocast on GPUs that support it, float16 with a gradient s
 older GPUs, float32 on CPU. ``bfloat16`` on a CPU is allowed where the processor runs it
 natively (AVX512-BF16 or AMX on x86, the BF16 extension on Arm) and refused elsewhere,
 where it is emulated and far slower than float32; "auto" keeps float32 on every CPU so
-that the default run's outputs are the same bits on any machine (see params.yaml).
+that, with the AVX2 kernel pin the ``gptpipe`` entry point sets (pipeline/cli.py), the
+default run's outputs are the same bits on any x86-64 machine (see params.yaml).
 """
 
 from __future__ import annotations
