@@ -119,8 +119,8 @@ def save_excerpts(repo: Path, path: Path, tools: Path) -> None:
 # the CPU seconds and the wall seconds they took, and torch's chosen CPU capability.
 KERNEL_STEPS = """
 import os, platform, sys, time
-from pipeline.cli import pin_kernels
-pin_kernels(os.environ, platform.machine())
+from pipeline.cli import physical_cores, pin_kernels
+pin_kernels(os.environ, platform.machine(), physical_cores())
 import torch
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.optim import adamw

@@ -12,15 +12,15 @@ import textwrap
 import pytest
 from conftest import BIN, REPO_ROOT
 
-from pipeline.cli import KERNELS_SWITCH, PINNED_KERNELS, pin_kernels
+from pipeline.cli import KERNELS_SWITCH, PINNED_KERNELS, pin_kernels, pinned_threads
 
 # A few AdamW steps of the default model shape (float32, fused AdamW as pretraining runs it),
 # in a fresh process that sets the pin as the `gptpipe` entry point does, before torch is
 # imported. Prints torch's chosen CPU capability and a digest of the trained weights.
 _STEPS = textwrap.dedent("""
     import hashlib, os, platform, sys
-    from pipeline.cli import pin_kernels
-    pin_kernels(os.environ, platform.machine())
+    from pipeline.cli import physical_cores, pin_kernels
+    pin_kernels(os.environ, platform.machine(), physical_cores())
     import torch
     from pipeline.lm.model import GPT, GPTConfig
     from pipeline.lm.optim import adamw
@@ -46,7 +46,7 @@ _STEPS = textwrap.dedent("""
 # What an AVX2-only machine's libraries choose by themselves.
 _AVX2_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
                  "ONEDNN_MAX_CPU_ISA": "AVX2"}
-_SWITCHES = (*PINNED_KERNELS, KERNELS_SWITCH)
+_SWITCHES = (*PINNED_KERNELS, KERNELS_SWITCH, "OMP_NUM_THREADS")
 
 
 def _cpu_flags() -> set[str]:
@@ -86,23 +86,32 @@ def test_pinned_kernels_give_the_same_bits_as_an_avx2_machine():
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
                     or "avx2" not in _cpu_flags(), reason="an x86-64 CPU with AVX2")
-def test_pinned_kernels_do_not_depend_on_the_thread_count():
-    # train.threads 0 takes every core, so two machines may train with different counts.
-    assert _train({}, threads=1) == _train({}, threads=2)
+def test_pinned_thread_counts_give_the_same_bits():
+    # Machines have different core counts; the pin rounds them down to a power of two.
+    assert _train({}, threads=1) == _train({}, threads=2) == _train({}, threads=4)
+
+
+def test_pinned_threads_are_the_largest_power_of_two_that_fits():
+    assert [pinned_threads(cores) for cores in (0, 1, 2, 3, 6, 8, 12, 64)] == \
+        [1, 1, 2, 2, 4, 8, 8, 64]
 
 
 def test_pin_sets_every_switch_on_x86_and_replaces_values_set_outside():
     environ = {"ATEN_CPU_CAPABILITY": "default", "OTHER": "kept"}
-    pin_kernels(environ, "x86_64")
-    assert environ == {**PINNED_KERNELS, "OTHER": "kept"}
+    pin_kernels(environ, "x86_64", cores=6)
+    assert environ == {**PINNED_KERNELS, "OTHER": "kept", "OMP_NUM_THREADS": "4"}
+    # A thread count set outside is the user's choice (the machine record keeps it).
+    chosen = {"OMP_NUM_THREADS": "3"}
+    pin_kernels(chosen, "x86_64", cores=6)
+    assert chosen["OMP_NUM_THREADS"] == "3"
 
 
 def test_native_lifts_the_pin_and_other_architectures_keep_their_own_kernels():
     native = {KERNELS_SWITCH: "native"}
-    pin_kernels(native, "x86_64")
+    pin_kernels(native, "x86_64", cores=6)
     assert native == {KERNELS_SWITCH: "native"}
     arm: dict[str, str] = {}
-    pin_kernels(arm, "aarch64")
+    pin_kernels(arm, "aarch64", cores=6)
     assert arm == {}
 
 
