@@ -43,17 +43,18 @@ test: install
 	python -m pytest -q
 
 # A clean venv resolves gptpipe alone (the pipeline's set of packages), then with its test
-# extras; both locks take their versions from that one resolution, so they agree. torch's
-# local build label (+cpu) is dropped: a GPU machine installs the CUDA build of that version.
+# extras; both locks take their versions from that one resolution, so they agree. Editable
+# installs: nothing is built in the work tree. torch's local build label (+cpu) is dropped:
+# a GPU machine installs the CUDA build of that version.
 LOCK_VENV := $(VENV)/lock-resolution
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOCK_VENV)/bin/python -m pip install --quiet .
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e .
 	$(LOCK_VENV)/bin/python -m pip freeze --exclude gptpipe | sed 's/+[a-z0-9.]*$$//' \
 		> $(LOCK_VENV)/pipeline.txt
-	$(LOCK_VENV)/bin/python -m pip install --quiet '.[test]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[test]'
 	mkdir -p requirements
 	{ echo "# make lock: every package make test installs, at exact versions"; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --exclude gptpipe | sed 's/+[a-z0-9.]*$$//'; \
