@@ -80,7 +80,7 @@ Options:
 
 Exit status: 0 when every row recovered, 1 otherwise. About 2.5 minutes per round on two
 CPU cores with the defaults. Its kill points depend on the machine's speed, so only the
-smallest mode runs in the test suite (tests/test_kill_loop.py), as a check that the
+smallest mode runs in the test suite (tests/test_bench.py), as a check that the
 script still works, not as a measurement.
 """
 
