@@ -67,13 +67,29 @@ def all_commands() -> list[tuple[str, list[str]]]:
             for argv in commands(block)]
 
 
+def inline_commands() -> list[tuple[str, list[str]]]:
+    """Commands quoted in the prose (`gptpipe export --params ...`). A span with an option
+    is a command and is parsed whole; one without (`gptpipe vocab`, `dvc exp`) names a
+    command, and only that name is checked."""
+    found = []
+    for page in PAGES:
+        prose = FENCE.sub("", page.read_text(encoding="utf-8")).replace("\n", " ")
+        for span in re.findall(r"`([^`]+)`", prose):
+            words = span.split()
+            if words[0] in CHECKS and len(words) > 1 and words[0] != "python":
+                found.append((page.name, commands(span)[0]))
+    return found
+
+
 def _argparse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
     """``parser.parse_args(args)``, its usage message in the error instead of an exit."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             return parser.parse_args(args)
-    except SystemExit:
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help
+            return argparse.Namespace(module=False)
         raise AssertionError(err.getvalue().strip().splitlines()[-1]) from None
 
 
@@ -82,6 +98,8 @@ def check_gptpipe(args: list[str]) -> None:
 
     from pipeline.cli import COMMANDS, cli
 
+    if args in (["--help"], ["-h"], ["--version"]):
+        return
     assert args and args[0] in COMMANDS, f"no gptpipe subcommand {args[:1]}"
     command = cli.get_command(click.Context(cli), args[0])
     ctx = click.Context(command, info_name=args[0])
@@ -219,9 +237,21 @@ def test_every_command_parses(page, argv):
     check(argv)
 
 
+@pytest.mark.parametrize("page, argv", inline_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v)[:60])
+def test_every_command_in_the_prose_parses(page, argv):
+    if any(word.startswith("-") for word in argv):
+        check(argv)
+    elif argv[0] in ("gptpipe", "make"):
+        check(argv[:2] + ["--help"] * (argv[0] == "gptpipe"))
+    else:  # dvc exp, dvc plots show: a dvc command and its subcommands
+        check([*argv, "--help"])
+
+
 @pytest.mark.parametrize("wrong", [
     "gptpipe export --model models/pretrain/best --out models/hf/pretrain",  # no --params
     "gptpipe generate --model m --temprature 0.7 hi",
+    "gptpipe pretrian --params params.yaml",
     "dvc exp run -S train.lr=0.001 --no-such-flag",
     "dvc metrics diff HEAD~1 HEAD --all-the-things",
     "torchrun --nnodes=2 --node-rank-typo=0 -m pipeline.cli pretrain --params params.yaml",
