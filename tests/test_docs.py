@@ -303,3 +303,34 @@ def test_the_pages_are_shorter_than_the_readme_they_replace():
     lines = sum(len(page.read_text(encoding="utf-8").splitlines()) for page in PAGES)
     assert lines < 1108 + 23 + 56 + 104, lines
     assert len((REPO_ROOT / "README.md").read_text().splitlines()) < 200
+
+
+def test_the_readme_summary_is_what_make_pipeline_prints(capsys):
+    from pipeline import report
+
+    report.main(REPO_ROOT)
+    printed = capsys.readouterr().out.strip()
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"```text\n{printed}\n```" in readme
+
+
+def test_the_readme_links_every_page():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for page in sorted((REPO_ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+
+
+def test_the_transformers_example_runs(tiny_project):
+    """The Python block of docs/elsewhere.md, on the tiny model exported where it looks."""
+    pytest.importorskip("transformers")
+    text = (REPO_ROOT / "docs" / "elsewhere.md").read_text(encoding="utf-8")
+    (code,) = [m["body"] for m in FENCE.finditer(text) if m["lang"] == "python"]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run(["gptpipe", "export", "--params", "params.yaml", "--model",
+                    "models/pretrain/best", "--out", "models/hf/pretrain"],
+                   cwd=tiny_project, env=env, check=True, capture_output=True)
+    result = subprocess.run([str(BIN / "python"), "-c", code], cwd=tiny_project, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("The river"), result.stdout
