@@ -2,11 +2,17 @@
 
 - Every generated block of README.md and docs/*.md is what ``pipeline/docs.py`` writes now
   from ``metrics/*.json``, ``params.yaml``, the CLI and the size limits in the code.
-- Every command of every ``bash`` block parses against the real command line: ``gptpipe``
-  through click (unknown options, missing required ones), ``dvc`` through DVC's parser,
-  ``torchrun`` through PyTorch's, ``pip`` through pip's, ``lm_eval`` through lm-eval's,
-  ``make`` against the Makefile. The model commands (``gptpipe generate``, ``gptpipe
-  export``) are also run, as written, in a tiny project.
+- Every command of every ``bash`` block, and every command quoted in the prose, parses
+  against the real command line: ``gptpipe`` through click (unknown options, missing
+  required ones), ``dvc`` through DVC's parser (and its stages and ``-S`` params are
+  dvc.yaml's and params.yaml's), ``torchrun`` through PyTorch's, ``pip`` through pip's,
+  ``lm_eval`` through lm-eval's, ``make`` against the Makefile.
+- Run as written, in a tiny project: the model commands (``gptpipe generate``, ``gptpipe
+  export``) and the Transformers example. Checked, not run here: ``make`` (the whole
+  pipeline or suite), ``dvc`` (a full run each; tests/test_compare_runs.py and
+  tests/test_remote.py run the comparing and sharing walk-throughs), ``torchrun`` on
+  several machines or GPUs, ``pip install``, ``lm_eval`` (tests/test_lm_eval.py runs it)
+  and ``python -c`` (compiled only).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import BIN, REPO_ROOT, save_tiny_checkpoint, synthetic_documents
 
 from pipeline import docs
@@ -118,9 +125,17 @@ def check_dvc(args: list[str]) -> None:
     from dvc.cli.parser import get_main_parser
 
     try:
-        _argparse(get_main_parser(), args)
+        parsed = _argparse(get_main_parser(), args)
     except DvcParserError:  # DVC's parser raises this where argparse would exit
         raise AssertionError(f"dvc {' '.join(args)}: not a valid dvc command") from None
+    # The stages a command names are dvc.yaml's; the params it sets are params.yaml's.
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for target in getattr(parsed, "targets", None) or []:
+        assert target in stages, f"dvc {' '.join(args)}: no stage {target!r} in dvc.yaml"
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for setting in getattr(parsed, "set_param", None) or []:
+        section, _, key = setting.split("=", 1)[0].partition(".")
+        assert key in params.get(section, {}), f"-S {setting}: no such param in params.yaml"
 
 
 def check_torchrun(args: list[str]) -> None:
@@ -254,6 +269,8 @@ def test_every_command_in_the_prose_parses(page, argv):
     "gptpipe pretrian --params params.yaml",
     "dvc exp run -S train.lr=0.001 --no-such-flag",
     "dvc metrics diff HEAD~1 HEAD --all-the-things",
+    "dvc exp run -S train.learning_rate=0.001",
+    "dvc repro pretraining",
     "torchrun --nnodes=2 --node-rank-typo=0 -m pipeline.cli pretrain --params params.yaml",
     "make no-such-target",
     "curl https://example.com",
