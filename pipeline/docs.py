@@ -34,10 +34,11 @@ FIRST_PARAMS = (
     ("model.context", "tokens the model sees at once"),
     ("model.n_layer", "transformer blocks"),
     ("model.n_embd", "width of the model"),
-    ("train.device", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps"),
+    ("train.device", "`auto` (cuda > mps > cpu), `cpu`, `cuda`, `cuda:N`, `mps`"),
     ("train.steps", "the training budget in optimizer steps"),
     ("train.lr", "peak learning rate"),
-    ("rlhf.reward", "what RL maximizes: model, gold, likelihood or python:<file>:<function>"),
+    ("rlhf.reward", "what RL maximizes: `model`, `gold`, `likelihood` or "
+                    "`python:<file.py>:<function>`"),
 )
 
 
