@@ -266,7 +266,7 @@ class TrainParams(_Section):
     # CPU threads for torch; 0 = every core (shared out among local processes).
     threads: int = 0
     # Processes on this machine: > 1 re-launches the stage under torchrun (DDP), one per
-    # GPU (or CPU processes with gloo). Several machines: see the README.
+    # GPU (or CPU processes with gloo). Several machines: see docs/pretraining.md.
     nproc_per_node: int = 1
     # Several processes: the seconds one may go without a sign of life (killed, frozen, its
     # machine gone) before every other stops with one line naming it; a collective that a

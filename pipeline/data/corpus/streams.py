@@ -182,8 +182,9 @@ def open_text(
 
     A leading UTF-8 byte-order mark is dropped (utf-8-sig), so a CSV header from a
     spreadsheet still names its first column. ``newline=None`` turns CRLF and CR into
-    '\\n'. ``byte_range`` reads only those bytes (see :func:`plan_ranges`); ``cap`` bounds
-    the decompressed bytes read (see :func:`open_binary`).
+    '\\n'. ``byte_range`` reads only those bytes (see
+    :func:`~pipeline.data.corpus.planning.plan_ranges`); ``cap`` bounds the decompressed
+    bytes read (see :func:`open_binary`).
     """
     with open_binary(path, compression, on_read, byte_range, cap) as binary:
         from_start = byte_range is None or byte_range[0] == 0
