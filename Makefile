@@ -32,7 +32,7 @@ docs: install
 
 test: install
 	ruff check .
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)
