@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +324,20 @@ def test_a_bad_list_stops_the_stage_before_anything_is_written(tmp_path, monkeyp
     assert len(lines) == 1 and "weights with a sum > 0" in lines[0], lines
     for output in ("out", "ckpt", "live", "metrics.json"):
         assert not (root / output).exists(), output
+
+
+def test_the_documented_list_and_error_are_what_gptpipe_reads_and_says(tmp_path,
+                                                                        monkeypatch):
+    docs = (Path(__file__).parents[1] / "docs/trl.md").read_text(encoding="utf-8")
+    section = docs[docs.index("## A weighted list of rewards"):]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(block)
+    rlhf = load_params("params.yaml").rlhf
+    assert [(t.name, t.weight) for t in rlhf.reward_terms()] == [
+        ("model", 1.0), ("concise", 0.2), ("gold", 0.0)]
+    (error,) = re.findall(r"^    Error: (.*)$", section, re.MULTILINE)
+    (tmp_path / "params.yaml").write_text(
+        "rlhf:\n  reward:\n    - {reward: model}\n    - {reward: gold, weight: .nan}\n")
+    with pytest.raises(GptpipeError, match=re.escape(error)):
+        load_params("params.yaml")

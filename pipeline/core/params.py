@@ -550,8 +550,8 @@ class RlhfParams(_Section):
     dpo_beta: float = 0.1
     # Evaluation of fresh samples on held-out prompts every eval_every steps; the best
     # policy by select_by (gold: the judge, the stand-in for people; reward: what RL
-    # maximizes) is kept, and patience evaluations in a row without a better one stop
-    # the run early (0: never).
+    # maximizes, a weighted list's sum) is kept, and patience evaluations in a row
+    # without a better one stop the run early (0: never).
     eval_every: int = 10
     eval_prompts: int = 32
     select_by: Literal["gold", "reward"] = "gold"
