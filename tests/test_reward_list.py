@@ -154,6 +154,32 @@ def test_the_tuner_logs_each_component_of_every_rollout_and_evaluation():
     assert len(lengths) == 4 and all(0 <= n <= params.max_new_tokens for n in lengths)
 
 
+@pytest.mark.parametrize(("rising_weight", "best_step"), [(0.0, 0), (1.0, 10)])
+def test_select_by_reward_reads_the_weighted_sum(rising_weight, best_step):
+    # By construction, not by learning: one component rises with every call of the
+    # reward (each rollout and evaluation batch calls it once), the other falls as much;
+    # the weights say which one the sum, and so the best policy, follows.
+    calls: list[int] = []
+
+    def rising(prompt_ids, completion_ids):
+        calls.append(1)
+        return torch.full((len(completion_ids),), float(len(calls)))
+
+    def falling(prompt_ids, completion_ids):
+        return torch.full((len(completion_ids),), -float(len(calls)))
+
+    reward = WeightedReward([Component("rising", rising_weight, rising),
+                             Component("falling", 1.0 - rising_weight, falling)])
+    params = rlhf_params(algo="reinforce", steps=10, eval_every=5, batch_size=4,
+                         minibatch_size=4, select_by="reward")
+    result = Tuner(tiny_gpt(), params, reward, lambda p, c: 0.0, toy_prompts(4, 1),
+                   toy_prompts(4, 2)).run()
+    assert result.best_step == best_step
+    # Both components are logged whatever their weight.
+    rising_means = [result.start.components["rising"], result.last.components["rising"]]
+    assert rising_means[1][0] > rising_means[0][0]
+
+
 # ------------------------------------------------------------------------ the rlhf stage
 
 
