@@ -138,10 +138,14 @@ class CleanParams(_Section):
     near_dup_ngram: int = 5
     # Worker processes for normalization; 0 means one per CPU core.
     workers: int = 0
+    # Memory for the exact-dedup keys (MiB): a corpus with more documents than fit (about
+    # 8,000 a MiB) spills them to temporary files beside the output and cleans in two
+    # passes, keeping the very same documents.
+    dedup_memory_mb: int = 256
 
     def validate(self) -> None:
         self.require_non_negative("min_bytes", "workers")
-        self.require_positive("near_dup_num_perm", "near_dup_ngram")
+        self.require_positive("near_dup_num_perm", "near_dup_ngram", "dedup_memory_mb")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise self.fail(
                 "near_dup_threshold", self.near_dup_threshold, "0 (off) or a number in (0, 1]"
