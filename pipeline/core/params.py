@@ -192,9 +192,13 @@ class VocabParams(_Section):
     max_size: int = 50000
     # word: lowercase before splitting, as the classic basic_english tokenizer does.
     lowercase: bool = False
+    # The most train text (MiB) the tokenizer learns from: a larger train split is
+    # sampled, the same documents every run (those whose hash falls under the rate).
+    # Learning holds about 1.5 KB per distinct word, so a sample bounds it at any size.
+    max_train_mb: int = 256
 
     def validate(self) -> None:
-        self.require_positive("min_freq", "max_size")
+        self.require_positive("min_freq", "max_size", "max_train_mb")
         if self.kind == "bpe" and self.vocab_size < 4 + 256 + 1:
             raise self.fail(
                 "vocab_size", self.vocab_size, "an integer >= 261 (4 special + 256 bytes + 1 merge)"
