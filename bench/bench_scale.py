@@ -23,6 +23,9 @@ alone: anything beside it skews the times)::
 
     .venv/bin/python bench/bench_scale.py --size-mb 512 --size-mb 2048 \\
         --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
+    # the bounded data stages, 2 GB beside 8 GB (about 1.5 hours; 70 GB of free disk)
+    .venv/bin/python bench/bench_scale.py --size-mb 2048 --size-mb 8192 \\
+        --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
     .venv/bin/python bench/bench_scale.py --size-mb 8 --steps 10   # a smoke run
 """
 
@@ -100,6 +103,22 @@ def environment() -> list[str]:
     ]
 
 
+# The stages whose work grows with the corpus's text (the others' with the model's budget).
+DATA_STAGES = ("ingest", "clean", "split", "vocab", "tokenize")
+
+
+def data_seconds_per_gb(results: list[dict]) -> str:
+    """Each data stage's wall time per GiB of corpus text, on each corpus."""
+    rows = []
+    for stage in DATA_STAGES:
+        cells = [stage]
+        for r in results:
+            seconds = next((row["seconds"] for row in r["rows"] if row["stage"] == stage), None)
+            cells.append("" if seconds is None else f"{seconds / (r['text_bytes'] / 2**30):,.0f}")
+        rows.append(cells)
+    return md_table(["data stage", *(f"{r['name']} s/GB" for r in results)], rows)
+
+
 def report(results: list[dict], steps: int) -> str:
     lines = ["### A big corpus end to end (`bench/bench_scale.py`)", "", *environment(), "",
              f"Default params, `train.steps: {steps}` and short alignment stages; each stage "
@@ -122,6 +141,7 @@ def report(results: list[dict], steps: int) -> str:
                       f"{row['tree_rss'] / MB:,.0f}"]
         table.append(cells)
     lines += [md_table(headers, table), ""]
+    lines += [data_seconds_per_gb(results), ""]
     peak = max(max(row["max_rss"], row["tree_rss"]) for r in results for row in r["rows"])
     worst = max(((row["stage"], r["name"], max(row["max_rss"], row["tree_rss"]))
                  for r in results for row in r["rows"]), key=lambda item: item[2])
