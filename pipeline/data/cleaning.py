@@ -223,10 +223,10 @@ def clean_table(input_dir: Path, writer: DocumentWriter, params: CleanParams, sc
     cleaned = CleanedDocuments(input_dir, total, params, batch_documents, counts, on_batch)
     partitions = spill_partitions(params, total)
     if partitions == 1:
-        _clean_in_one_pass(cleaned, filters, writer, counts)
+        _clean_in_one_pass(cleaned, filters, writer)
     else:
         with scratch_folder(scratch) as folder:
-            _clean_in_two_passes(cleaned, filters, writer, counts, folder, partitions)
+            _clean_in_two_passes(cleaned, filters, writer, folder, partitions)
     if writer.rows == 0:
         found = ", ".join(f"{r}: {n}" for r, n in filters.dropped.items())
         raise GptpipeError(
@@ -299,8 +299,8 @@ def _keep(writer: DocumentWriter, counts: dict[str, int], doc_id: int, source: s
     counts["bytes_out"] += len(text.encode("utf-8"))
 
 
-def _clean_in_one_pass(cleaned: CleanedDocuments, filters: Filters, writer: DocumentWriter,
-                       counts: dict[str, int]) -> None:
+def _clean_in_one_pass(cleaned: CleanedDocuments, filters: Filters, writer: DocumentWriter
+                       ) -> None:
     """Every document decided as it comes, its key checked against a set in memory."""
     seen = SeenKeys()
     for doc_id, source, text, key, minhash in cleaned.documents(filters.lsh is not None):
@@ -308,11 +308,11 @@ def _clean_in_one_pass(cleaned: CleanedDocuments, filters: Filters, writer: Docu
             continue
         duplicate = key is not None and seen.seen_before(key)
         if filters.drop_reason(duplicate, minhash) is None:
-            _keep(writer, counts, doc_id, source, text)
+            _keep(writer, cleaned.counts, doc_id, source, text)
 
 
 def _clean_in_two_passes(cleaned: CleanedDocuments, filters: Filters, writer: DocumentWriter,
-                         counts: dict[str, int], folder: Path, partitions: int) -> None:
+                         folder: Path, partitions: int) -> None:
     """Exact dedup with its keys spilled to ``folder``: the first pass cleans, drops the
     short documents and writes the others and their keys there; the second reads them
     back in order and drops the later copies (then the near duplicates), so every
@@ -336,7 +336,7 @@ def _clean_in_two_passes(cleaned: CleanedDocuments, filters: Filters, writer: Do
         if duplicate:
             next_copy = next(later_copies, None)
         if filters.drop_reason(duplicate, minhash) is None:
-            _keep(writer, counts, doc_id, source, text)
+            _keep(writer, cleaned.counts, doc_id, source, text)
 
 
 def _signed_documents(table: Path, params: CleanParams, batch_documents: int,
