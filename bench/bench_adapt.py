@@ -15,24 +15,31 @@ the same training budget (``train.steps``):
 It reports the small corpus's val and test bits per byte (tokenizer-independent, so the
 two runs compare), the bigram baseline of each, train tokens and wall time.
 
+``--smallest`` checks that the script works, in about a minute: both runs with the tiny
+params (``tests/tiny_params.yaml``), the adapted one from the first run's model unless
+``--base`` is given.
+
 Usage (from the repository root, after ``dvc repro pretrain``; about 20 minutes on
 2 cores, run alone)::
 
     .venv/bin/python bench/bench_adapt.py --out bench/results-adapt.md
-    .venv/bin/python bench/bench_adapt.py --steps 20   # a smoke run
+    .venv/bin/python bench/bench_adapt.py --steps 20   # a short run
+    .venv/bin/python bench/bench_adapt.py --smallest
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import click
-from common import REPO_ROOT, run, scratch_repo
+from common import REPO_ROOT, TINY_PARAMS, publish, run, scratch_repo, work_dir_and_out, work_folder
+
+from pipeline.core.io import read_json
+
+DEFAULT_BASE = REPO_ROOT / "models/pretrain/best"
 
 
 def write_notes(folder: Path) -> tuple[int, int]:
@@ -48,8 +55,8 @@ def write_notes(folder: Path) -> tuple[int, int]:
 
 
 def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | None) -> dict:
-    repo = scratch_repo(work / name, {"data.corpus": str(notes), "data.txt_unit": "paragraph",
-                                      **overrides})
+    repo = scratch_repo(work / name, {**overrides, "data.corpus": str(notes),
+                                      "data.txt_unit": "paragraph"})
     if base is not None:
         shutil.copytree(base, repo / "base-model")
     click.echo(f"[{name}] dvc repro evaluate in {repo}", err=True)
@@ -57,10 +64,10 @@ def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | No
     result = run(["dvc", "repro", "evaluate"], repo)
     seconds = time.perf_counter() - started
     (work / f"{name}.log").write_text(result.stdout + result.stderr)
-    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
-    meta = json.loads((repo / "data/tokens/meta.json").read_text())
-    pretrain = json.loads((repo / "metrics/pretrain.json").read_text())
-    return {"name": name, "seconds": seconds, "steps": pretrain["steps"],
+    evaluate = read_json(repo / "metrics/evaluate.json")
+    meta = read_json(repo / "data/tokens/meta.json")
+    pretrain = read_json(repo / "metrics/pretrain.json")
+    return {"name": name, "repo": repo, "seconds": seconds, "steps": pretrain["steps"],
             "train_tokens": meta["splits"]["train"]["tokens"],
             **{key: evaluate[key] for key in ("val.bpb", "val.bigram_bpb", "test.bpb",
                                               "test.bigram_bpb")}}
@@ -68,21 +75,28 @@ def one_run(name: str, work: Path, notes: Path, overrides: dict, base: Path | No
 
 @click.command()
 @click.option("--base", type=click.Path(path_type=Path, exists=True, file_okay=False),
-              default=REPO_ROOT / "models/pretrain/best", show_default=True,
-              help="The pretrained model to adapt (the default run's best).")
+              default=None, help=f"The pretrained model to adapt  [default: {DEFAULT_BASE}, "
+                                 "the default run's best]")
 @click.option("--steps", type=int, default=None,
               help="train.steps for both runs (default: params.yaml's).")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
-def main(base: Path, steps: int | None, work_dir: Path | None, out: Path | None) -> None:
-    work = Path(tempfile.mkdtemp(prefix="gptpipe-adapt-", dir=work_dir))
+@click.option("--smallest", is_flag=True,
+              help="Tiny params, the first run's model as the base: a check that the script "
+                   "works, not a measurement.")
+@work_dir_and_out
+def main(base: Path | None, steps: int | None, smallest: bool, work_dir: Path | None,
+         out: Path | None) -> None:
+    if base is None and not smallest:
+        base = DEFAULT_BASE
+        if not base.is_dir():
+            raise click.ClickException(f"--base {base}: not found; run `dvc repro pretrain` "
+                                       "first, or name a model folder")
+    work = work_folder("gptpipe-adapt-", work_dir)
     files, size = write_notes(work / "notes")
-    budget = {} if steps is None else {"train.steps": steps}
-    runs = [
-        one_run("from scratch", work, work / "notes", budget, None),
-        one_run("adapted", work, work / "notes",
-                {**budget, "train.init_from": "base-model", "vocab.kind": "from_model"}, base),
-    ]
+    budget = (TINY_PARAMS if smallest else {}) | ({} if steps is None else {"train.steps": steps})
+    scratch = one_run("from scratch", work, work / "notes", budget, None)
+    adapted = {**budget, "train.init_from": "base-model", "vocab.kind": "from_model"}
+    runs = [scratch, one_run("adapted", work, work / "notes", adapted,
+                             base or scratch["repo"] / "models/pretrain/best")]
     lines = [
         f"Small corpus: {files} topic pages of the Python {platform.python_version()} "
         f"language reference ({size / 1024:,.0f} KB), in paragraphs; "
@@ -94,10 +108,7 @@ def main(base: Path, steps: int | None, work_dir: Path | None, out: Path | None)
         lines.append(f"| {r['name']} | {r['train_tokens']:,} | {r['val.bpb']:.4f} "
                      f"({r['val.bigram_bpb']:.4f}) | {r['test.bpb']:.4f} "
                      f"({r['test.bigram_bpb']:.4f}) | {r['seconds'] / 60:.1f} |")
-    text = "\n".join(lines) + "\n"
-    click.echo(text)
-    if out is not None:
-        out.write_text(text)
+    publish("\n".join(lines), out)
     click.echo(f"work directory: {work}", err=True)
 
 

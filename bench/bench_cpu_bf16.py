@@ -16,29 +16,34 @@ What matters is the model a fixed amount of time buys, so this script:
 Every run is the real ``gptpipe pretrain`` command on the project's own tokens (run
 ``dvc repro tokenize`` first), one at a time, in a scratch folder.
 
+``--smallest`` checks that the script works: 4 steps, calibrated on 2, on a ``--repo``
+of the tiny params (``tests/tiny_params.yaml``); on a CPU without native bfloat16 its
+bfloat16 runs are skipped with a line that says so (without it, the script refuses).
+
 Usage (from the repository root; about 30 minutes on 2 cores, run it alone)::
 
     .venv/bin/python bench/bench_cpu_bf16.py --out bench/results-bf16.md
-    .venv/bin/python bench/bench_cpu_bf16.py --steps 40 --calibrate-steps 10   # smoke
+    .venv/bin/python bench/bench_cpu_bf16.py --steps 40 --calibrate-steps 10   # a short run
+    .venv/bin/python bench/bench_cpu_bf16.py --smallest --repo path/to/a/tiny/project
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import click
 import torch
 import yaml
+from common import BIN, publish, work_dir_and_out, work_folder
+from common import REPO_ROOT as ROOT
 
 from pipeline.core.device import cpu_has_native_bf16
+from pipeline.core.io import read_json
 
-ROOT = Path(__file__).resolve().parent.parent
+SMALLEST_STEPS, SMALLEST_CALIBRATE_STEPS = 4, 2
 
 
 def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
@@ -52,7 +57,7 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
     if not init_from.is_absolute():
         params["train"]["init_from"] = str(repo / init_from)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    command = [str(Path(sys.executable).parent / "gptpipe"), "pretrain",
+    command = [str(BIN / "gptpipe"), "pretrain",
                "--params", str(folder / "params.yaml"), "--tokens", str(repo / "data/tokens"),
                "--tokenizer", str(repo / "data/vocab/tokenizer.json"),
                "--out", str(folder / "models"), "--checkpoint", str(folder / "checkpoint"),
@@ -62,10 +67,24 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
     result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     if result.returncode:
         raise click.ClickException(f"{name} failed:\n{result.stdout}\n{result.stderr}")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    speed = json.loads((folder / "speed.json").read_text())
+    metrics = read_json(folder / "metrics.json")
+    speed = read_json(folder / "speed.json")
     return {"name": name, "steps": metrics["steps"], "val_bpb": metrics["val_bpb"],
             "tokens_per_second": speed["tokens_per_second"], "wall": speed["wall_seconds"]}
+
+
+def calibrate(work: Path, repo: Path, steps: int, native_bf16: bool) -> dict[str, float]:
+    """Steady-state tokens/s of each dtype: ``steps`` steps each, alternated twice so that
+    drift in the machine's speed falls on both."""
+    dtypes = ("float32", "bfloat16") if native_bf16 else ("float32",)
+    rates: dict[str, list[float]] = {dtype: [] for dtype in dtypes}
+    short = {"steps": steps, "eval_every": steps, "checkpoint_every": steps,
+             "log_every": max(1, steps // 4), "warmup_steps": 1}
+    for round_ in range(2):
+        for dtype, measured in rates.items():
+            run = pretrain(work, f"calibrate-{dtype}-{round_}", {**short, "dtype": dtype}, repo)
+            measured.append(run["tokens_per_second"])
+    return {dtype: sum(measured) / len(measured) for dtype, measured in rates.items()}
 
 
 @click.command()
@@ -73,46 +92,45 @@ def pretrain(work: Path, name: str, overrides: dict, repo: Path) -> dict:
               show_default=True, help="The project whose data/tokens and params.yaml to use.")
 @click.option("--steps", type=int, default=None, help="float32 steps (default: params.yaml's).")
 @click.option("--calibrate-steps", type=int, default=40, show_default=True)
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None)
-def main(repo: Path, steps: int | None, calibrate_steps: int, work_dir: Path | None,
-         out: Path | None) -> None:
-    if not cpu_has_native_bf16():
+@click.option("--smallest", is_flag=True,
+              help=f"{SMALLEST_STEPS} steps, calibrated on {SMALLEST_CALIBRATE_STEPS}; "
+                   "bfloat16 skipped where the CPU lacks it: a check that the script works, "
+                   "not a measurement.")
+@work_dir_and_out
+def main(repo: Path, steps: int | None, calibrate_steps: int, smallest: bool,
+         work_dir: Path | None, out: Path | None) -> None:
+    native_bf16 = cpu_has_native_bf16()
+    if not native_bf16 and not smallest:
         raise click.ClickException("this CPU has no native bfloat16: nothing to compare")
-    work = Path(tempfile.mkdtemp(prefix="gptpipe-bf16-", dir=work_dir))
+    if smallest:
+        steps, calibrate_steps = SMALLEST_STEPS, SMALLEST_CALIBRATE_STEPS
+    work = work_folder("gptpipe-bf16-", work_dir)
     steps = steps or yaml.safe_load((repo / "params.yaml").read_text())["train"]["steps"]
-    calibration = {"float32": [], "bfloat16": []}
-    short = {"steps": calibrate_steps, "eval_every": calibrate_steps,
-             "checkpoint_every": calibrate_steps, "log_every": max(1, calibrate_steps // 4),
-             "warmup_steps": 1}
-    for round_ in range(2):
-        for dtype in calibration:
-            run = pretrain(work, f"calibrate-{dtype}-{round_}", {**short, "dtype": dtype}, repo)
-            calibration[dtype].append(run["tokens_per_second"])
-    speed = {dtype: sum(rates) / len(rates) for dtype, rates in calibration.items()}
-    ratio = speed["bfloat16"] / speed["float32"]
-    bf16_steps = round(steps * ratio)
-    runs = [
-        pretrain(work, "float32", {"steps": steps, "dtype": "float32"}, repo),
-        pretrain(work, "bfloat16-equal-time", {"steps": bf16_steps, "dtype": "bfloat16"}, repo),
-        pretrain(work, "bfloat16-equal-steps", {"steps": steps, "dtype": "bfloat16"}, repo),
-    ]
+    speed = calibrate(work, repo, calibrate_steps, native_bf16)
     lines = [
         "### bfloat16 against float32 on this CPU (`bench/bench_cpu_bf16.py`)", "",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"native bfloat16: {cpu_has_native_bf16()}; torch {torch.__version__}",
-        f"- calibration ({calibrate_steps} steps, twice each): float32 "
-        f"{speed['float32']:,.0f} tokens/s, bfloat16 {speed['bfloat16']:,.0f} tokens/s: "
-        f"**{ratio:.2f}x**",
-        "", "| run | steps | val bits/byte | tokens/s | wall s |", "|---|---|---|---|---|",
+        f"native bfloat16: {native_bf16}; torch {torch.__version__}",
     ]
-    for run in runs:
-        lines.append(f"| {run['name']} | {run['steps']} | {run['val_bpb']:.4f} | "
-                     f"{run['tokens_per_second']:,.0f} | {run['wall']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    click.echo(text)
-    if out is not None:
-        out.write_text(text)
+    runs = [pretrain(work, "float32", {"steps": steps, "dtype": "float32"}, repo)]
+    if native_bf16:
+        ratio = speed["bfloat16"] / speed["float32"]
+        runs += [
+            pretrain(work, "bfloat16-equal-time",
+                     {"steps": max(1, round(steps * ratio)), "dtype": "bfloat16"}, repo),
+            pretrain(work, "bfloat16-equal-steps", {"steps": steps, "dtype": "bfloat16"}, repo),
+        ]
+        lines.append(f"- calibration ({calibrate_steps} steps, twice each): float32 "
+                     f"{speed['float32']:,.0f} tokens/s, bfloat16 {speed['bfloat16']:,.0f} "
+                     f"tokens/s: **{ratio:.2f}x**")
+    else:
+        lines.append(f"- calibration ({calibrate_steps} steps, twice): float32 "
+                     f"{speed['float32']:,.0f} tokens/s; bfloat16 runs skipped: this CPU has "
+                     "no native bfloat16")
+    lines += ["", "| run | steps | val bits/byte | tokens/s | wall s |", "|---|---|---|---|---|"]
+    lines += [f"| {run['name']} | {run['steps']} | {run['val_bpb']:.4f} | "
+              f"{run['tokens_per_second']:,.0f} | {run['wall']:.0f} |" for run in runs]
+    publish("\n".join(lines), out)
 
 
 if __name__ == "__main__":

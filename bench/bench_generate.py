@@ -24,7 +24,7 @@ Usage (from the repository root):
     .venv/bin/python bench/bench_generate.py                     # trained model if present
     .venv/bin/python bench/bench_generate.py --context 512       # random model, context 512
     .venv/bin/python bench/bench_generate.py --device cuda --out bench/results-generate.md
-    .venv/bin/python bench/bench_generate.py --new-tokens 16 --repeats 1 --context 32  # smoke
+    .venv/bin/python bench/bench_generate.py --new-tokens 16 --repeats 1 --context 32  # smallest
 
 ``--out FILE`` also writes the Markdown report there.
 """
@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import publish
 
 from pipeline.core.device import pick_device
 from pipeline.data.tokenizer import BOS_ID
@@ -145,10 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device, key="--device")
     model, source = build_model(args, device)
     seconds = measure(model, args.new_tokens, args.repeats)
-    text = report(args, model, source, device, seconds)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    publish(report(args, model, source, device, seconds), args.out)
 
 
 if __name__ == "__main__":

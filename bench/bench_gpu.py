@@ -14,10 +14,14 @@ Markdown table of wall time, tokens/s, achieved TFLOP/s and val bits per byte:
   short run: does a GPT-2-small-sized step fit and how fast is it (the vocabulary is the
   tokenized data's, so the parameter count differs from GPT-2's 124M).
 
+``--smallest`` checks that the script works without a GPU: every case on the CPU,
+without torch.compile, at the tiny params' model and budget (``tests/tiny_params.yaml``).
+
 Usage (from the repository root, after ``dvc repro tokenize``):
 
     python bench/bench_gpu.py                       # every case
     python bench/bench_gpu.py --cases default,resume --out bench/results-gpu.md
+    python bench/bench_gpu.py --smallest
 """
 
 from __future__ import annotations
@@ -25,16 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from common import REPO_ROOT as ROOT
+from common import TINY_PARAMS, publish, set_params, work_folder
 
-ROOT = Path(__file__).resolve().parent.parent
+from pipeline.core.io import read_json
+
+# --smallest: on the CPU, not compiled, the tiny model and budget.
+SMALLEST = {"train.device": "cpu", "train.compile": False,
+            **{key: value for key, value in TINY_PARAMS.items()
+               if key.startswith(("model.", "train."))}}
 
 CASES = {
     "default": {"train.device": "cuda"},
@@ -48,14 +59,6 @@ CASES = {
         "train.eval_windows": 32, "train.checkpoint_every": 120,
     },
 }
-
-
-def write_params(base: dict, overrides: dict, path: Path) -> None:
-    params = json.loads(json.dumps(base))
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def stage_command(work: Path, tokens: Path, tokenizer: Path) -> list[str]:
@@ -90,75 +93,83 @@ def run_stage(cmd: list[str], log: Path, stop_after_step: int | None = None,
     return rc, time.perf_counter() - started, log.read_text()
 
 
+def run_case(case: str, work: Path, forced: dict, args: argparse.Namespace,
+             notes: list[str]) -> tuple[str, dict | None]:
+    """One case in ``work``: its table row and its metrics (None when it failed)."""
+    work.mkdir()
+    shutil.copyfile(ROOT / "params.yaml", work / "params.yaml")
+    set_params(work / "params.yaml", {**CASES[case], **forced})
+    cmd = stage_command(work, args.tokens, args.tokenizer)
+    if case == "resume":
+        steps = yaml.safe_load((work / "params.yaml").read_text())["train"]["steps"]
+        rc, _, text = run_stage(cmd, work / "log.txt", steps // 3, work / "checkpoint")
+        stopped = [line for line in text.splitlines() if "interrupted" in line]
+        notes.append(f"resume: first run rc={rc}: {stopped[-1] if stopped else text[-300:]}")
+        rc, wall, text = run_stage(cmd, work / "log2.txt")
+        resumed = [line for line in text.splitlines() if "resuming from step" in line]
+        notes.append(f"resume: second run: {resumed[0] if resumed else 'DID NOT RESUME'}")
+    else:
+        rc, wall, text = run_stage(cmd, work / "log.txt")
+    print(text[-1500:], file=sys.stderr, flush=True)
+    if rc != 0:
+        return f"| {case} | failed (rc {rc}) | | | | |", None
+    metrics = read_json(work / "metrics.json")
+    speed = read_json(work / "speed.json")
+    if speed.get("tokens_per_second") is None:
+        # A resumed run that found its snapshot finished (the stop signal came after the
+        # last step: a tiny run on a fast machine) trained no step, so it has no speed.
+        return (f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
+                f"no step trained | | {metrics['val_bpb']:.4f} |", metrics)
+    tflops = speed["gflops_per_second"] / 1e3
+    return (f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
+            f"{speed['tokens_per_second']:,.0f} | {tflops:.1f} | {metrics['val_bpb']:.4f} |",
+            metrics)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=Path, default=ROOT / "data" / "tokens")
     parser.add_argument("--tokenizer", type=Path, default=ROOT / "data/vocab/tokenizer.json")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where to make the scratch folder (default: the system temp)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override params.yaml for every case (e.g. a quick CPU smoke "
                         "run: --set train.device=cpu --set train.steps=30)")
+    parser.add_argument("--smallest", action="store_true",
+                        help="every case on the CPU, not compiled, at the tiny params: a "
+                        "check that the script works, not a measurement")
     args = parser.parse_args()
 
     import torch  # after argparse, so --help is instant
 
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
     forced = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    write_params(base, forced, Path(tempfile.mkstemp(suffix=".yaml")[1]))  # validates keys
-    for dotted, value in forced.items():
-        section, key = dotted.split(".")
-        base[section][key] = value
+    if args.smallest:
+        forced = {**SMALLEST, **forced}
+    unknown = [case for case in args.cases.split(",") if case not in CASES]
+    if unknown:
+        parser.error(f"--cases {unknown[0]}; allowed: {', '.join(CASES)}")
     if forced.get("train.device", "cuda") == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA GPU visible")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU run)"
-    peak_note = "bf16 dense peak ~989 TFLOP/s (H100/H200 SXM)"
-    rows, notes = [], []
-    scratch = Path(tempfile.mkdtemp(prefix="gptpipe-gpu-"))
-    results: dict[str, dict] = {}
+    scratch = work_folder("gptpipe-gpu-", args.work_dir)
+    rows, notes, results = [], [], {}
     for case in args.cases.split(","):
-        work = scratch / case
-        work.mkdir()
-        write_params(base, {**CASES[case], **forced}, work / "params.yaml")
-        cmd = stage_command(work, args.tokens, args.tokenizer)
-        log = work / "log.txt"
-        if case == "resume":
-            steps = base["train"]["steps"]
-            rc, _, text = run_stage(cmd, log, steps // 3, work / "checkpoint")
-            stopped = [line for line in text.splitlines() if "interrupted at step" in line]
-            notes.append(f"resume: first run rc={rc}: {stopped[-1] if stopped else text[-300:]}")
-            rc, wall, text = run_stage(cmd, work / "log2.txt")
-            resumed = [line for line in text.splitlines() if "resuming from step" in line]
-            notes.append(f"resume: second run: {resumed[0] if resumed else 'DID NOT RESUME'}")
-        else:
-            rc, wall, text = run_stage(cmd, log)
-        print(text[-1500:], flush=True)
-        if rc != 0:
-            rows.append(f"| {case} | failed (rc {rc}) | | | | |")
-            continue
-        metrics = json.loads((work / "metrics.json").read_text())
-        speed = json.loads((work / "speed.json").read_text())
-        results[case] = metrics
-        tflops = speed["gflops_per_second"] / 1e3
-        rows.append(
-            f"| {case} | {metrics['parameters'] / 1e6:.1f}M | {wall:.1f} s | "
-            f"{speed['tokens_per_second']:,.0f} | {tflops:.1f} | {metrics['val_bpb']:.4f} |"
-        )
-    if "resume" in results and "default" in results:
+        row, results[case] = run_case(case, scratch / case, forced, args, notes)
+        rows.append(row)
+    if results.get("resume") and results.get("default"):
         diff = results["resume"]["val_loss"] - results["default"]["val_loss"]
         notes.append(f"resume vs default: final val loss differs by {diff:+.5f} nats/token")
-    report = "\n".join([
-        f"GPU: {gpu}; torch {torch.__version__}; {peak_note}",
+    publish("\n".join([
+        f"GPU: {gpu}; torch {torch.__version__}; bf16 dense peak ~989 TFLOP/s (H100/H200 SXM)",
         "",
         "| case | parameters | stage wall | train tokens/s | TFLOP/s | val bits/byte |",
         "| --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
         *[f"- {n}" for n in notes],
-    ])
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    ]), args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ wall time, and one sample of the best policy (the first held-out prompt, tempera
 stops with an error (a KL above the ceiling, say) say so.
 
 Usage: python bench/bench_rlhf.py REPO [--out table.md] [--rows ppo:model,grpo:gold ...]
-Run it alone on the machine: the wall times are part of the table.
+Run it alone on the machine: the wall times are part of the table. The smallest run: a
+REPO of the tiny params (``tests/tiny_params.yaml``) and ``--rows ppo:model,dpo:pairs``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import time
 from pathlib import Path
 
 import yaml
+from common import BIN, publish
 
-BIN = Path(sys.executable).parent
+from pipeline.core.io import parse_json, read_json
+
 ALGOS = ("ppo", "grpo", "rloo", "reinforce", "dpo")
 REWARDS = ("model", "gold", "likelihood")
 # One optimizer step per batch (reinforce, rloo, dpo) needs a larger rate than several
@@ -75,9 +78,10 @@ def run_one(repo: Path, work: Path, algo: str, reward: str) -> dict:
     if result.returncode:
         row["error"] = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
         return row
-    row.update(json.loads((work / "metrics.json").read_text()))
+    # The row's own keys win: the metrics' "reward" is the params' (DPO's row is "pairs").
+    row = {**read_json(work / "metrics.json"), **row}
     heldout = (repo / "data/preferences/heldout.jsonl").read_text().splitlines()
-    prompt = json.loads(heldout[0])["prompt"]
+    prompt = parse_json(heldout[0], "heldout.jsonl")["prompt"]
     row["prompt"] = prompt
     row["sample"] = _sample(work / "out" / "best", prompt)
     return row
@@ -119,10 +123,8 @@ def main() -> None:
             rows.append(row)
             print(f"{algo} / {reward}: {row.get('error') or row['gold_after']} "
                   f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    text = table(rows)
-    print(text)
+    publish(table(rows), args.out)
     if args.out:
-        args.out.write_text(text + "\n")
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -1,11 +1,11 @@
 """A big corpus end to end: every stage's wall time and peak memory at two corpus sizes.
 
 For the builtin corpus and for generated corpora of each ``--size-mb`` (JSONL shards
-built from the builtin corpus's sentences by ``bench/bench_data.py``'s generator; 2048 MB
-and more is the "bigger than a laptop's spare RAM" case), a scratch copy of this project
-(its own git + DVC repository, the default params.yaml) runs every stage of dvc.yaml in
-order, each as ``dvc repro --single-item <stage>`` (what a user's ``dvc repro`` runs,
-DVC's hashing and caching of the outputs included), with a short training budget:
+built from the builtin corpus's sentences by ``common.generate_corpus``; 2048 MB and more
+is the "bigger than a laptop's spare RAM" case), a scratch copy of this project (its own
+git + DVC repository, the default params.yaml) runs every stage of dvc.yaml in order,
+each as ``dvc repro --single-item <stage>`` (what a user's ``dvc repro`` runs, DVC's
+hashing and caching of the outputs included), with a short training budget:
 ``train.steps`` (default 100) and short preference, reward, SFT and RL runs. For each
 stage it records:
 
@@ -18,6 +18,9 @@ Goals: every stage under 2 GB on both measures at every size, not growing with t
 corpus; pretraining tokens/s on the biggest corpus within 5% of the builtin corpus's
 (``metrics/pretrain_speed.json``, the steady-state rate).
 
+``--smallest`` checks that the script works, in about a minute: the tiny params
+(``tests/tiny_params.yaml``) on one generated corpus of 0.1 MB, no builtin corpus.
+
 Usage (from the repository root; about an hour on 2 cores for 512 MB and 2048 MB, run it
 alone: anything beside it skews the times)::
 
@@ -26,28 +29,35 @@ alone: anything beside it skews the times)::
     # the bounded data stages, 2 GB beside 8 GB (about 1.5 hours; 70 GB of free disk)
     .venv/bin/python bench/bench_scale.py --size-mb 2048 --size-mb 8192 \\
         --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
-    .venv/bin/python bench/bench_scale.py --size-mb 8 --steps 10   # a smoke run
+    .venv/bin/python bench/bench_scale.py --smallest
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
-import tempfile
 from pathlib import Path
 
 import click
 import psutil
 import torch
 import yaml
+from common import (
+    BIN,
+    MB,
+    TINY_PARAMS,
+    generate_corpus,
+    md_table,
+    publish,
+    run_measured,
+    scratch_repo,
+    work_dir_and_out,
+    work_folder,
+)
 
-# Run as a script, bench/ is on the import path: the data bench's generator and meter.
-from bench_data import generate_corpus, md_table, run_measured
-from common import scratch_repo
+from pipeline.core.io import read_json
 
-MB = 2**20
+SMALLEST_MB = 0.1
 
 
 def short_budget(steps: int) -> dict:
@@ -69,26 +79,21 @@ def short_budget(steps: int) -> dict:
     }
 
 
-def stage_names(repo: Path) -> list[str]:
-    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-
-
-def run_corpus(name: str, data: dict, root: Path, steps: int, interval: float) -> dict:
+def run_corpus(name: str, data: dict, root: Path, budget: dict, interval: float) -> dict:
     """Every stage of a scratch repository on one corpus, measured."""
-    overrides = {f"data.{key}": value for key, value in data.items()} | short_budget(steps)
+    # The corpus's data.* last: the tiny params name a corpus of their own.
+    overrides = budget | {f"data.{key}": value for key, value in data.items()}
     repo = scratch_repo(root / name, overrides)
-    bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     rows = []
-    for stage in stage_names(repo):
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
         click.echo(f"[{name}] {stage}", err=True)
         log = root / f"{name}-{stage}.log"
         measured = run_measured(["dvc", "repro", "--single-item", stage], repo, log, interval)
         rows.append({"stage": stage, "seconds": measured.seconds,
-                     "max_rss": measured.max_rss, "tree_rss": measured.tree_rss or 0})
-    speed = json.loads((repo / "metrics/pretrain_speed.json").read_text())
-    tokens = json.loads((repo / "data/tokens/meta.json").read_text())["splits"]
-    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+                     "max_rss": measured.max_rss, "tree_rss": measured.tree_rss})
+    speed = read_json(repo / "metrics/pretrain_speed.json")
+    tokens = read_json(repo / "data/tokens/meta.json")["splits"]
+    ingest = read_json(repo / "metrics/ingest.json")
     return {"name": name, "rows": rows, "tokens_per_second": speed["tokens_per_second"],
             "train_tokens": tokens["train"]["tokens"], "text_bytes": ingest["bytes"],
             "documents": ingest["documents"]}
@@ -119,33 +124,31 @@ def data_seconds_per_gb(results: list[dict]) -> str:
     return md_table(["data stage", *(f"{r['name']} s/GB" for r in results)], rows)
 
 
-def report(results: list[dict], steps: int) -> str:
+def report(results: list[dict], budget_line: str) -> str:
     lines = ["### A big corpus end to end (`bench/bench_scale.py`)", "", *environment(), "",
-             f"Default params, `train.steps: {steps}` and short alignment stages; each stage "
-             "run as `dvc repro --single-item <stage>`. RSS in MB (2**20 bytes).", ""]
+             f"{budget_line}; each stage run as `dvc repro --single-item <stage>`. RSS in MB "
+             "(2**20 bytes).", ""]
     corpus_rows = [[r["name"], f"{r['text_bytes'] / MB:,.0f}", f"{r['documents']:,}",
                     f"{r['train_tokens']:,}", f"{r['tokens_per_second']:,.0f}"]
                    for r in results]
     lines += [md_table(["corpus", "text MB", "documents", "train tokens", "pretrain tokens/s"],
                        corpus_rows), ""]
-    stages = [row["stage"] for row in results[0]["rows"]]
     headers = ["stage"]
     for r in results:
         headers += [f"{r['name']} s", f"{r['name']} largest MB", f"{r['name']} tree MB"]
     table = []
-    for index, stage in enumerate(stages):
-        cells = [stage]
+    for index, row in enumerate(results[0]["rows"]):
+        cells = [row["stage"]]
         for r in results:
-            row = r["rows"][index]
-            cells += [f"{row['seconds']:.1f}", f"{row['max_rss'] / MB:,.0f}",
-                      f"{row['tree_rss'] / MB:,.0f}"]
+            cell = r["rows"][index]
+            cells += [f"{cell['seconds']:.1f}", f"{cell['max_rss'] / MB:,.0f}",
+                      f"{cell['tree_rss'] / MB:,.0f}"]
         table.append(cells)
     lines += [md_table(headers, table), ""]
     lines += [data_seconds_per_gb(results), ""]
-    peak = max(max(row["max_rss"], row["tree_rss"]) for r in results for row in r["rows"])
-    worst = max(((row["stage"], r["name"], max(row["max_rss"], row["tree_rss"]))
-                 for r in results for row in r["rows"]), key=lambda item: item[2])
-    lines.append(f"Highest peak of any stage: {peak / MB:,.0f} MB ({worst[0]} on {worst[1]}); "
+    stage, name, peak = max(((row["stage"], r["name"], max(row["max_rss"], row["tree_rss"]))
+                             for r in results for row in r["rows"]), key=lambda item: item[2])
+    lines.append(f"Highest peak of any stage: {peak / MB:,.0f} MB ({stage} on {name}); "
                  f"goal < 2,048 MB: {'met' if peak < 2 * 2**30 else 'NOT met'}.")
     if len(results) > 1:
         base, big = results[0], results[-1]
@@ -162,23 +165,26 @@ def report(results: list[dict], steps: int) -> str:
               help="Pretraining steps on every corpus.")
 @click.option("--corpus-dir", type=click.Path(path_type=Path), default=None,
               help="Where to generate (and reuse) the corpora.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sample-interval", type=float, default=0.2, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Also write the Markdown report here.")
-def main(sizes, steps, corpus_dir, work_dir, seed, sample_interval, out) -> None:
-    work = Path(tempfile.mkdtemp(prefix="gptpipe-scale-", dir=work_dir))
-    corpora: list[tuple[str, dict]] = [("builtin", {})]  # params.yaml's own corpus
+@click.option("--smallest", is_flag=True,
+              help=f"Tiny params on one {SMALLEST_MB:g} MB generated corpus: a check that "
+                   "the script works, not a measurement.")
+@work_dir_and_out
+def main(sizes, steps, corpus_dir, work_dir, seed, sample_interval, smallest, out) -> None:
+    # dvc, and the stage commands it starts, are this environment's.
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    work = work_folder("gptpipe-scale-", work_dir)
+    corpora: list[tuple[str, dict]] = [] if smallest else [("builtin", {})]  # params.yaml's
     base = corpus_dir or work / "corpora"
-    for size in sizes:
+    for size in (SMALLEST_MB,) if smallest else sizes:
         corpus = generate_corpus(base / f"{size:g}MB", size, seed)
         corpora.append((corpus.name, corpus.data_params))
-    results = [run_corpus(name, data, work, steps, sample_interval) for name, data in corpora]
-    text = report(results, steps)
-    click.echo(text)
-    if out is not None:
-        out.write_text(text)
+    budget = TINY_PARAMS if smallest else short_budget(steps)
+    budget_line = ("Tiny params (tests/tiny_params.yaml)" if smallest else
+                   f"Default params, `train.steps: {steps}` and short alignment stages")
+    results = [run_corpus(name, data, work, budget, sample_interval) for name, data in corpora]
+    publish(report(results, budget_line), out)
     click.echo(f"work directory: {work} (delete it when done)", err=True)
 
 

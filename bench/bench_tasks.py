@@ -18,6 +18,7 @@ Usage (from the repository root, after ``dvc repro evaluate``):
     .venv/bin/python bench/bench_tasks.py --model models/pretrain/best \\
         --tokens data/tokens --test data/split/test
     .venv/bin/python bench/bench_tasks.py ... --threads 2 --out bench/results-tasks.md
+    .venv/bin/python bench/bench_tasks.py ... --items 8 --repeats 1   # the smallest run
 
 ``--out FILE`` also writes the Markdown report there.
 """
@@ -28,13 +29,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import publish
 
 from pipeline.core.params import EvaluateParams
 from pipeline.data.shards import read_meta, read_tokens
@@ -112,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| chance | {scores['chance']:.3f} | {scores['chance']:.3f} | "
         f"{scores['chance']:.3f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ What it measures, all in one process so the figures are comparable:
      The decoder is tied to the embedding by default, like ours (``--untied-reference``
      unties it, as the tutorial does).
 
-   Every model gets the project's optimizer, ``pipeline.lm.training.make_optimizer`` (AdamW,
-   decay on matrices only) with the default ``TrainParams``.
+   Every model gets the pretrain stage's optimizer, ``pipeline.lm.optim.adamw`` (AdamW,
+   decay on matrices only, fused) with the default ``TrainParams``.
 
 FLOPs are counted the same way for every model, ``GPT.flops_per_token()``'s formula:
 6 * N + 12 * n_layer * n_embd * context per token, where N is every parameter except
@@ -45,7 +45,8 @@ Usage (from the repository root):
     .venv/bin/python bench/bench_train.py --compile  # also torch.compile'd: ~10 minutes
     .venv/bin/python bench/bench_train.py --out bench/results-train.md   # save the report
     .venv/bin/python bench/bench_train.py --sizes large --seconds 30 --threads 2
-    .venv/bin/python bench/bench_train.py --sizes 2x32x2x16x4 --steps 3 --peak-seconds 0.2
+    .venv/bin/python bench/bench_train.py --sizes 2x32x2x16x4 --steps 3 --peak-seconds 0.2 \
+        --vocab-size 256   # the smallest run: a check that the script works
 
 ``--sizes`` takes ``small``, ``large`` or a custom ``LAYERSxWIDTHxHEADSxCONTEXTxBATCH``.
 ``--out FILE`` writes the Markdown report there (``--append`` adds to the end instead).
@@ -56,9 +57,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -67,16 +66,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name, publish
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.core.device import retain_freed_memory
 from pipeline.core.params import TrainParams
 from pipeline.lm.model import GPT, GPTConfig
-from pipeline.lm.training import make_optimizer
+from pipeline.lm.optim import adamw
 
-GRAD_CLIP = TrainParams().grad_clip
+TRAIN = TrainParams()  # the pretrain stage's defaults: optimizer settings and grad clip
 
 
 # --------------------------------------------------------------------------- sizes
@@ -247,7 +245,7 @@ class Candidate:
         _, loss = self.network(x, y)
         loss.backward()
         value = loss.item()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), TRAIN.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
@@ -281,7 +279,8 @@ def build(kind: str, size: Size, vocab: int, untied_reference: bool, seed: int):
 def make_candidate(kind: str, size: Size, args: argparse.Namespace, compiled: bool):
     model, flops = build(kind, size, args.vocab_size, args.untied_reference, args.seed)
     model.train()
-    optimizer = make_optimizer(model, TrainParams(), torch.device("cpu"))
+    optimizer = adamw(model, lr=TRAIN.lr, weight_decay=TRAIN.weight_decay,
+                      betas=(TRAIN.beta1, TRAIN.beta2), device=torch.device("cpu"))
     network = torch.compile(model) if compiled else model
     name = f"{kind} (compiled)" if compiled else kind
     params = sum(p.numel() for p in model.parameters())
@@ -341,27 +340,16 @@ def time_size(size: Size, args: argparse.Namespace, log: Callable[[str], None]):
 
 
 # ------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def report(args, sizes, peak_rows, results) -> tuple[str, list[str]]:
+def report(args, sizes, peak_rows, results) -> str:
     peak = max(r.gflops for r in peak_rows)
     lines = [
         f"### Training speed, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
-        f"- CPU: {cpu_model()} ({torch.get_num_threads()} torch threads); "
+        f"- CPU: {cpu_name()} ({torch.get_num_threads()} torch threads); "
         f"torch {torch.__version__}; float32; vocab {args.vocab_size}",
         f"- reference decoder: {'untied' if args.untied_reference else 'tied'} "
-        "to the embedding; every model: make_optimizer's AdamW, grad clip "
-        f"{GRAD_CLIP}",
+        "to the embedding; every model: the pretrain stage's AdamW "
+        f"(pipeline.lm.optim.adamw), grad clip {TRAIN.grad_clip}",
         "- CPU allocator: " + ("freed memory retained (pipeline.core.device.retain_freed_memory, "
                                "as in the pretrain stage), for every model" if args.retained
                                else "glibc defaults"),
@@ -403,7 +391,28 @@ def report(args, sizes, peak_rows, results) -> tuple[str, list[str]]:
                 f"{100 * gflops / peak:.0f}% of the matmul peak"
             )
     lines += ["", *(f"- {v}" for v in verdicts), ""]
-    return "\n".join(lines), verdicts
+    return "\n".join(lines)
+
+
+OPTIONS = {  # flag: (type, default, meaning)
+    "--sizes": (str, "small,large", "comma-separated: small, large, or LxCxHxTxB"),
+    "--vocab-size": (int, 8192, "vocabulary of every model (the BPE default)"),
+    "--steps": (int, 0, "timed steps per model (0: enough for --seconds)"),
+    "--seconds": (float, 15.0, "timed seconds per model and size when --steps is 0"),
+    "--warmup": (int, 3, "untimed steps per model"),
+    "--rounds": (int, 2, "split the timed steps into rounds of alternating order"),
+    "--peak-seconds": (float, 2.0, "timing per matmul shape for the peak"),
+    "--threads": (int, 0, "torch threads (0: torch's default, every core)"),
+    "--seed": (int, 0, "seed of the models' weights and of the batches"),
+}
+SWITCHES = {
+    "--compile": "also time torch.compile'd models (compile time reported apart)",
+    "--untied-reference": "untie the reference's decoder from its embedding (as the tutorial)",
+    "--glibc-default-malloc": "keep glibc's default allocator settings (the stage changes them "
+                              "with pipeline.core.device.retain_freed_memory; so does this, "
+                              "by default)",
+    "--append": "append to --out instead",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -412,31 +421,12 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring for what is measured and how.",
     )
-    parser.add_argument("--sizes", default="small,large",
-                        help="comma-separated: small, large, or LxCxHxTxB (default small,large)")
-    parser.add_argument("--vocab-size", type=int, default=8192,
-                        help="vocabulary of every model (default 8192, the BPE default)")
-    parser.add_argument("--steps", type=int, default=0,
-                        help="timed steps per model (default: enough for --seconds)")
-    parser.add_argument("--seconds", type=float, default=15.0,
-                        help="timed seconds per model and size when --steps is 0 (default 15)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="split the timed steps into rounds of alternating order")
-    parser.add_argument("--peak-seconds", type=float, default=2.0,
-                        help="timing per matmul shape for the peak (default 2)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default 0: torch's default, every core)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile'd models (compile time reported apart)")
-    parser.add_argument("--untied-reference", action="store_true",
-                        help="untie the reference's decoder from its embedding (as the tutorial)")
-    parser.add_argument("--glibc-default-malloc", action="store_true",
-                        help="keep glibc's default allocator settings (the stage changes them "
-                        "with pipeline.core.device.retain_freed_memory; by default so does this)")
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, (kind, default, meaning) in OPTIONS.items():
+        parser.add_argument(flag, type=kind, default=default,
+                            help=f"{meaning} (default {default})")
     parser.add_argument("--out", type=Path, help="write the Markdown report to this file")
-    parser.add_argument("--append", action="store_true", help="append to --out instead")
+    for flag, meaning in SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=meaning)
     args = parser.parse_args(argv)
     try:
         sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
@@ -449,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}")
+    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}")
     reference_causal_mask_works(sizes[0], args.vocab_size)
     log("measuring the fp32 matmul peak ...")
     peak_rows = matmul_peak(sizes, args.vocab_size, args.peak_seconds)
@@ -458,12 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         log(f"timing {size.label()} ...")
         results.append(time_size(size, args, log))
-    text, _ = report(args, sizes, peak_rows, results)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a" if args.append else "w") as fh:
-            fh.write(("\n" if args.append else "") + text)
+    text = report(args, sizes, peak_rows, results)
+    if args.append and args.out:
+        print(text)
+        with args.out.open("a") as fh:
+            fh.write("\n" + text)
+    else:
+        publish(text, args.out)
 
 
 if __name__ == "__main__":

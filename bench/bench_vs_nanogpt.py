@@ -18,6 +18,10 @@ accumulation steps = 491,520 tokens per iteration, bfloat16 autocast, compiled, 
         --no-compile --n-layer 2 --n-head 2 --n-embd 64 --block-size 64 --batch-size 4 \\
         --grad-accum 1 --iters 15 --warmup-iters 5 --peak-tflops 1 --cpu-threads 1
 
+    # the smallest run, a check that the script works: a tiny shape on the CPU, 4
+    # iterations; without --nanogpt only gptpipe runs and the report says nanoGPT did not
+    python bench/bench_vs_nanogpt.py --smallest [--nanogpt /tmp/nanoGPT]
+
 Other options: ``--timeout`` (seconds per side), ``--keep`` (keep the work folder: both
 logs, gptpipe's params, dvclive log and model), ``--dataset-name``. On a CPU shared with
 other work, ``--cpu-threads 1`` (OMP_NUM_THREADS for both runs, and ``train.threads``)
@@ -88,7 +92,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,9 +99,16 @@ from typing import Any
 
 import click
 import yaml
+from common import REPO_ROOT as ROOT
+from common import cpu_name, git_commit, publish, work_folder
 
-ROOT = Path(__file__).resolve().parent.parent
+from pipeline.core.io import read_json
+
 RANDOM_INIT = ROOT / "data" / "builtin" / "random.init"
+# --smallest: the options it sets, a shape and budget of seconds on the CPU.
+SMALLEST = {"device": "cpu", "dtype": "float32", "use_compile": False, "n_layer": 1,
+            "n_head": 2, "n_embd": 32, "block_size": 16, "batch_size": 2, "grad_accum": 1,
+            "iters": 4, "warmup_iters": 1, "cpu_threads": 1}
 
 # Dense (no structured sparsity) bfloat16 tensor-core peaks from NVIDIA's datasheets, in
 # TFLOP/s, matched in order against torch.cuda.get_device_name() (lower case): the
@@ -214,16 +224,6 @@ def probe_machine(device: str, cpu_threads: int) -> dict[str, Any]:
     return info
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def check_device(device: str, dtype: str, machine: dict[str, Any]) -> None:
     if device.startswith("cuda"):
         if not machine["cuda_available"]:
@@ -253,19 +253,13 @@ def resolve_peak(device: str, machine: dict[str, Any],
     return None, f"n/a: {machine['gpu_name']} is not in the peak table (pass --peak-tflops)"
 
 
-def git_commit(folder: Path) -> str:
-    result = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "not a git checkout"
-
-
 # ----------------------------------------------------------------------------- data
 def read_token_meta(tokens: Path) -> dict[str, Any]:
     meta_path = tokens / "meta.json"
     if not meta_path.is_file():
         raise fail(f"--tokens {tokens}: no meta.json; run `dvc repro tokenize` (or gptpipe "
                    "tokenize) first, or name the folder it wrote")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = read_json(meta_path)
     if meta.get("dtype", "uint16") != "uint16":
         raise fail(f"{meta_path}: token ids are {meta.get('dtype')}; nanoGPT reads uint16 "
                    "only (a vocabulary of at most 65,536 tokens)")
@@ -302,8 +296,6 @@ def write_split_bin(tokens: Path, split: str, target: Path) -> str:
     if flat.is_file():
         target.symlink_to(flat.resolve())
         return f"symlink to {flat}"
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     import numpy as np
 
     from pipeline.core.errors import GptpipeError
@@ -439,9 +431,9 @@ def run_gptpipe(tokens: Path, tokenizer: Path, shape: Shape, options: dict[str, 
     # Step s (1-based) is nanoGPT's iteration s - 1: drop the same first warmup_iters.
     timed = [ms for (step, _), ms in zip(steps, iteration_ms, strict=True)
              if step > options["warmup_iters"]]
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_json(folder / "metrics.json")
     result = SideResult("gptpipe", iteration_ms, timed, wall, log, metrics.get("parameters"))
-    speed = json.loads((folder / "speed.json").read_text())
+    speed = read_json(folder / "speed.json")
     result.notes.append(f"its --speed JSON (every step but the first, mean): "
                         f"{speed['tokens_per_second']:,.0f} tokens/s on {speed['device']}")
     return result
@@ -464,7 +456,7 @@ def describe_mfu(tflops: float, peak: float | None) -> str:
 
 
 def build_report(shape: Shape, options: dict[str, Any], machine: dict[str, Any],
-                 peak: float | None, peak_source: str, nanogpt_dir: Path,
+                 peak: float | None, peak_source: str, nanogpt_dir: Path | None,
                  sides: list[SideResult], data_notes: list[str]) -> str:
     device = options["device"]
     device_name = machine["gpu_name"] if device.startswith("cuda") else machine["cpu"]
@@ -477,8 +469,9 @@ def build_report(shape: Shape, options: dict[str, Any], machine: dict[str, Any],
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- device: {device} = {device_name}{threads}; host CPU: {machine['cpu']}",
         f"- torch {torch_line}; Python {platform.python_version()}",
-        f"- gptpipe commit {git_commit(ROOT)}; nanoGPT {nanogpt_dir} at "
-        f"{git_commit(nanogpt_dir)}",
+        f"- gptpipe commit {git_commit(ROOT)}; nanoGPT "
+        + (f"{nanogpt_dir} at {git_commit(nanogpt_dir)}" if nanogpt_dir else
+           "not run: no --nanogpt checkout given"),
         f"- shape: {shape.n_layer} layers x {shape.n_embd} wide, {shape.n_head} heads, "
         f"context {shape.block_size}, vocabulary {shape.vocab_size:,} (the token data's)",
         f"- batch: {shape.batch_size} sequences x {shape.grad_accum} accumulation step(s) = "
@@ -540,9 +533,9 @@ def build_report(shape: Shape, options: dict[str, Any], machine: dict[str, Any],
 
 # ----------------------------------------------------------------------------- command
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nanogpt", "nanogpt_dir", required=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="A checkout of karpathy/nanoGPT (its train.py is run from there).")
+@click.option("--nanogpt", "nanogpt_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="A checkout of karpathy/nanoGPT (its train.py is run from there); "
+                   "required but with --smallest.")
 @click.option("--tokens", default=Path("data/tokens"), show_default=True,
               type=click.Path(path_type=Path), help="gptpipe's token folder.")
 @click.option("--tokenizer", default=Path("data/vocab/tokenizer.json"), show_default=True,
@@ -573,64 +566,88 @@ def build_report(shape: Shape, options: dict[str, Any], machine: dict[str, Any],
               help="nanoGPT dataset folder to write: <nanogpt>/data/<name>.")
 @click.option("--timeout", default=3600.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds each side may run.")
+@click.option("--smallest", is_flag=True,
+              help="A tiny shape on the CPU for 4 iterations (it sets the shape, batch, "
+                   "device, dtype, compile and iteration options): a check that the script "
+                   "works, not a measurement.")
 @click.option("--keep", is_flag=True, help="Keep the work folder (logs, params, models).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the Markdown report to this file.")
-def main(nanogpt_dir: Path, tokens: Path, tokenizer: Path, n_layer: int, n_head: int,
-         n_embd: int, block_size: int, batch_size: int, grad_accum: int, device: str,
-         dtype: str, use_compile: bool, iters: int, warmup_iters: int, cpu_threads: int,
-         peak_tflops: float | None, dataset_name: str, timeout: float, keep: bool,
-         out: Path | None) -> None:
+def main(**options: Any) -> None:
     """Time pretraining in nanoGPT and in gptpipe at the same shape; print a Markdown report."""
-    nanogpt_dir, tokens, tokenizer = (p.resolve() for p in (nanogpt_dir, tokens, tokenizer))
-    missing = [name for name in ("train.py", "model.py", "configurator.py")
-               if not (nanogpt_dir / name).is_file()]
-    if missing:
-        raise fail(f"--nanogpt {nanogpt_dir}: no {missing[0]} there; allowed: a checkout of "
-                   "https://github.com/karpathy/nanoGPT")
-    if warmup_iters >= iters:
-        raise fail(f"--warmup-iters {warmup_iters} leaves no timed iteration of --iters {iters}")
-    if n_embd % n_head:
-        raise fail(f"--n-embd {n_embd} is not a multiple of --n-head {n_head}")
+    if options["smallest"]:
+        options.update(SMALLEST)
+    elif options["nanogpt_dir"] is None:
+        raise click.UsageError("--nanogpt is required (a checkout of karpathy/nanoGPT), "
+                               "except with --smallest")
+    nanogpt_dir = options["nanogpt_dir"] and options["nanogpt_dir"].resolve()
+    tokens, tokenizer = options["tokens"].resolve(), options["tokenizer"].resolve()
+    check_options(options, nanogpt_dir, tokenizer)
     meta = read_token_meta(tokens)
     for split in ("train", "val"):
         count = split_token_count(tokens, split)
-        if count < block_size + 2:
+        if count < options["block_size"] + 2:
             raise fail(f"{tokens / split}: {count:,} tokens, too few for --block-size "
-                       f"{block_size} (at least {block_size + 2})")
-    if not tokenizer.is_file():
-        raise fail(f"--tokenizer {tokenizer}: not found; the tokenizer.json gptpipe vocab "
-                   "wrote for these tokens")
-    machine = probe_machine(device, cpu_threads if device == "cpu" else 0)
-    check_device(device, dtype, machine)
-    peak, peak_source = resolve_peak(device, machine, peak_tflops)
-    shape = Shape(n_layer, n_head, n_embd, block_size, batch_size, grad_accum,
-                  int(meta["vocab_size"]))
+                       f"{options['block_size']} (at least {options['block_size'] + 2})")
+    device = options["device"]
     if device != "cpu":
-        cpu_threads = 0
-    options = {"device": device, "dtype": dtype, "compile": use_compile, "iters": iters,
-               "warmup_iters": warmup_iters, "timeout": timeout, "keep": keep,
-               "cpu_threads": cpu_threads}
-
-    work = Path(tempfile.mkdtemp(prefix="bench-vs-nanogpt-"))
+        options["cpu_threads"] = 0
+    machine = probe_machine(device, options["cpu_threads"])
+    check_device(device, options["dtype"], machine)
+    peak, peak_source = resolve_peak(device, machine, options["peak_tflops"])
+    shape = Shape(options["n_layer"], options["n_head"], options["n_embd"],
+                  options["block_size"], options["batch_size"], options["grad_accum"],
+                  int(meta["vocab_size"]))
+    options["compile"] = options["use_compile"]
+    work = work_folder("bench-vs-nanogpt-")
     click.echo(f"work folder: {work}", err=True)
     try:
-        data_notes = prepare_nanogpt_dataset(nanogpt_dir, dataset_name, tokens, shape)
-        click.echo("running nanoGPT train.py ...", err=True)
-        nanogpt = run_nanogpt(nanogpt_dir, dataset_name, shape, options, work)
-        click.echo(f"nanoGPT: {nanogpt.median_ms:,.1f} ms/iter; running gptpipe pretrain ...",
-                   err=True)
-        gptpipe = run_gptpipe(tokens, tokenizer, shape, options, work)
+        sides, data_notes = run_sides(nanogpt_dir, tokens, tokenizer, shape, options, work)
     except click.ClickException:
         click.echo(f"work folder kept: {work}", err=True)
         raise
-    report = build_report(shape, options, machine, peak, peak_source, nanogpt_dir,
-                          [nanogpt, gptpipe], data_notes)
-    if not keep:
+    report = build_report(shape, options, machine, peak, peak_source, nanogpt_dir, sides,
+                          data_notes)
+    if not options["keep"]:
         shutil.rmtree(work, ignore_errors=True)
-    click.echo(report)
-    if out is not None:
-        out.write_text(report, encoding="utf-8")
+    publish(report, options["out"])
+
+
+def check_options(options: dict[str, Any], nanogpt_dir: Path | None, tokenizer: Path) -> None:
+    """One line for an option that cannot work, before anything runs."""
+    missing = [name for name in ("train.py", "model.py", "configurator.py")
+               if nanogpt_dir and not (nanogpt_dir / name).is_file()]
+    if missing:
+        raise fail(f"--nanogpt {nanogpt_dir}: no {missing[0]} there; allowed: a checkout of "
+                   "https://github.com/karpathy/nanoGPT")
+    if options["warmup_iters"] >= options["iters"]:
+        raise fail(f"--warmup-iters {options['warmup_iters']} leaves no timed iteration of "
+                   f"--iters {options['iters']}")
+    if options["n_embd"] % options["n_head"]:
+        raise fail(f"--n-embd {options['n_embd']} is not a multiple of --n-head "
+                   f"{options['n_head']}")
+    if not tokenizer.is_file():
+        raise fail(f"--tokenizer {tokenizer}: not found; the tokenizer.json gptpipe vocab "
+                   "wrote for these tokens")
+
+
+def run_sides(nanogpt_dir: Path | None, tokens: Path, tokenizer: Path, shape: Shape,
+              options: dict[str, Any], work: Path) -> tuple[list[SideResult], list[str]]:
+    """nanoGPT (when there is a checkout), then gptpipe; (their results, data notes)."""
+    sides = []
+    # Without a checkout, nanoGPT's data is still written (in the work folder): that code
+    # is this script's own.
+    data_notes = prepare_nanogpt_dataset(nanogpt_dir or work / "nanoGPT-not-run",
+                                         options["dataset_name"], tokens, shape)
+    if nanogpt_dir is None:
+        click.echo("no --nanogpt checkout: nanoGPT is not run", err=True)
+    else:
+        click.echo("running nanoGPT train.py ...", err=True)
+        sides.append(run_nanogpt(nanogpt_dir, options["dataset_name"], shape, options, work))
+        click.echo(f"nanoGPT: {sides[-1].median_ms:,.1f} ms/iter", err=True)
+    click.echo("running gptpipe pretrain ...", err=True)
+    sides.append(run_gptpipe(tokens, tokenizer, shape, options, work))
+    return sides, data_notes
 
 
 if __name__ == "__main__":

@@ -38,6 +38,18 @@ of dvc.yaml in pipeline order (or those of ``--stages``), in each round:
    rlhf is reported "did not resume" when dvc.yaml declares no persist checkpoints/ output
    for it (no resume to expect), rather than as a failure.
 
+Two faults follow (unless ``--no-faults``), checked by the same steps 3-5 against
+``dvc repro pretrain``:
+
+- **a NaN injected mid-run**, in every round: pretraining forced with the trainer's
+  testing hook ``GPTPIPE_FAULT_NAN_GRAD_AT_STEP`` set to a random step must stop with one
+  line naming that step and leave the snapshot of the last good step, all finite;
+- **a rank killed in a two-process run**, once, last: with ``train.nproc_per_node: 2``
+  (CPU processes, gloo) the stage first runs uninterrupted (the reference), then is
+  forced again and process 1 is SIGKILLed at a random snapshot: the other process must
+  stop with one line naming it (within ``train.peer_timeout``), and the recovery must
+  end with the reference's outputs.
+
 It prints a Markdown table, one row per stage and round: the kill delay, whether the kill
 landed while the stage command was running (else the stage had finished and DVC was
 recording it), whether everything recovered, whether the re-run resumed, the seconds the
@@ -50,6 +62,7 @@ Usage (from the repository root, with the project's virtual environment)::
     .venv/bin/python bench/kill_loop.py --rounds 3 --seed 7 --out bench/results-kill.md
     .venv/bin/python bench/kill_loop.py --stages tokenize,pretrain --keep
     .venv/bin/python bench/kill_loop.py --docs 2000 -S train.steps=200 -S model.n_embd=64
+    .venv/bin/python bench/kill_loop.py --smallest                 # under a minute or two
 
 Options:
 
@@ -61,10 +74,14 @@ Options:
   --work-dir DIR     where to make the scratch repository (default: the system temp)
   --keep             keep the scratch repository and the logs
   --out PATH         also write the Markdown report to PATH
+  --no-faults        leave out the injected NaN and the killed rank
+  --smallest         pretraining only (the stages before it run once), 40 steps on
+                     SMALLEST_DOCS documents, with both faults: the test suite runs this
 
 Exit status: 0 when every row recovered, 1 otherwise. About 2.5 minutes per round on two
-CPU cores with the defaults. This is a script, never a test: it is slow and its kill
-points depend on the machine's speed.
+CPU cores with the defaults. Its kill points depend on the machine's speed, so only the
+smallest mode runs in the test suite (tests/test_kill_loop.py), as a check that the
+script still works, not as a measurement.
 """
 
 from __future__ import annotations
@@ -103,6 +120,12 @@ KILL_PARAMS = {
     "train.eval_every": 50,
     "rlhf.steps": 6,
 }
+# --smallest: pretraining alone, a few dozen steps, on a few documents.
+SMALLEST_DOCS = 40
+SMALLEST_PARAMS = {**TINY_PARAMS, "train.steps": 40, "train.checkpoint_every": 5,
+                   "train.eval_every": 10}
+# train.peer_timeout of the two-process fault: a frozen rank would be named this soon.
+RANK_TIMEOUT = 20
 # Each resumable stage's params section, step budget and snapshot cadence.
 STEP_PARAMS = {"pretrain": ("train", "steps", "checkpoint_every"),
                "rlhf": ("rlhf", "steps", "eval_every")}
@@ -269,30 +292,28 @@ def _cache_problems(repo: Path, outs: list[Out]) -> list[str]:
 
 
 def _snapshot_info(repo: Path, out: Out, newer_than: float = 0.0) -> dict | None:
-    """The newest complete snapshot's state.json under a checkpoint folder, if any."""
-    newest, info = newer_than, None
-    states = [Path(folder) / "state.json" for folder, _, files in os.walk(repo / out.path)
-              if "state.json" in files and ".tmp-" not in folder]  # os.walk skips races
-    for state in states:
-        try:
-            mtime = state.stat().st_mtime
-            if mtime > newest:
-                newest, info = mtime, json.loads(state.read_text())
-        except (OSError, ValueError):
-            continue
-    return info
+    """The state.json of the run folder's snapshot, if complete and newer than that."""
+    state = repo / out.path / "snapshot" / "state.json"
+    try:
+        if state.stat().st_mtime > newer_than:
+            return json.loads(state.read_text())
+    except (OSError, ValueError):  # none yet, or being replaced
+        pass
+    return None
 
 
 # ------------------------------------------------------------------------ the first run
 
 
-def first_run(repo: Path, log: Path) -> dict[str, float]:
-    """`dvc repro` of the whole pipeline; each stage's seconds from its "Running" line."""
+def first_run(repo: Path, log: Path, target: str = "") -> dict[str, float]:
+    """`dvc repro` of the whole pipeline (or up to ``target``); each stage's seconds from
+    its "Running" line."""
     durations: dict[str, float] = {}
     current, started = None, 0.0
     with log.open("w") as handle:
-        process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(["dvc", "repro", *filter(None, [target])], cwd=repo,
+                                   env=_env(), text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
         assert process.stdout is not None
         for line in process.stdout:
             handle.write(line)
@@ -360,15 +381,31 @@ def _kill_at_random_point(process: subprocess.Popen, repo: Path, stage: str,
     return started_wall
 
 
-def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
-                     fraction: float, logs: Path, row: Row) -> None:
-    persist_ckpt = [o for o in outs if o.stage == stage and o.persist
-                    and o.path.startswith("checkpoints/")]
-    before_lock = _lock_outs(repo)
-    temps_before = set(find_temporaries(repo))
-    before = {o.path: _digest(repo / o.path) for o in outs}
-    before_json = {o.path: _load_json(repo / o.path) for o in outs if o.path.endswith(".json")}
+@dataclass
+class Before:
+    """What the repository held before a kill: outputs, dvc.lock, temporaries."""
 
+    lock: dict[str, str]
+    digests: dict[str, str | None]
+    json: dict[str, object]
+    temps: set[str]
+
+
+def _before(repo: Path, outs: list[Out]) -> Before:
+    return Before(_lock_outs(repo), {o.path: _digest(repo / o.path) for o in outs},
+                  {o.path: _load_json(repo / o.path) for o in outs if o.path.endswith(".json")},
+                  set(find_temporaries(repo)))
+
+
+def _checkpoints(outs: list[Out], stage: str) -> list[Out]:
+    return [o for o in outs if o.stage == stage and o.persist
+            and o.path.startswith("checkpoints/")]
+
+
+def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
+                     fraction: float, logs: Path, row: Row, target: str = "") -> None:
+    persist_ckpt = _checkpoints(outs, stage)
+    before = _before(repo, outs)
     if persist_ckpt:
         shutil.rmtree(repo / persist_ckpt[0].path, ignore_errors=True)  # see step 1
     log = logs / f"{stage}-{row.round}-killed.log"
@@ -383,14 +420,19 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
         row.notes.append("the stage never started")
         return
     snapshot = _snapshot_info(repo, persist_ckpt[0], started_wall) if persist_ckpt else None
+    recover_and_check(repo, stage, outs, logs, row, before, snapshot, target)
 
-    left = [t for t in find_temporaries(repo) if t not in temps_before]
+
+def recover_and_check(repo: Path, stage: str, outs: list[Out], logs: Path, row: Row,
+                      before: Before, snapshot: dict | None, target: str = "") -> None:
+    """Steps 3-5 of the module docstring, after a kill (or a fault) of ``stage``."""
+    left = [t for t in find_temporaries(repo) if t not in before.temps]
     if left:
         row.notes.append("the kill left " + ", ".join(left))
     half, live = [], []
     for o in outs:
         now = _digest(repo / o.path)
-        if now is None or now == before[o.path]:
+        if now is None or now == before.digests[o.path]:
             continue
         if (o.persist or o.path in VARYING) and _well_formed(repo / o.path):
             continue
@@ -413,13 +455,13 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
         row.notes.append("the kill cut DVC's own rewrite of dvc.lock; removed it (README)")
         (repo / "dvc.lock").unlink()
     started = time.monotonic()
-    result = _run(["dvc", "repro"], repo)
+    result = _run(["dvc", "repro", *filter(None, [target])], repo)
     row.seconds = time.monotonic() - started
     (logs / f"{stage}-{row.round}-recovery.log").write_text(result.stdout + result.stderr)
     problems = []
     if result.returncode != 0:
         problems.append(f"dvc repro exited {result.returncode}")
-    status = _run(["dvc", "status"], repo)
+    status = _run(["dvc", "status", *filter(None, [target])], repo)
     if UP_TO_DATE not in status.stdout:
         problems.append("dvc status: " + " ".join(status.stdout.split())[:200])
     if "is cached - skipping run" in result.stdout:
@@ -435,11 +477,11 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
                              + ", ".join(remaining))
     problems += _cache_problems(repo, outs)
     after_lock = _lock_outs(repo)
-    changed = sorted(p for p in before_lock if p not in VARYING
-                     and after_lock.get(p) != before_lock[p])
+    changed = sorted(p for p in before.lock if p not in VARYING
+                     and after_lock.get(p) != before.lock[p])
     # Same values in another order: not a wrong output, but dvc.lock changes all the same.
-    reordered = [p for p in changed if before_json.get(p) is not None
-                 and before_json[p] == _load_json(repo / p)]
+    reordered = [p for p in changed if before.json.get(p) is not None
+                 and before.json[p] == _load_json(repo / p)]
     if reordered:
         row.notes.append("same values, other bytes (key order) than before the kill: "
                          + ", ".join(reordered))
@@ -450,9 +492,116 @@ def kill_and_recover(repo: Path, stage: str, outs: list[Out], duration: float,
     row.recovered = not problems and not half
 
     if stage in RESUMABLE_BY_DESIGN:
-        row.resumed = _resumed(repo, stage, persist_ckpt, snapshot, result.stdout, row)
+        row.resumed = _resumed(repo, stage, _checkpoints(outs, stage), snapshot,
+                               result.stdout, row)
     if row.leaked:
         row.notes.append("still there after the next stage run: " + ", ".join(row.leaked))
+
+
+# --------------------------------------------------------------------- injected faults
+
+
+def nan_and_recover(repo: Path, outs: list[Out], logs: Path, row: Row,
+                    rng: random.Random) -> None:
+    """Pretraining poisoned by a NaN gradient at a random step (the trainer's testing
+    hook): the stage must stop with one line naming the step, leave a snapshot of an
+    earlier step that is all finite, and `dvc repro` must resume to the same outputs."""
+    total, cadence = _budget(repo, "pretrain")
+    bad = rng.randrange(cadence + 1, total)
+    row.delay = f"NaN gradient at step {bad}"
+    before = _before(repo, outs)
+    checkpoint = _checkpoints(outs, "pretrain")[0]
+    shutil.rmtree(repo / checkpoint.path, ignore_errors=True)
+    log = logs / f"pretrain-nan-{row.round}.log"
+    env = {**_env(), "GPTPIPE_FAULT_NAN_GRAD_AT_STEP": str(bad)}
+    with log.open("w") as handle:
+        subprocess.run(["dvc", "repro", "-s", "-f", "pretrain"], cwd=repo, env=env,
+                       stdout=handle, stderr=subprocess.STDOUT, timeout=1800)
+    said = [line for line in log.read_text().splitlines() if line.startswith("Error:")]
+    expected = f"the gradient norm is nan at step {bad}"
+    if len(said) != 1 or expected not in said[0]:
+        row.notes.append(f"expected one line '{expected}', got: {said}")
+    snapshot = _snapshot_info(repo, checkpoint)
+    if snapshot is None or int(snapshot["step"]) != (bad - 1) // cadence * cadence:
+        row.notes.append(f"the snapshot left is not the last good one: {snapshot}")
+    elif not _finite_snapshot(repo / checkpoint.path / "snapshot"):
+        row.notes.append("the snapshot left holds a non-finite tensor")
+    notes = list(row.notes)
+    recover_and_check(repo, "pretrain", outs, logs, row, before, snapshot, "pretrain")
+    row.recovered = row.recovered and not notes
+
+
+def rank_kill_and_recover(repo: Path, outs: list[Out], logs: Path, row: Row,
+                          fraction: float) -> None:
+    """Pretraining on two processes (torchrun, gloo), rank 1 killed at a snapshot: the
+    other must stop within train.peer_timeout with one line naming it, and `dvc repro`
+    must resume to the outputs of an uninterrupted two-process run (made first)."""
+    _set_params(repo, {"train.nproc_per_node": 2, "train.device": "cpu",
+                       "train.peer_timeout": RANK_TIMEOUT})
+    first = _run(["dvc", "repro", "pretrain"], repo)  # the uninterrupted reference
+    if first.returncode != 0:
+        row.notes.append(f"the two-process run failed: {first.stderr[-300:]}")
+        return
+    before = _before(repo, outs)
+    checkpoint = _checkpoints(outs, "pretrain")
+    shutil.rmtree(repo / checkpoint[0].path, ignore_errors=True)
+    log = logs / f"pretrain-rank-{row.round}.log"
+    process = _start(["dvc", "repro", "-s", "-f", "pretrain"], repo, log)
+    try:
+        total, cadence = _budget(repo, "pretrain")
+        steps = list(range(cadence, total, cadence)) or [total]
+        target = steps[min(int(fraction * len(steps)), len(steps) - 1)]
+        started_wall, info = time.time(), None
+        deadline = time.monotonic() + 600
+        while process.poll() is None and time.monotonic() < deadline:
+            info = _snapshot_info(repo, checkpoint[0], started_wall)
+            if info is not None and int(info.get("step", 0)) >= target:
+                break
+            time.sleep(0.002)
+        victim = _rank_process(process, 1)
+        row.delay = f"rank 1 killed after the snapshot of step {(info or {}).get('step')}"
+        row.while_running = victim is not None
+        killed = time.monotonic()
+        if victim is not None:
+            victim.kill()
+        process.wait(timeout=RANK_TIMEOUT + 120)
+        row.notes.append(f"the other process stopped {time.monotonic() - killed:.1f} s later")
+    finally:
+        if process.poll() is None:
+            _kill_group(process)
+    said = [line for line in log.read_text().splitlines()  # the survivor's, not torchrun's
+            if "process 1 of 2" in line and "this process stopped too" in line]
+    notes = [] if said else ["no line from the other process naming process 1"]
+    row.notes += notes
+    snapshot = _snapshot_info(repo, checkpoint[0])
+    recover_and_check(repo, "pretrain", outs, logs, row, before, snapshot, "pretrain")
+    row.recovered = row.recovered and not notes
+
+
+def _rank_process(process: subprocess.Popen, rank: int) -> psutil.Process | None:
+    """The torchrun worker of global ``rank`` under ``process``, if running."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error, KeyError):
+                if "pipeline.cli" in " ".join(child.cmdline()) and (
+                        child.environ()["RANK"] == str(rank)):
+                    return child
+    return None
+
+
+def _finite_snapshot(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "state.safetensors")
+    return all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point())
+
+
+def _set_params(repo: Path, overrides: dict[str, object]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _budget(repo: Path, stage: str) -> tuple[int, int]:
@@ -531,7 +680,7 @@ def _parse_set(items: list[str]) -> dict[str, object]:
     return overrides
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1)
@@ -541,35 +690,64 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-faults", dest="faults", action="store_false")
+    parser.add_argument("--smallest", action="store_true")
     args = parser.parse_args()
+    if args.smallest:  # pretraining only, on a few documents: under a minute on 2 cores
+        args.docs, args.stages = min(args.docs, SMALLEST_DOCS), args.stages or "pretrain"
+    return args
 
+
+def _rows(repo: Path, args: argparse.Namespace, stages: list[str], outs: list[Out],
+          durations: dict[str, float], logs: Path) -> list[Row]:
+    """Every kill of the loop, then the injected faults, each recovered and checked."""
+    chosen = [s for s in args.stages.split(",") if s] or stages
+    target = chosen[-1] if args.smallest else ""
+    rng = random.Random(args.seed)
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        for stage in chosen:
+            row = Row(stage, round_)
+            kill_and_recover(repo, stage, outs, durations.get(stage, 1.0), rng.random(),
+                             logs, row, target)
+            rows.append(row)
+            _progress(row)
+        if args.faults and "pretrain" in stages:
+            rows.append(Row("pretrain, NaN injected", round_))
+            nan_and_recover(repo, outs, logs, rows[-1], rng)
+            _progress(rows[-1])
+    if args.faults and "pretrain" in stages:  # last: it leaves two-process params
+        rows.append(Row("pretrain, 2 processes, rank 1 killed", 1))
+        rank_kill_and_recover(repo, outs, logs, rows[-1], rng.random())
+        _progress(rows[-1])
+    return rows
+
+
+def _progress(row: Row) -> None:
+    print(f"round {row.round}, {row.stage}: killed after {row.delay}, running "
+          f"{row.while_running}, recovered {row.recovered}, resumed {row.resumed}",
+          file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    args = _arguments()
     work = Path(tempfile.mkdtemp(prefix="kill-loop-", dir=args.work_dir))
     try:
-        repo = scratch_repo(work / "repo", {**KILL_PARAMS, **_parse_set(args.overrides)})
+        base = SMALLEST_PARAMS if args.smallest else KILL_PARAMS
+        repo = scratch_repo(work / "repo", {**base, **_parse_set(args.overrides)})
         write_wiki_folder(repo / "corpus", args.docs)
         logs = work / "logs"
         logs.mkdir()
         stages, outs = _declared_outs(repo)
-        chosen = [s for s in args.stages.split(",") if s] or stages
-        unknown = sorted(set(chosen) - set(stages))
+        unknown = sorted(set(filter(None, args.stages.split(","))) - set(stages))
         if unknown:
             sys.exit(f"--stages: unknown {', '.join(unknown)}; dvc.yaml has {', '.join(stages)}")
-
         print(f"kill loop in {work}: first dvc repro ...", file=sys.stderr, flush=True)
         started = time.monotonic()
-        durations = first_run(repo, logs / "first.log")
+        last = [s for s in args.stages.split(",") if s][-1] if args.smallest else ""
+        durations = first_run(repo, logs / "first.log", last)
         first_seconds = time.monotonic() - started
-        rng = random.Random(args.seed)
-        rows = []
-        for round_ in range(1, args.rounds + 1):
-            for stage in chosen:
-                row = Row(stage, round_)
-                kill_and_recover(repo, stage, outs, durations.get(stage, 1.0), rng.random(),
-                                 logs, row)
-                rows.append(row)
-                print(f"round {round_}, {stage}: killed after {row.delay}, running "
-                      f"{row.while_running}, recovered {row.recovered}, resumed "
-                      f"{row.resumed}", file=sys.stderr, flush=True)
+        rows = _rows(repo, args, stages, outs, durations, logs)
         report = _report(rows, args, durations, first_seconds)
         print(report)
         if args.out:

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core.errors import GptpipeError
 from pipeline.core.runs import load_training_state, read_training_info, save_training_state
-from pipeline.lm.checkpoint import load_model, save_model
+from pipeline.lm.checkpoint import base_model, load_model, save_model
 from pipeline.lm.model import GPT, GPTConfig
 
 
@@ -77,3 +77,12 @@ def test_training_state_round_trip_restores_model_optimizer_and_rng(tmp_path):
 
 def test_no_snapshot_means_no_training_info(tmp_path):
     assert read_training_info(tmp_path / "nothing") is None
+
+
+def test_init_from_naming_a_deeply_nested_file_is_one_line(tmp_path):
+    pointer = tmp_path / "deep.init"
+    pointer.write_text("[" * 5000 + "]" * 5000)  # YAML's parser recurses once per level
+    with pytest.raises(GptpipeError, match=r"deep.init: a file, not a model folder; allowed"):
+        base_model(pointer)
+    pointer.write_text("kind: random\n")
+    assert base_model(pointer) is None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
+import json
+import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,10 +82,50 @@ def test_cpu_float16_is_refused():
         pick_dtype("float16", torch.device("cpu"))
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux's /proc/cpuinfo")
-def test_native_bfloat16_detection_agrees_with_the_kernels_cpu_flags():
-    text = Path("/proc/cpuinfo").read_text(errors="replace")
-    flags = set(re.findall(r"[\w.]+", " ".join(
-        line.split(":", 1)[1] for line in text.splitlines()
-        if line.lower().startswith(("flags", "features")))))
-    assert device.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+_X86 = "processor\t: 0\nmodel name\t: A CPU\nflags\t\t: fpu sse4_2 avx2 {extra}\n\n"
+_ARM = "processor\t: 0\nFeatures\t: fp asimd {extra}\nCPU implementer\t: 0x41\n\n"
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS asks sysctl, not /proc/cpuinfo")
+@pytest.mark.parametrize(("text", "extra", "native"), [
+    (_X86, "avx512f avx512_bf16", True), (_X86, "amx_tile amx_bf16", True),
+    (_X86, "avx512f avx512bw", False), (_ARM, "sve bf16", True), (_ARM, "sve i8mm", False),
+])
+def test_native_bfloat16_is_read_from_the_kernels_cpu_flags(tmp_path, monkeypatch, text,
+                                                             extra, native):
+    # torch cannot tell (no probe says yes): the kernel's flags decide.
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text.format(extra=extra) * 2)
+    assert device.cpu_has_native_bf16(str(cpuinfo)) is native
+    assert device.cpu_has_native_bf16(str(tmp_path / "absent")) is False
+
+
+def test_a_probe_of_torch_that_says_yes_is_enough(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    (tmp_path / "cpuinfo").write_text(_X86.format(extra=""))
+    assert device.cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is True
+
+
+_DESCRIBE = "import json; from pipeline.core.machine import describe_machine; " \
+            "print(json.dumps(describe_machine()))"
+
+
+def test_the_machine_record_names_what_picks_the_kernels():
+    """A snapshot records it; a finished run is reused only where it is the same."""
+    from pipeline.core.machine import describe_machine, machine_differences
+
+    here = describe_machine("cpu", torch.bfloat16)
+    assert here["torch"] == torch.__version__ and here["precision"] == "bfloat16"
+    assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert here["threads"] == torch.get_num_threads()
+    assert describe_machine("cpu", torch.bfloat16) == here  # the same on every call
+    # Another kernel choice (what an AVX2-only machine runs): another record.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    there = json.loads(subprocess.run([sys.executable, "-c", _DESCRIBE], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+    assert there["kernel_switches"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert there["cpu_capability"] == "DEFAULT"
+    differing = machine_differences(there, describe_machine())
+    assert any(line.startswith("kernel_switches ") for line in differing)

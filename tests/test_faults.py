@@ -432,3 +432,31 @@ def test_pretrain_killed_under_dvc_repro_resumes_and_matches_an_uninterrupted_ru
     ours, theirs = _lock_outs(repo, ["pretrain"]), _lock_outs(reference, ["pretrain"])
     assert ours["models/pretrain"] == theirs["models/pretrain"]  # the same weights
     _assert_cache_sound(repo)
+
+
+def test_a_forced_rerun_writes_a_finished_run_out_here_and_trains_it_again_elsewhere(
+        data_repo, tmp_path):
+    """`dvc repro -f pretrain` runs the stage again. Where the run folder holds this very
+    run finished on this machine and software, training again would compute the same bits,
+    so the outputs are written from it in seconds; a machine that picks other kernels (here
+    torch told to use no vector instructions) trains it again rather than pass another
+    machine's result off as its own."""
+    repo = _clone(data_repo, tmp_path / "repo")
+    run_cmd(["dvc", "repro", "pretrain"], repo)
+    before = _lock_outs(repo, ["pretrain"])
+    forced = run_cmd(["dvc", "repro", "-f", "-s", "pretrain"], repo).stdout
+    assert "the checkpoint folder holds this run, finished at step 60: writing its outputs" in (
+        forced)
+    after = _lock_outs(repo, ["pretrain"])
+    del before["metrics/pretrain_speed.json"], after["metrics/pretrain_speed.json"]  # times
+    assert after == before
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "ATEN_CPU_CAPABILITY": "default"}
+    elsewhere = subprocess.run(["dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, env=env,
+                               capture_output=True, text=True)
+    assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+    assert ("the checkpoint folder holds this run, finished at step 60 on another machine or "
+            "software (") in elsewhere.stdout
+    assert "training it again" in elsewhere.stdout
+    live = (repo / "dvclive/pretrain/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [int(row.split("\t")[0]) for row in live[1:]] == list(range(1, 61))

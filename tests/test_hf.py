@@ -236,6 +236,40 @@ def test_sharded_safetensors_import_as_one_file(tokenizer, tmp_path):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in original.state_dict().items())
 
 
+def _shard_outside(tokenizer, tmp_path: Path, where: str) -> Path:
+    """An export whose index names, for half the tensors, a real shard outside the folder:
+    ``../outside.safetensors`` or its absolute path."""
+    source = _folder(tmp_path, "llama", tokenizer)
+    hf = tmp_path / "hf"
+    _export(source, hf)
+    state = load_file(hf / "model.safetensors")
+    names = sorted(state)
+    save_file({n: state[n] for n in names[::2]}, hf / "inside.safetensors", {"format": "pt"})
+    save_file({n: state[n] for n in names[1::2]}, tmp_path / "outside.safetensors",
+              {"format": "pt"})
+    (hf / "model.safetensors").unlink()
+    outside = {"relative": "../outside.safetensors",
+               "absolute": str(tmp_path / "outside.safetensors")}[where]
+    index = {"weight_map": {n: "inside.safetensors" for n in names[::2]}
+             | {n: outside for n in names[1::2]}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    return hf
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tokenizer, tmp_path, where):
+    """Neither DVC nor a training fingerprint tracks a file outside the folder: a model
+    that changes with it must not load."""
+    hf = _shard_outside(tokenizer, tmp_path, where)
+    with pytest.raises(GptpipeError) as caught:
+        load_model(hf)
+    message = caught.value.format_message()
+    assert message.startswith(f"{hf / 'model.safetensors.index.json'}: weight_map names the "
+                              "file ")
+    assert "outside.safetensors" in message and "allowed: the name of a file in the folder" \
+        in message
+
+
 def test_no_gptpipe_module_imports_transformers():
     """transformers is an optional extra: gptpipe writes and reads the folders itself."""
     for path in (REPO_ROOT / "pipeline").rglob("*.py"):

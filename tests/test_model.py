@@ -104,16 +104,35 @@ def test_embeddings_are_tied_and_residual_projections_scaled():
     assert qkv_std == pytest.approx(0.02, rel=0.15)
 
 
-def test_scalar_head_gives_one_value_per_position():
+def test_the_scalar_head_is_a_linear_map_of_each_positions_final_hidden_state():
     torch.manual_seed(0)
-    head = ScalarHead(GPT(tiny()))
-    values = head(torch.randint(0, 50, (3, 9)))
+    head = ScalarHead(GPT(tiny())).eval()
+    with torch.no_grad():
+        head.head.bias.fill_(0.5)
+        idx = torch.randint(0, 50, (3, 9))
+        values = head(idx)  # (B, T)
+        hidden = head.body.hidden_states(idx)  # (B, T, C)
+        by_hand = (hidden * head.head.weight[0]).sum(-1) + 0.5
+        changed = idx.clone()
+        changed[:, 6] = (changed[:, 6] + 1) % 50
+        later_changed = head(changed)
     assert values.shape == (3, 9)
+    torch.testing.assert_close(values, by_hand)
+    # Causal, as the body is: a later token moves only its own and later values.
+    assert torch.equal(later_changed[:, :6], values[:, :6])
+    assert not torch.allclose(later_changed[:, 6:], values[:, 6:])
 
 
-def test_flops_per_token_counts_the_tied_output_matrix_once():
-    model = GPT(tiny())
-    c = model.config
-    non_embedding = model.num_parameters(exclude_embeddings=True)
-    expected = 6 * (non_embedding + c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_embd * c.context
-    assert model.flops_per_token() == expected
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_flops_per_token_counts_the_tied_output_matrix_once(positions):
+    """Worked out by hand for tiny(): C = 32, V = 50, L = 2, H = 2, T = 16, no biases.
+
+    Per block: norms 2 x 32, qkv 3 x 32 x 32 = 3072, proj 32 x 32 = 1024, SwiGLU width
+    64 * ceil(8 * 32 / 3 / 64) = 128: gate_up 2 x 128 x 32 = 8192, down 32 x 128 = 4096;
+    16448 per block, 32896 for two, + norm_f 32 = 32928. The output matrix (tied to the
+    embedding, counted once) adds 50 x 32 = 1600: N = 34528, 6N = 207168. Attention scores
+    and values: 12 L H D T = 12 x 2 x 2 x 16 x 16 = 12288. Total 219456. Learned
+    positions add parameters (16 x 32) but no matrix product: the same FLOPs.
+    """
+    model = GPT(tiny(positions=positions))
+    assert model.flops_per_token() == 219456

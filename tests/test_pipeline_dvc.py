@@ -7,6 +7,7 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import BIN, REPO_ROOT, make_dvc_repo, run_cmd
 
 pytestmark = pytest.mark.slow
@@ -15,39 +16,8 @@ DATA_STAGES = ["ingest", "clean", "split", "vocab", "tokenize"]
 # After pretrain, DVC may run independent stages in either order: compared as sets.
 AFTER_PRETRAIN = {"pretrain", "evaluate", "export", "preferences", "reward", "sft", "rlhf",
                   "evaluate_rlhf", "export_rlhf"}
-TINY = {
-    "data.corpus": "corpus",
-    "clean.min_bytes": 20,
-    "clean.workers": 1,
-    "vocab.vocab_size": 400,
-    "tokenize.shard_tokens": 2000,
-    "model.context": 32,
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "train.steps": 6,
-    "train.batch_size": 4,
-    "train.warmup_steps": 2,
-    "train.eval_every": 3,
-    "train.eval_windows": 4,
-    "train.checkpoint_every": 3,
-    "evaluate.num_prompts": 2,
-    "evaluate.temperatures": [0.0, 1.0],
-    "evaluate.max_new_tokens": 8,
-    # The synthetic documents all open with "Document N ...": long enough prompts differ.
-    "preferences.num_prompts": 48,
-    "preferences.prompt_tokens": 12,
-    "preferences.max_new_tokens": 12,
-    "preferences.min_pairs": 4,
-    "reward.epochs": 1,
-    "rlhf.steps": 2,
-    "rlhf.batch_size": 4,
-    "rlhf.minibatch_size": 2,
-    "rlhf.ppo_epochs": 1,
-    "rlhf.max_new_tokens": 6,
-    "rlhf.eval_every": 1,
-    "rlhf.eval_prompts": 4,
-}
+# Tiny params for fast end-to-end runs: one file, read by tests and bench.
+TINY = yaml.safe_load((REPO_ROOT / "tests" / "tiny_params.yaml").read_text(encoding="utf-8"))
 
 
 def _repro(repo) -> list[str]:

@@ -249,6 +249,27 @@ def test_stage_file_source_reads_the_file(tiny_setup, tmp_path):
     assert json.loads((tmp_path / "prefs/meta.json").read_text())["tokenizer_sha256"] is None
 
 
+def test_stage_file_source_reads_trls_conversational_pairs(tiny_setup, tmp_path):
+    def said(role: str, text: str) -> list[dict]:
+        return [{"role": role, "content": text}]
+
+    records = [{"prompt": said("user", f"Where does river {i} flow?"),
+                "chosen": said("assistant", "North, to the sea."),
+                "rejected": said("assistant", "river river")} for i in range(12)]
+    file = tmp_path / "conversations.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    params = _params_file(tmp_path / "params.yaml", source="file", min_pairs=12)
+    result = _run_stage(tiny_setup, tmp_path, params, file)
+    assert result.exit_code == 0, result.output
+    # The splits hold the pairs as texts: a conversation written out as gptpipe reads it.
+    written = [*read_pairs_jsonl(tmp_path / "prefs/train.jsonl"),
+               *read_pairs_jsonl(tmp_path / "prefs/heldout.jsonl")]
+    assert sorted(p.prompt for p in written) == sorted(
+        f"user: Where does river {i} flow?\nassistant:" for i in range(12))
+    assert {(p.chosen, p.rejected) for p in written} == {(" North, to the sea.",
+                                                          " river river")}
+
+
 @pytest.mark.parametrize(
     ("lines", "preferences", "needle"),
     [

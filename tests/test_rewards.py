@@ -17,7 +17,12 @@ from test_rlhf import make_stage_inputs, rlhf_params, stage_args, tiny_gpt, toy_
 
 from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.policy import frozen_copy
-from pipeline.alignment.rewards import completion_logprob, load_function, make_scorer
+from pipeline.alignment.rewards import (
+    completion_logprob,
+    is_batched,
+    load_function,
+    make_scorer,
+)
 from pipeline.alignment.tuner import Tuner
 from pipeline.cli import cli
 from pipeline.core.errors import GptpipeError
@@ -63,10 +68,16 @@ class _FunctionJudge:
         self.score = function
 
 
-def test_a_python_reward_from_a_file_is_raised(tokenizer, tmp_path):
+@pytest.mark.parametrize("source", [
+    "def dots(prompt, completion):\n"
+    "    return completion.count('.') / max(len(completion), 1)\n",
+    # TRL's reward function: the batch's texts by name, one value per completion.
+    "def dots(prompts, completions, **kwargs):\n"
+    "    return [c.count('.') / max(len(c), 1) for c in completions]\n",
+], ids=["one sample", "batched"])
+def test_a_python_reward_from_a_file_is_raised(tokenizer, tmp_path, source):
     module = tmp_path / "my_rewards.py"
-    module.write_text("def dots(prompt, completion):\n"
-                      "    return completion.count('.') / max(len(completion), 1)\n")
+    module.write_text(source)
     name = f"python:{module}:dots"
     scorer = make_scorer(name, load_function(str(module), "dots", name),
                          reward_model_scorer=None, judge=None, tokenizer=tokenizer,
@@ -171,6 +182,56 @@ def test_select_by_reward_keeps_the_best_reward(tmp_path):
     assert result.best.gold_score < result.start.gold_score
 
 
+def _python_scorer(tokenizer, module, function):
+    name = f"python:{module}:{function}"
+    return make_scorer(name, load_function(str(module), function, name),
+                       reward_model_scorer=None, judge=None, tokenizer=tokenizer,
+                       pretrained=None, likelihood_per_token=True)
+
+
+def test_a_batched_reward_is_told_apart_by_the_names_trl_passes():
+    def one(prompt, completion): ...
+    def trl(prompts, completions, **kwargs): ...
+    def texts(completions, **kwargs): ...
+    def ids(completion_ids, **kwargs): ...
+    def named_alike(prompt, completion, **kwargs): ...
+
+    assert [is_batched(f) for f in (one, trl, texts, ids, named_alike)] == [
+        False, True, True, True, False]
+
+
+def test_a_trl_reward_function_gets_the_batch_by_name_once(tokenizer, tmp_path):
+    module = tmp_path / "trl_style.py"
+    module.write_text(
+        "calls = []\n"
+        "def lengths(prompts, completions, **kwargs):\n"
+        "    calls.append((prompts, completions, kwargs))\n"
+        "    return [float(len(c)) for c in completions]\n"
+        "def prompt_is_ab(prompts, completions):\n"  # no **kwargs: given only these two
+        "    return [float(p == 'ab') for p in prompts]\n")
+    prompts = tokenizer.encode_batch(["ab", "c"])
+    completions = tokenizer.encode_batch([" x.", "yz"])
+    values = _python_scorer(tokenizer, module, "lengths")(prompts, completions)
+    assert values.tolist() == [3.0, 2.0]
+    import gptpipe_reward_trl_style as loaded  # the module load_function ran
+
+    assert loaded.calls == [(["ab", "c"], [" x.", "yz"], {"completion_ids": completions})]
+    values = _python_scorer(tokenizer, module, "prompt_is_ab")(prompts, completions)
+    assert values.tolist() == [1.0, 0.0]
+
+
+def test_trls_own_reward_functions_score_as_they_do_in_trl(tokenizer, tmp_path):
+    pytest.importorskip("trl")
+    module = tmp_path / "from_trl.py"
+    module.write_text("from trl.rewards import get_repetition_penalty_reward\n"
+                      "repetition = get_repetition_penalty_reward(ngram_size=2, "
+                      "max_penalty=-1.0)\n")
+    # TRL's own example: no 2-gram repeats in [5, 6, 7, 8]; 3 of 4 do in five 9s.
+    values = _python_scorer(tokenizer, module, "repetition")([[4], [4]],
+                                                             [[5, 6, 7, 8], [9] * 5])
+    assert values.tolist() == [0.0, -0.75]
+
+
 # ------------------------------------------------------------------------- bad input
 
 
@@ -184,7 +245,20 @@ def test_select_by_reward_keeps_the_best_reward(tmp_path):
     ("def score(prompt, completion):\n    return 'good'\n",
      "returned 'good' for the completion"),
     ("def score(prompt, completion):\n    return True\n", "returned True"),
-], ids=["syntax", "import", "no function", "raises", "nan", "not a number", "bool"])
+    ("def score(text):\n    return 1.0\n", "score cannot be called with (prompt, completion)"),
+    # TRL's batched form: one finite number per completion, or one line.
+    ("def score(prompts, completions, **kwargs):\n    return [1.0] * (len(completions) + 1)\n",
+     "returned 2 values for 1 completion; allowed: a list of one finite number per"),
+    ("def score(prompts, completions, **kwargs):\n    return 1.0\n", "returned a float for"),
+    ("def score(completions, **kwargs):\n    return [float('inf')] * len(completions)\n",
+     "returned inf for the completion"),
+    ("def score(prompts, completions, **kwargs):\n    return [None for c in completions]\n",
+     "returned None for the completion"),
+    ("def score(prompts, completions, **kwargs):\n    raise KeyError('answer')\n",
+     "raised KeyError ('answer') on a batch of"),
+], ids=["syntax", "import", "no function", "raises", "nan", "not a number", "bool",
+        "one argument", "batched count", "batched scalar", "batched inf", "batched None",
+        "batched raises"])
 def test_a_bad_python_reward_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, body,
                                                                 needle):
     monkeypatch.chdir(tmp_path)

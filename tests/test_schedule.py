@@ -33,3 +33,44 @@ def test_quarter_of_the_cosine():
 
 def test_no_warmup_starts_at_the_peak():
     assert lr_at(0, lr=3.0, min_lr=0.0, warmup_steps=0, total_steps=10) == pytest.approx(3.0)
+
+
+# --- when a changed budget still resumes exactly (pipeline/lm/pretrain_run.py) ----------
+
+def _allow(steps: int, **train):
+    from pipeline.core.params import parse_params
+    from pipeline.lm.pretrain_run import budget_change
+
+    params = parse_params({"train": {"lr": 1.0, "min_lr": 0.1, "warmup_steps": 4,
+                                     "steps": steps, **train}}).train
+    return budget_change(params, context=8, world_size=1)
+
+
+STEPS_CHANGED = {"train.steps": (30, 14)}  # here, there
+
+
+def _info(done: int, total: int = 14, eval_every: int = 5, log_every: int = 1) -> dict:
+    return {"step": done, "total_steps": total,
+            "settings": {"train.eval_every": eval_every, "train.log_every": log_every}}
+
+
+def test_a_longer_budget_changes_the_cosines_learning_rates_after_warmup():
+    # Steps 0..3 are warmup (the same under any budget); step 4 is the cosine's peak under
+    # either, and step 5 is 1/10 down the cosine of 14 steps but 1/26 down that of 30.
+    assert _allow(30)(STEPS_CHANGED, _info(5))[0] is True
+    allowed, why = _allow(30)(STEPS_CHANGED, _info(6))
+    assert not allowed and "the learning rates of the 6 steps done differ between 14 and " \
+                           "30 steps" in why
+
+
+def test_no_decay_resumes_any_budget_but_not_a_step_evaluated_as_the_last():
+    flat = _allow(30, min_lr=1.0)
+    assert flat(STEPS_CHANGED, _info(12))[0] is True
+    # Finished at its own last step 14, which it evaluated as the last: not an eval step
+    # (every 5) of the run of 30, so that run's history would differ.
+    allowed, why = flat(STEPS_CHANGED, _info(14))
+    assert not allowed and "step 14 of the snapshot was the end of a run of 14 steps" in why
+    assert flat(STEPS_CHANGED, _info(14, total=14, eval_every=7))[0] is True
+    # A shorter budget than the steps done cannot be resumed, and no other change can.
+    assert _allow(10, min_lr=1.0)({"train.steps": (10, 14)}, _info(12))[0] is False
+    assert flat({**STEPS_CHANGED, "train.lr": (1.0, 2.0)}, _info(4)) == (False, "")

@@ -71,9 +71,15 @@ def test_zero_epochs_pass_the_pretrained_weights_through(inputs):
     assert metrics["train_loss"] is None
 
 
-def test_a_users_file_of_prompts_and_responses(inputs):
-    lines = [{"prompt": f"The river {i}", "response": " runs north to the sea."}
-             for i in range(20)]
+@pytest.mark.parametrize("record", [
+    lambda i: {"prompt": f"The river {i}", "response": " runs north to the sea."},
+    # TRL's formats: standard prompt-completion, and conversational (docs/trl.md).
+    lambda i: {"prompt": f"The river {i}", "completion": " runs north to the sea."},
+    lambda i: {"messages": [{"role": "user", "content": f"The river {i}?"},
+                            {"role": "assistant", "content": "It runs north."}]},
+], ids=["gptpipe", "trl standard", "trl conversational"])
+def test_a_users_file_of_prompts_and_responses(inputs, record):
+    lines = [record(i) for i in range(20)]
     file = inputs / "sft.jsonl"
     file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     _set_sft(inputs, source="file", epochs=1, heldout_fraction=0.2)

@@ -9,6 +9,11 @@ The file format is one JSON object per line, UTF-8::
 - The completion continues the prompt as written: a completion that starts a new word
   carries its leading space, as the builtin pairs (decoded model samples) do.
 - Other keys are allowed and ignored; blank lines are skipped.
+- TRL's conversational preference records are read too: ``prompt``, ``chosen`` and
+  ``rejected`` as lists of ``{"role", "content"}`` messages, or ``chosen`` and
+  ``rejected`` alone sharing their first messages (TRL's implicit prompt); they become
+  texts as :mod:`pipeline.alignment.chat` writes conversations. TRL's standard records
+  are gptpipe's own.
 
 Every problem is a one-line :class:`GptpipeError` naming the file and the line number.
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -28,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from pipeline.alignment.chat import conversational_pair, is_conversation, valid_unicode
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_path, json_line, numbered_lines, read_json
 from pipeline.core.params import PreferencesParams
@@ -79,18 +85,21 @@ class Judge(Protocol):
 # ------------------------------------------------------------------------------ JSONL
 
 
-def _parse_record(path: Path, number: int, line: bytes, fields: dict[str, bool]
-                  ) -> dict[str, str] | None:
-    """The string fields of the JSON object on one line (``fields``: name -> whether it
-    may be empty), None for a blank line; a one-line error for anything else."""
-    where = f"{path}: line {number}"
-    names = ", ".join(fields)
+def json_object(where: str, line: bytes, names: str) -> dict[str, Any] | None:
+    """The JSON object on one line, None for a blank line; a one-line error naming
+    ``where`` for anything else (``names``: the fields a line should hold)."""
     record = json_line(where, line)
-    if record is None:
-        return None
-    if not isinstance(record, dict):
+    if record is not None and not isinstance(record, dict):
         raise GptpipeError(f"{where}: a JSON {type(record).__name__}; allowed: an object with "
                            f"{names}")
+    return record
+
+
+def string_fields(where: str, record: dict[str, Any], fields: dict[str, bool]
+                  ) -> dict[str, str]:
+    """The string fields of ``record`` (``fields``: name -> whether it may be empty),
+    each checked; a one-line error naming ``where`` and the field otherwise."""
+    names = ", ".join(fields)
     for name, may_be_empty in fields.items():
         if name not in record:
             raise GptpipeError(f"{where}: field '{name}' missing; allowed: an object with "
@@ -99,39 +108,32 @@ def _parse_record(path: Path, number: int, line: bytes, fields: dict[str, bool]
         if not isinstance(value, str):
             raise GptpipeError(f"{where}: field '{name}' is a {type(value).__name__}; "
                                "allowed: a string")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise GptpipeError(f"{where}: field '{name}' holds a lone surrogate escape "
-                               "(\\ud800-\\udfff); allowed: text that is valid Unicode") from None
+        valid_unicode(where, name, value)
         if not may_be_empty and not value.strip():
             raise GptpipeError(f"{where}: field '{name}' is empty; allowed: non-empty text "
                                "(only a prompt may be empty)")
     return {name: record[name] for name in fields}
 
 
+_PAIR_FIELDS = {"prompt": True, "chosen": False, "rejected": False}
+
+
 def _parse_line(path: Path, number: int, line: bytes) -> Pair | None:
-    """The pair on one line, None for a blank line; a one-line error for anything else."""
-    record = _parse_record(path, number, line,
-                           {"prompt": True, "chosen": False, "rejected": False})
+    """The pair on one line, None for a blank line; a one-line error for anything else.
+    A line holds texts, or TRL's conversational messages (:mod:`pipeline.alignment.chat`)."""
+    where = f"{path}: line {number}"
+    record = json_object(where, line, "prompt, chosen, rejected")
     if record is None:
         return None
-    if record["chosen"] == record["rejected"]:
-        raise GptpipeError(f"{path}: line {number}: chosen and rejected are the same text; "
+    if any(is_conversation(record.get(name)) for name in _PAIR_FIELDS):
+        texts = dict(zip(_PAIR_FIELDS, conversational_pair(where, record), strict=True))
+        string_fields(where, texts, _PAIR_FIELDS)  # an empty answer is refused alike
+    else:
+        texts = string_fields(where, record, _PAIR_FIELDS)
+    if texts["chosen"] == texts["rejected"]:
+        raise GptpipeError(f"{where}: chosen and rejected are the same text; "
                            "allowed: two different completions")
-    return Pair(record["prompt"], record["chosen"], record["rejected"])
-
-
-def read_jsonl_records(path: str | Path, fields: dict[str, bool], what: str
-                       ) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, {field: text}) of every non-blank line of a JSONL file, each checked
-    (UTF-8, a JSON object, every field of ``fields`` a string, non-empty unless allowed);
-    ``what`` names the file's purpose in a missing-file error."""
-    path = Path(path)
-    for number, line in numbered_lines(path, f"{what} file"):
-        record = _parse_record(path, number, line, fields)
-        if record is not None:
-            yield number, record
+    return Pair(texts["prompt"], texts["chosen"], texts["rejected"])
 
 
 def read_pairs_jsonl(path: str | Path, min_pairs: int = 1) -> list[Pair]:

@@ -38,17 +38,12 @@ from pipeline.alignment.gradients import finite_gradient_norm
 from pipeline.alignment.preference_data import Pair
 from pipeline.alignment.rl_losses import bradley_terry_loss, pairwise_accuracy
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_dir, load_tensors, sha256_file
+from pipeline.core.io import atomic_dir, sha256_file
 from pipeline.core.params import RewardParams
 from pipeline.data import units
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
-from pipeline.lm.checkpoint import (
-    WEIGHTS,
-    config_file,
-    load_model,
-    read_config,
-    write_model_files,
-)
+from pipeline.lm.checkpoint import write_model_files
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPT, GPTConfig, ScalarHead
 from pipeline.lm.optim import adamw
 
@@ -119,10 +114,11 @@ class RewardModel(ScalarHead):
         return self.head.weight.device
 
     @classmethod
-    def from_pretrained(cls, gpt_dir: str | Path, device: torch.device | str = "cpu",
-                        seed: int = 0) -> RewardModel:
-        """The body from a pretrained checkpoint directory, a fresh head from ``seed``."""
-        body, _ = load_model(gpt_dir, "cpu")
+    def from_pretrained(cls, gpt_dir: str | Path | ModelFolder,
+                        device: torch.device | str = "cpu", seed: int = 0) -> RewardModel:
+        """The body from a pretrained model folder, a fresh head from ``seed``."""
+        folder = gpt_dir if isinstance(gpt_dir, ModelFolder) else ModelFolder.open(gpt_dir)
+        body = folder.load_model("cpu")
         return cls(body, seed).to(device)
 
     def values(self, ids: torch.Tensor) -> torch.Tensor:
@@ -184,21 +180,14 @@ def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_path:
 def load_reward_model(directory: str | Path, device: torch.device | str = "cpu") -> RewardModel:
     """The reward model saved in ``directory``, in eval mode; refuses other kinds of model.
 
-    ``pipeline.lm.checkpoint.read_config(directory)`` gives its config (provenance).
+    ``ModelFolder.open(directory).meta`` gives its config file's contents (provenance).
     """
-    directory = Path(directory)
-    config, raw = read_config(directory)
-    if raw.get("kind") != KIND:
-        raise GptpipeError(f"{directory}: a model of kind {raw.get('kind')!r}; allowed: a "
-                           "reward model written by gptpipe reward")
-    model = RewardModel(GPT(config))
-    state = load_tensors(directory / WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "body.lm_head.weight"]
-    if missing or unexpected:
-        problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise GptpipeError(f"{directory / WEIGHTS}: weights do not match "
-                           f"{config_file(directory).name} ({problem})")
+    folder = ModelFolder.open(directory)
+    if folder.meta.get("kind") != KIND:
+        raise GptpipeError(f"{folder.path}: a model of kind {folder.meta.get('kind')!r}; "
+                           "allowed: a reward model written by gptpipe reward")
+    model = RewardModel(GPT(folder.config))
+    folder.load_weights(model)
     return model.to(device).eval()
 
 

@@ -11,9 +11,26 @@ A scorer takes a batch of (prompt ids without ``<bos>``, completion ids cut befo
   tutorial this project descends from. A completion with no token gets the
   log-probability of a uniform guess, log(1 / vocabulary size), so that saying nothing
   is never the best answer;
-- ``python:<file.py>:<function>``: your function ``(prompt: str, completion: str) ->
-  float`` of the decoded texts, loaded from the file (:func:`load_function`). It must
-  return a finite number; anything else, or an exception, stops the run with one line.
+- ``python:<file.py>:<function>``: your function of the decoded texts, loaded from the
+  file (:func:`load_function`), in either of two forms, told apart by its parameters'
+  names (:func:`is_batched`):
+
+  - one sample, ``(prompt: str, completion: str) -> float``;
+  - a batch, TRL's reward function, ``(prompts: list[str], completions: list[str],
+    **kwargs) -> list[float]``: any function with a parameter named ``prompts``,
+    ``completions`` or ``completion_ids`` (the names TRL passes, by name; TRL's own
+    rewards, such as ``trl.rewards.get_repetition_penalty_reward(...)``, take only some
+    of them). It is called with each of the three that it takes, or all three when it
+    takes ``**kwargs``: the prompts' and completions' texts and the completions' token
+    ids, so a function written for TRL's ``reward_funcs`` runs unchanged (on text: TRL's
+    conversational message lists are not passed).
+
+  It must return a finite number per completion (a batched one: a list of exactly one
+  per completion); anything else, or an exception, stops the run with one line.
+
+Every text reward is a :data:`BatchReward` inside (a one-sample function is wrapped by
+:func:`per_sample`), and :func:`checked_values` checks what one returns: a weighted list
+of rewards, each logged apart, is a sum over such functions.
 
 Whatever RL maximizes, evaluation reports the gold score and the reward model's score
 beside it (``pipeline.alignment.policy_eval``), so over-optimization stays visible.
@@ -22,11 +39,13 @@ beside it (``pipeline.alignment.policy_eval``), so over-optimization stays visib
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import numbers
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,44 +57,123 @@ from pipeline.data.tokenizer import BOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.model import GPT
 
 Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
-TextReward = Callable[[str, str], float]
+# (prompt, completion) -> float: one sample.
+SampleReward = Callable[[str, str], float]
+# TRL's reward function: (prompts=[...], completions=[...], **kwargs) -> one float each.
+BatchReward = Callable[..., Sequence[float]]
+# What a python: reward's file holds: either form (is_batched tells them apart).
+TextReward = SampleReward | BatchReward
+# The parameter names TRL passes a reward function, by name: one of them makes a function
+# a batched reward.
+BATCH_PARAMETERS = ("prompts", "completions", "completion_ids")
 
 # Rows scored per forward pass of the likelihood model.
 _LIKELIHOOD_BATCH = 64
 
 
-def text_scorer(function: TextReward, tokenizer: TextTokenizer, name: str) -> Scorer:
-    """A scorer that decodes each row and asks ``function(prompt, completion)``; ``name``
-    (as the params spell it) names it in errors."""
+def is_batched(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` is a batched reward: it has a parameter named ``prompts``,
+    ``completions`` or ``completion_ids``, as TRL's reward functions do; else it is a
+    one-sample ``(prompt, completion)`` one (so is a function whose signature cannot be
+    read)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(name in parameters for name in BATCH_PARAMETERS)
+
+
+def per_sample(function: SampleReward) -> BatchReward:
+    """A one-sample reward as a batched one: ``function(prompt, completion)`` per row,
+    the row named in an error."""
+
+    def batch(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+        values = []
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            try:
+                values.append(function(prompt, completion))
+            except _RowError:
+                raise
+            except Exception as err:  # the user's code: any exception is one line
+                raise _RowError(row, err) from None
+        return values
+
+    return batch
+
+
+class _RowError(Exception):
+    """A one-sample reward that raised on one row of the batch."""
+
+    def __init__(self, row: int, error: Exception) -> None:
+        super().__init__(row, error)
+        self.row, self.error = row, error
+
+
+def _call(function: BatchReward, prompts: list[str], completions: list[str],
+          completion_ids: list[list[int]]) -> Any:
+    """``function`` called as TRL calls a reward function: by name, with each of
+    :data:`BATCH_PARAMETERS` it takes (all of them when it takes ``**kwargs``)."""
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    given = {"prompts": prompts, "completions": completions,
+             "completion_ids": completion_ids}
+    return function(**{name: value for name, value in given.items()
+                       if takes_any or name in parameters})
+
+
+def checked_values(returned: Any, completions: list[str], name: str) -> list[float]:
+    """What a reward returned for ``completions``, as floats: exactly one finite number
+    per completion (a list, a tuple, or a 1-D array or tensor), else one line naming the
+    reward ``name`` and the first row at fault."""
+    values = returned.tolist() if hasattr(returned, "tolist") else returned
+    if not isinstance(values, list | tuple) or len(values) != len(completions):
+        shown = (_count(len(values), "value") if isinstance(values, list | tuple)
+                 else f"a {type(returned).__name__}")
+        raise GptpipeError(
+            f"rlhf.reward = {name} returned {shown} for {_count(len(completions), 'completion')};"
+            " allowed: a list of one finite number per completion (TRL's reward functions)")
+    for row, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):
+            raise GptpipeError(
+                f"rlhf.reward = {name} returned {value!r} for the completion "
+                f"{completions[row][:40]!r} (row {row}); allowed: a finite number")
+    return [float(value) for value in values]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def text_scorer(function: BatchReward, tokenizer: TextTokenizer, name: str) -> Scorer:
+    """A scorer that decodes the batch and asks ``function`` (a batched reward: wrap a
+    one-sample one with :func:`per_sample`); ``name`` (as the params spell it) names it in
+    errors."""
 
     def score(prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> torch.Tensor:
-        values = []
-        for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids,
-                                                       strict=True)):
-            prompt_text = visible_text(tokenizer, prompt)
-            completion_text = visible_text(tokenizer, completion)
-            try:
-                value = function(prompt_text, completion_text)
-            except Exception as err:  # the user's code: any exception is one line
-                raise GptpipeError(
-                    f"rlhf.reward = {name} raised {type(err).__name__} ({err}) on the "
-                    f"completion {completion_text[:40]!r} (row {row}); no model was written"
-                ) from None
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                    or not math.isfinite(value):
-                raise GptpipeError(
-                    f"rlhf.reward = {name} returned {value!r} for the completion "
-                    f"{completion_text[:40]!r} (row {row}); allowed: a finite number"
-                )
-            values.append(float(value))
-        return torch.tensor(values, dtype=torch.float32)
+        prompts = [visible_text(tokenizer, ids) for ids in prompt_ids]
+        completions = [visible_text(tokenizer, ids) for ids in completion_ids]
+        try:
+            returned = _call(function, prompts, completions,
+                             [list(ids) for ids in completion_ids])
+        except _RowError as failed:
+            raise GptpipeError(
+                f"rlhf.reward = {name} raised {type(failed.error).__name__} ({failed.error}) "
+                f"on the completion {completions[failed.row][:40]!r} (row {failed.row}); no "
+                "model was written") from None
+        except Exception as err:  # the user's code: any exception is one line
+            raise GptpipeError(
+                f"rlhf.reward = {name} raised {type(err).__name__} ({err}) on a batch of "
+                f"{_count(len(completions), 'completion')}; no model was written") from None
+        return torch.tensor(checked_values(returned, completions, name), dtype=torch.float32)
 
     return score
 
 
 def load_function(module_file: str, function: str, name: str) -> TextReward:
     """The function ``function`` of the Python file ``module_file`` (run once, as an
-    import); every failure is one line naming the reward ``name``."""
+    import), one-sample or batched (:func:`is_batched`); every failure is one line naming
+    the reward ``name``."""
     path = Path(module_file)
     if not path.is_file():
         raise GptpipeError(f"rlhf.reward = {name}: {module_file} not found")
@@ -92,10 +190,27 @@ def load_function(module_file: str, function: str, name: str) -> TextReward:
         raise GptpipeError(f"rlhf.reward = {name}: importing {module_file} raised "
                            f"{type(err).__name__} ({err})") from None
     found = getattr(module, function, None)
+    forms = ("a function (prompt, completion) -> float or TRL's (prompts, completions, "
+             "**kwargs) -> list[float]")
     if not callable(found):
         raise GptpipeError(f"rlhf.reward = {name}: {module_file} has no function "
-                           f"{function!r}; allowed: a function (prompt, completion) -> float")
+                           f"{function!r}; allowed: {forms}")
+    if not is_batched(found) and not _takes_two_texts(found):
+        raise GptpipeError(f"rlhf.reward = {name}: {function} cannot be called with "
+                           f"(prompt, completion); allowed: {forms}")
     return found
+
+
+def _takes_two_texts(function: Callable[..., Any]) -> bool:
+    """Whether ``function(prompt, completion)`` binds (a signature that cannot be read
+    is given the benefit of the doubt)."""
+    try:
+        inspect.signature(function).bind("", "")
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 @torch.no_grad()
@@ -144,7 +259,7 @@ def make_scorer(reward: str, python_function: TextReward | None, *,
     if reward == "model":
         return reward_model_scorer
     if reward == "gold":
-        return text_scorer(judge.score, tokenizer, reward)
+        return text_scorer(per_sample(judge.score), tokenizer, reward)
     if reward == "likelihood":
         def likelihood(prompt_ids: list[list[int]],
                        completion_ids: list[list[int]]) -> torch.Tensor:
@@ -153,4 +268,5 @@ def make_scorer(reward: str, python_function: TextReward | None, *,
         return likelihood
     if python_function is None:
         raise ValueError(f"unknown reward {reward!r}")
-    return text_scorer(python_function, tokenizer, reward)
+    batch = python_function if is_batched(python_function) else per_sample(python_function)
+    return text_scorer(batch, tokenizer, reward)

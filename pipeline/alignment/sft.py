@@ -6,8 +6,11 @@ supervised fine-tuned policy. Here the examples are (prompt, response) pairs:
 - by default the chosen completions of the preference pairs: the best of
   ``preferences.completions_per_prompt`` samples by the gold judge, which makes this
   rejection-sampling fine-tuning (best-of-n, as Llama 2 used it): no download needed;
-- or a user's JSONL file of ``prompt`` and ``response`` lines (:func:`read_examples`,
-  checked line by line).
+- or a user's JSONL file (:func:`read_examples`, checked line by line), each line one of
+  ``{"prompt": ..., "response": ...}``; TRL's ``{"prompt": ..., "completion": ...}`` (the
+  same, in TRL's word); or TRL's conversational records, ``{"messages": [...]}`` (the
+  last message the assistant's answer) or ``prompt`` and ``completion`` lists of
+  ``{"role", "content"}`` messages, written out as text by :mod:`pipeline.alignment.chat`.
 
 Each example is the sequence ``<bos> prompt response <eos>``, the prompt and response
 encoded apart (a token boundary between them, as the policy samples), and the loss is
@@ -25,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline.alignment.chat import conversational_example, is_conversation
 from pipeline.alignment.gradients import finite_gradient_norm
-from pipeline.alignment.preference_data import Pair, read_jsonl_records
+from pipeline.alignment.preference_data import Pair, json_object, string_fields
 from pipeline.alignment.rl_losses import response_loss
 from pipeline.core.errors import GptpipeError
+from pipeline.core.io import numbered_lines
 from pipeline.core.params import SftParams
 from pipeline.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.model import GPT
@@ -52,15 +57,32 @@ class EncodedExample:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """Every (prompt, response) line of a JSONL file; refuses a file with none. Each line
-    is checked: UTF-8, a JSON object, ``prompt`` a string (may be empty) and
-    ``response`` a non-empty string."""
-    examples = [Example(record["prompt"], record["response"]) for _, record in
-                read_jsonl_records(path, {"prompt": True, "response": False}, "sft")]
+    """Every example of a JSONL file, in file order; refuses a file with none. Each line
+    is checked: UTF-8, a JSON object in one of the forms of the module docstring, every
+    text a string (a prompt may be empty, a response may not)."""
+    path = Path(path)
+    examples = [example for number, line in numbered_lines(path, "sft file")
+                if (example := _parse_example(f"{path}: line {number}", line)) is not None]
     if not examples:
         raise GptpipeError(f"{path}: no example; allowed: JSONL lines with prompt and "
-                           "response")
+                           "response (or completion), or messages")
     return examples
+
+
+def _parse_example(where: str, line: bytes) -> Example | None:
+    """The example on one line, None for a blank line; a one-line error otherwise."""
+    record = json_object(where, line, "prompt and response")
+    if record is None:
+        return None
+    if "response" in record and "completion" in record:
+        raise GptpipeError(f"{where}: both response and completion; allowed: one of them "
+                           "(TRL says completion for gptpipe's response)")
+    if "messages" in record or is_conversation(record.get("prompt")):
+        prompt, response = conversational_example(where, record)
+        record = {"prompt": prompt, "response": response}
+    answer = "completion" if "completion" in record else "response"
+    texts = string_fields(where, record, {"prompt": True, answer: False})
+    return Example(texts["prompt"], texts[answer])
 
 
 def from_pairs(pairs: Sequence[Pair]) -> list[Example]:

@@ -7,8 +7,8 @@ with a value head, the frozen reference, the optimizer), :mod:`~pipeline.alignme
 or DPO step, with health checks) and :mod:`~pipeline.alignment.policy_eval` (fresh
 samples on held-out prompts, win rates). :class:`Tuner`: updates, an evaluation every
 ``rlhf.eval_every`` steps, and the best policy by gold score; given a run folder, a
-resumable snapshot at every evaluation (and on a stop signal), through
-:class:`pipeline.core.runs.RunFolder` like pretraining's.
+resumable snapshot at every evaluation (and on a stop signal), through the run component
+(:class:`pipeline.core.runs.Run`) like pretraining's.
 
 Prompts are fixed-length token prefixes, ``<bos>`` + K prompt tokens, all the same
 length, so a batch samples at once (``sampling.sample_batch``): the model has no padding
@@ -25,9 +25,8 @@ Resuming: a snapshot holds everything the rest of the run depends on, so a resum
 is bit-for-bit the uninterrupted one on the same device: the policy and value head, the
 optimizer moments, the KL coefficient, the states of the generators that sample
 rollouts and shuffle batches and minibatches, the indices drawn but not yet served, and
-the evaluations so far (the final metrics need the starting policy's samples). The best
-policy's weights live in the run folder's ``best/``, written only when a snapshot would
-otherwise lose them (see :meth:`Tuner.save_state`).
+the evaluations so far (the final metrics need the starting policy's samples), and the
+best policy's weights when they are not the snapshot's own.
 """
 
 from __future__ import annotations
@@ -52,10 +51,9 @@ from pipeline.alignment.updates import (
     reinforce_update,
 )
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import read_json
+from pipeline.core.machine import describe_machine
 from pipeline.core.params import RlhfParams
-from pipeline.core.runs import RunFolder, StopSignals, interrupted_error
-from pipeline.lm.checkpoint import CONFIG, load_model, save_model
+from pipeline.core.runs import Run, RunId
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig
 
@@ -101,10 +99,6 @@ class TuneResult:
     stopped_early: bool = False  # rlhf.patience evaluations in a row brought no better one
 
 
-def _cpu_state(gpt: GPT) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in gpt.state_dict().items()}
-
-
 def _snapshot_module(policy: PolicyWithValue) -> nn.Module:
     """The policy's parameters (not copies) under the names that
     ``checkpoint.save_training_state`` handles: the GPT as ``body``, whose tied
@@ -116,11 +110,11 @@ def _snapshot_module(policy: PolicyWithValue) -> nn.Module:
 class Tuner:
     """One RL run (:meth:`run`), resumable when given a run folder ``state_dir``.
 
-    The constructor builds the run and, with a ``state_dir``, resumes from its snapshot
-    when that is an unfinished snapshot of this very run (same ``fingerprint``: the caller
-    hashes the params and inputs the run depends on; :class:`RunFolder` decides and says
-    why not). ``resumed_from`` is the step resumed from, or None; ``step`` the number of
-    updates done.
+    The constructor builds the run and, with a ``state_dir``, resumes it through its
+    :class:`pipeline.core.runs.Run` (``fingerprint``: the run's
+    :class:`~pipeline.core.runs.RunId`, made by the caller from the params and inputs the
+    run depends on). ``resumed_from`` is the step resumed from, or None; ``step`` the
+    number of updates done.
 
     The frozen reference is copied from ``gpt`` before any snapshot is loaded into it:
     the KL is always to the starting policy, whatever step the run resumes from.
@@ -130,16 +124,13 @@ class Tuner:
         self, gpt: GPT, rlhf: RlhfParams, scorer: Scorer, gold: GoldScorer,
         train_prompts: torch.Tensor, eval_prompts: torch.Tensor,
         pairs: Sequence[EncodedPair] = (), state_dir: str | Path | None = None,
-        fingerprint: str = "", rm_scorer: Scorer | None = None,
+        fingerprint: RunId | str = "", rm_scorer: Scorer | None = None,
     ) -> None:
         if rlhf.algo == "dpo" and not pairs:
             raise GptpipeError("rlhf: rlhf.algo = 'dpo' needs preference pairs; none were given")
         self.gpt, self.rlhf, self.scorer, self.gold = gpt, rlhf, scorer, gold
         self.rm_scorer = rm_scorer  # the reward model beside another reward; None: the same
         self.train_prompts, self.eval_prompts, self.pairs = train_prompts, eval_prompts, pairs
-        self.folder = None if state_dir is None else RunFolder("rlhf", state_dir, fingerprint,
-                                                            rlhf.steps)
-        self.fingerprint = fingerprint
         device = gpt.lm_head.weight.device
         self.reference = frozen_copy(gpt)
         self.policy = PolicyWithValue(gpt).to(device).eval()  # eval: no dropout (module doc)
@@ -160,105 +151,55 @@ class Tuner:
         self.start: PolicyEval | None = None  # None until the step-0 evaluation
         self.best: PolicyEval | None = None
         self.last: PolicyEval | None = None
-        self.best_step = 0
-        self.best_state: dict[str, torch.Tensor] = {}
         self.since_best = 0  # evaluations since the best one (early stopping)
         self.stopped_early = False
-        self.resumed_from: int | None = None
-        self._best_on_disk: int | None = None  # the step whose weights run.best holds
         self._log: Callable[[int, dict[str, float]], None] | None = None
-        self._signals = StopSignals()
-        if self.folder is not None:
-            self._resume()
+        identity = fingerprint if isinstance(fingerprint, RunId) else RunId(
+            {"fingerprint": fingerprint}, {}, "")
+        self.protocol = Run("rlhf", state_dir, identity, rlhf.steps, gpt,
+                        machine=describe_machine(device))
+        resumed = self.protocol.start(_snapshot_module(self.policy), self.optimizer)
+        self.resumed_from = None if resumed is None else self._restore(*resumed)
 
     @property
     def state_dir(self) -> Path | None:
-        return None if self.folder is None else self.folder.path
+        return self.protocol.path
 
-    # ------------------------------------------------------------------------ resume
+    @property
+    def best_step(self) -> int:
+        return self.protocol.best.step or 0
 
-    def _best_weights_missing(self, info: dict[str, Any]) -> str | None:
-        """Why the snapshot cannot be resumed for want of its best weights, or None."""
-        step, best_step = int(info.get("step", 0)), int(info.get("best_step", 0))
-        if 0 < best_step < step and self._best_dir_step() != best_step:
-            return (f"the best weights the snapshot needs (step {best_step}) are not in "
-                    f"{self.folder.best}")
-        return None
-
-    def _best_dir_step(self) -> int | None:
-        """The step whose weights the best folder holds, when they are from this run."""
-        path = self.folder.best / CONFIG
-        try:
-            meta = read_json(path)
-        except (OSError, GptpipeError):
-            return None
-        if not isinstance(meta, dict) or meta.get("fingerprint") != self.fingerprint:
-            return None
-        step = meta.get("rlhf_step")
-        return step if isinstance(step, int) else None
-
-    def _resume(self) -> None:
-        info = self.folder.start(check=self._best_weights_missing)
-        if info is None:
-            return
-        best_step = int(info["best_step"])
-        best = None
-        if 0 < best_step < int(info["step"]):
-            # Loaded first: building a GPT draws from the global generator, restored below.
-            best, _ = load_model(self.folder.best)
-            self._best_on_disk = best_step
-        rng, info = self.folder.load(_snapshot_module(self.policy), self.optimizer)
+    def _restore(self, rng: dict[str, torch.Tensor], info: dict[str, Any]) -> int:
+        """The loop's own state from a snapshot; returns the step resumed from."""
         self.sample_generator.set_state(rng["sample"])
         self.shuffle_generator.set_state(rng["shuffle"])
         torch.set_rng_state(rng["torch"])
         self.batches.pending = [int(index) for index in info["pending"]]
         self.controller.value = float(info["kl_coef"])
         self.step = int(info["step"])
-        self.start, self.best, self.last = (PolicyEval.from_json(info[key])
-                                            for key in ("start", "best", "last"))
-        self.best_step = best_step
-        source = self.reference if best_step == 0 else best if best is not None else self.gpt
-        self.best_state = _cpu_state(source)
+        self.start, self.last = (PolicyEval.from_json(info[key]) for key in ("start", "last"))
+        self.best = PolicyEval.from_json(self.protocol.best.record["evaluation"])
         self.history = [(int(step), {name: float(value) for name, value in metrics.items()})
                         for step, metrics in info["history"]]
         self.since_best = int(info["since_best"])
         self.stopped_early = bool(info["stopped_early"])
-        self.resumed_from = self.step
+        return self.step
 
     def save_state(self) -> None:
-        """Snapshot the run at this step boundary, atomically (the run folder's snapshot).
-
-        The best weights need a folder of their own only when the snapshot cannot stand for
-        them: step 0's are the reference's (the starting policy), and a snapshot taken at
-        the best step holds them as its policy. So the best folder is written just before
-        the first snapshot after the best step, never after it (a kill in between would
-        leave a snapshot naming weights that are nowhere), and it is replaced only while
-        the snapshot on disk is the one taken at the new best step (every evaluation, and
-        so every new best, is snapshotted), which does not need the folder.
-        """
-        if 0 < self.best_step < self.step and self._best_on_disk != self.best_step:
-            with torch.random.fork_rng(devices=[]):  # GPT() draws its initial weights
-                best = GPT(self.gpt.config)
-            best.load_state_dict(self.best_state)
-            save_model(self.folder.best, best, best.config,
-                       {"rlhf_step": self.best_step, "fingerprint": self.fingerprint})
-            self._best_on_disk = self.best_step
+        """Snapshot the run at this step boundary (the best policy rides along)."""
         rng = {"sample": self.sample_generator.get_state(),
                "shuffle": self.shuffle_generator.get_state(), "torch": torch.get_rng_state()}
         info = {
-            "step": self.step,
             "steps": self.rlhf.steps,
             "kl_coef": self.controller.value,
             "pending": self.batches.pending,
-            "best_step": self.best_step,
             "since_best": self.since_best,
             "stopped_early": self.stopped_early,
             "start": self.start.to_json(),
-            "best": self.best.to_json(),
             "last": self.last.to_json(),
             "history": [[step, metrics] for step, metrics in self.history],
         }
-        self.folder.save(_snapshot_module(self.policy), self.optimizer, rng, info)
+        self.protocol.save(self.step, _snapshot_module(self.policy), self.optimizer, rng, info)
 
     # -------------------------------------------------------------------------- loop
 
@@ -288,9 +229,9 @@ class Tuner:
         GptpipeError says where (as in pretraining). A second signal aborts at once.
         """
         self._log = log
-        if self.folder is None:
+        if self.protocol.folder is None:
             return self._loop(progress)
-        with StopSignals() as self._signals:
+        with self.protocol.signals:
             return self._loop(progress)
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
@@ -344,8 +285,8 @@ class Tuner:
         """After an evaluation: keep a better policy, or count one more evaluation without
         one; ``rlhf.patience`` of those in a row stop the run (0: never)."""
         if self._selection_score(self.last) > self._selection_score(self.best):
-            self.best, self.best_step, self.since_best = self.last, step, 0
-            self.best_state = _cpu_state(self.gpt)
+            self.best, self.since_best = self.last, 0
+            self.protocol.best.keep(step, evaluation=self.best.to_json())
             return
         self.since_best += 1
         if self.rlhf.patience and self.since_best >= self.rlhf.patience:
@@ -355,7 +296,7 @@ class Tuner:
         rlhf = self.rlhf
         if self.start is None:
             self.start = self.best = self.last = self._evaluate(0)
-            self.best_step, self.best_state = 0, _cpu_state(self.gpt)
+            self.protocol.best.keep(0, evaluation=self.best.to_json())
         while self.step < rlhf.steps and not self.stopped_early:
             step = self.step + 1
             metrics = self._update(step)
@@ -367,11 +308,8 @@ class Tuner:
                 self._keep_if_best(step)
             if progress is not None:
                 progress(step)
-            stop = self._signals.requested
-            if self.folder is not None and (evaluated or stop):
-                self.save_state()
-                if stop and step < rlhf.steps and not self.stopped_early:
-                    # The step in hand finished and was snapshotted; stop here.
-                    raise interrupted_error("rlhf", stop, step, self.folder.path)
-        return TuneResult(self.best_state, self.best_step, self.start, self.best, self.last,
-                          self.step, self.history, self.stopped_early)
+            # Every evaluation is snapshotted (a stop signal too, after the step in hand).
+            self.protocol.end_step(step, due=evaluated, save=self.save_state,
+                                   over=step >= rlhf.steps or self.stopped_early)
+        return TuneResult(self.protocol.best.state_dict(), self.best_step, self.start,
+                          self.best, self.last, self.step, self.history, self.stopped_early)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ class Runtime:
     # Whether this process writes the run folder and the stage's outputs: the first
     # process of each machine, so that every machine holds the whole run (a torchrun
     # rendezvous may give global rank 0 to any machine), but only one of the machines
-    # that share a folder (see pipeline.lm.training.one_writer_per_folder).
+    # that share a folder (see pipeline.core.ranks.one_writer_per_folder).
     writes_files: bool = True
 
     @property
@@ -97,10 +98,10 @@ def pick_device(requested: str, local_rank: int = 0, key: str = "train.device") 
     raise GptpipeError(f"{key} = {requested!r}; allowed: auto, cpu, cuda, cuda:N or mps")
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX tiles (x86), or
     the BF16 extension (Arm). Asked of torch where it can tell, else of the kernel
-    (/proc/cpuinfo on Linux, sysctl on macOS)."""
+    (``cpuinfo`` on Linux, sysctl on macOS)."""
     probes = [getattr(torch.cpu, name, None)
               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(probe is not None and probe() for probe in probes):
@@ -113,7 +114,7 @@ def cpu_has_native_bf16() -> bool:
             return False
         return found.strip() == "1"
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as info:
             flags = {word for line in info if line.lower().startswith(("flags", "features"))
                      for word in line.split(":", 1)[1].split()}
     except OSError:
@@ -180,8 +181,11 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
-def setup_runtime(device: str, dtype: str, threads: int = 0) -> Runtime:
-    """Read torchrun's environment, join the process group if any, and pick the device."""
+def setup_runtime(device: str, dtype: str, threads: int = 0,
+                  collective_timeout: float = 1800.0) -> Runtime:
+    """Read torchrun's environment, join the process group if any, and pick the device.
+    ``collective_timeout``: the seconds a collective waits for the other processes before
+    it fails (PyTorch's defaults: 10 minutes for NCCL, 30 for gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -201,7 +205,8 @@ def setup_runtime(device: str, dtype: str, threads: int = 0) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend,
+                                timeout=datetime.timedelta(seconds=collective_timeout))
     runtime = Runtime(chosen, torch.float32, rank, world_size, local_rank,
                       writes_files=local_rank == 0)
     # After joining: a dtype one machine's hardware refuses stops every process.

@@ -3,6 +3,14 @@
 Every output of a stage is complete or absent: it is written under a temporary name in
 the same folder and renamed into place only when finished, so a crash, a kill or a full
 disk never leaves a half-written file for a later stage to read or for DVC to cache.
+
+An output folder is replaced whole, so gptpipe replaces only what it wrote
+(:func:`atomic_dir`): never a user's folder named by mistake as an output. A previous
+output stays complete until its replacement is: swapped in one step where the file system
+can, else moved aside first and put back by the next start if a kill came in between.
+
+Reading JSON and tensor files has modules of its own (:mod:`pipeline.core.jsonfile`,
+:mod:`pipeline.core.weights`); their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -14,15 +22,28 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import GptpipeError
+from pipeline.core.jsonfile import (  # noqa: F401 - importable from here, as always
+    MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_JSONL_LINE_BYTES,
+    check_size,
+    json_line,
+    numbered_lines,
+    parse_json,
+    read_json,
+)
 
 _TMP_MARK = ".tmp-"
+# The tail of an aside copy's name: the previous output while its replacement moves in.
+_ASIDE = "old-"
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -30,22 +51,55 @@ def _temp_sibling(path: Path) -> Path:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Delete temporaries left beside ``path`` by an earlier, killed run."""
+    """Settle the temporaries that dead writers left beside ``path`` (see
+    :func:`_settle`); a live writer's stay, for two processes may write the same output
+    at once (the last to finish wins, neither loses its half-written temporary)."""
     parent = path.parent
-    if not parent.is_dir():
+    try:
+        entries = list(parent.iterdir())
+    except OSError:  # absent or unreadable: nothing of ours to settle
         return
-    for stale in parent.glob(f".{path.name}{_TMP_MARK}*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    prefix = f".{path.name}{_TMP_MARK}"
+    for entry in entries:
+        pid = _temp_owner(entry.name)
+        if not entry.name.startswith(prefix) or pid is None:
+            continue
+        # A temporary named after this very process is stale too: a writer of an earlier
+        # boot that had the same pid, or a cleanup of this process that failed.
+        if pid == os.getpid() or not _alive(pid):
+            _settle(entry)
+
+
+def _settle(entry: Path) -> bool:
+    """Deal with a dead writer's temporary; True when it is gone.
+
+    An aside copy (``.<name>.tmp-old-<pid>``: the previous output, moved away to make room
+    for its replacement on a file system without an atomic swap) goes back to ``<name>``
+    when the replacement never arrived: it is then the only copy. Anything else (a
+    half-written output, an aside whose replacement is in place) is deleted.
+    """
+    try:
+        if _is_aside(entry.name):
+            target = entry.with_name(entry.name[1:].rsplit(_TMP_MARK, 1)[0])
+            if not (target.exists() or target.is_symlink()):
+                os.replace(entry, target)
+                _fsync_dir(entry.parent)
+                return True
+        _remove(entry)
+    except OSError:  # best effort: what cannot be moved or removed stays
+        return False
+    return True
+
+
+def _is_aside(name: str) -> bool:
+    return name.rsplit(_TMP_MARK, 1)[-1].startswith(_ASIDE)
 
 
 def _temp_owner(name: str) -> int | None:
     """The pid in a temporary's name (``.<name>.tmp-<pid>`` or ``.tmp-old-<pid>``)."""
     if not name.startswith(".") or _TMP_MARK not in name:
         return None
-    tail = name.rsplit(_TMP_MARK, 1)[1].removeprefix("old-")
+    tail = name.rsplit(_TMP_MARK, 1)[1].removeprefix(_ASIDE)
     if not tail.isascii() or not tail.isdigit():
         return None
     pid = int(tail)
@@ -88,7 +142,10 @@ def find_temporaries(root: str | Path) -> list[str]:
 
 
 def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
-    """Delete temporaries in ``folders`` whose writer is dead; return what was deleted.
+    """Settle the temporaries in ``folders`` whose writer is dead; return them.
+
+    A dead writer's temporary is deleted, except an aside copy whose replacement never
+    arrived: that is the previous output, and it goes back in place (:func:`_settle`).
 
     A stage killed mid-write leaves its temporary behind, and the stage that would clear
     it (:func:`_remove_stale_temps`) may never run again: ``dvc repro`` can restore the
@@ -103,21 +160,13 @@ def sweep_dead_temporaries(folders: Iterable[str | Path]) -> list[Path]:
     removed = []
     for folder in folders:
         try:
-            entries = list(Path(folder).iterdir())
+            entries = sorted(Path(folder).iterdir())
         except OSError:  # absent, not a folder, or unreadable
             continue
         for entry in entries:
             pid = _temp_owner(entry.name)
-            if pid is None or _alive(pid):
-                continue
-            try:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            except OSError:
-                continue
-            removed.append(entry)
+            if pid is not None and not _alive(pid) and _settle(entry):
+                removed.append(entry)
     return removed
 
 
@@ -178,20 +227,27 @@ def _refuse_replacing(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, writes: Collection[str] = ()) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``path`` when the block succeeds.
 
-    ``path`` is replaced whole (it is the output), so the working directory, a folder
-    above it and a repository are refused before the block runs.
+    ``path`` is replaced whole (it is the output), so it must be gptpipe's to replace
+    (:func:`_check_replaceable`): the working directory, a folder above it and a repository
+    are refused before the block runs; any other folder that holds something this output
+    does not write, unless ./dvc.yaml declares it, is refused before the block runs when
+    ``writes`` names the entries the output may hold, else before the replacement. Either
+    way nothing is replaced and the temporary is removed.
     """
     path = Path(path)
     _refuse_replacing(path)
+    if writes:
+        _check_replaceable(path, set(writes))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     tmp = _temp_sibling(path)
     tmp.mkdir()
     try:
         yield tmp
+        _check_replaceable(path, {entry.name for entry in tmp.iterdir()} | set(writes))
         _fsync_tree(tmp)
         if path.exists() and _exchange(tmp, path):
             # One atomic step swapped old and new; tmp now holds the old version.
@@ -205,6 +261,72 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_replaceable(path: Path, writes: set[str]) -> None:
+    """Refuse to replace what gptpipe did not write: ``path`` may be replaced when it is
+    absent or empty, when each of its entries is one the new output writes too (``writes``:
+    a previous output of the same kind; a numbered entry, such as part-00003.parquet, is of
+    the same kind as any of its family, since a smaller output holds fewer) or a gptpipe
+    temporary, or when it is (or lies inside) an output that the dvc.yaml of the working
+    directory declares (DVC removes and caches those itself). A file or a link where the
+    folder goes is not a previous output.
+    """
+    if path.is_dir() and not path.is_symlink():
+        families = {_family(name) for name in writes}
+        foreign = sorted(entry.name for entry in path.iterdir()
+                         if _family(entry.name) not in families
+                         and _temp_owner(entry.name) is None)
+        if not foreign:
+            return
+        what = f"a folder that gptpipe did not write (it holds {foreign[0]!r}, which this " \
+               "output does not write)"
+    elif path.exists() or path.is_symlink():
+        what = "a file or a link that gptpipe did not write with an output folder"
+    else:
+        return
+    if _is_declared_output(path):
+        return
+    raise GptpipeError(f"{path}: refusing to replace {what}; name a new or empty folder for "
+                       "the output, or move this one away")
+
+
+def _family(name: str) -> str:
+    """``name`` with each run of digits as ``#``: shard-00001.parquet -> shard-#.parquet."""
+    return re.sub(r"[0-9]+", "#", name)
+
+
+def _is_declared_output(path: Path) -> bool:
+    """Whether ``path`` is, or lies inside, an output of ./dvc.yaml."""
+    target = Path(os.path.abspath(path))
+    return any(target == out or out in target.parents
+               for out in declared_outputs(Path("dvc.yaml")))
+
+
+def declared_outputs(dvc_yaml: Path) -> list[Path]:
+    """The absolute paths of the outputs (outs, metrics, plots) that ``dvc_yaml``
+    declares, beside their stage's wdir; templated and generated ones (``${...}``,
+    foreach, matrix) are DVC's to resolve and left out. Empty when there is no readable
+    dvc.yaml."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    stages = document.get("stages") if isinstance(document, dict) else None
+    outputs: dict[Path, None] = {}
+    for stage in stages.values() if isinstance(stages, dict) else []:
+        if not isinstance(stage, dict) or "foreach" in stage or "matrix" in stage:
+            continue
+        wdir = dvc_yaml.parent / str(stage.get("wdir", "."))
+        for key in ("outs", "metrics", "plots"):
+            entries = stage.get(key)
+            for entry in entries if isinstance(entries, list) else []:
+                name = next(iter(entry), None) if isinstance(entry, dict) else entry
+                if isinstance(name, str) and "${" not in name:
+                    outputs[Path(os.path.abspath(wdir / name))] = None
+    return list(outputs)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -235,13 +357,22 @@ def _libc():
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
-    """Fallback without an atomic swap: move the old version aside, then delete it."""
-    aside = path.with_name(f".{path.name}{_TMP_MARK}old-{os.getpid()}")
-    if path.exists() or path.is_symlink():
+    """Fallback without an atomic swap (NFS, say): move the old version aside, move the
+    new one in, then delete the aside copy. The previous output exists under one name or
+    the other at every moment: a kill between the two moves leaves it aside, and the next
+    start puts it back (:func:`_settle`); a failed move-in puts it back at once."""
+    aside = path.with_name(f".{path.name}{_TMP_MARK}{_ASIDE}{os.getpid()}")
+    moved_aside = path.exists() or path.is_symlink()
+    if moved_aside:
         os.replace(path, aside)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if moved_aside:
+            os.replace(aside, path)
+        raise
     _fsync_dir(path.parent)
-    if aside.exists():
+    if moved_aside:
         _remove(aside)
 
 
@@ -276,133 +407,6 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-# Size limits on what is read whole into memory. Beyond them a file is refused with one line
-# naming the file and the limit, instead of an out-of-memory kill that prints nothing.
-# A JSON document (a config, a tokenizer, a metrics or meta file): the largest public
-# tokenizer.json files are tens of MB.
-MAX_JSON_BYTES = 256 * 2**20
-# One record of a JSONL file (a document, a preference pair, an example, a task item).
-MAX_JSONL_LINE_BYTES = 64 * 2**20
-# Nesting depth of a JSON value: far beyond any real record, far below Python's recursion
-# limit (a deeper value raises RecursionError inside the json module).
-MAX_JSON_DEPTH = 200
-
-
-def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether brackets outside strings nest deeper than ``limit`` (a cheap pre-check: the
-    json module's parser recurses once per level)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
-
-def parse_json(text: str, where: str, allowed: str = "") -> Any:
-    """The JSON value of ``text``; one :class:`GptpipeError` line naming ``where`` (and what
-    is ``allowed``, when given) for anything that is not reasonable JSON: a syntax error,
-    nesting deeper than :data:`MAX_JSON_DEPTH`, or an integer too long for Python to
-    convert (both of which raise other errors than JSONDecodeError in the json module)."""
-    tail = f"; allowed: {allowed}" if allowed else ""
-    if _too_deep(text):
-        raise GptpipeError(f"{where}: not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)"
-                           f"{tail or '; allowed: ordinary records'}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GptpipeError(f"{where}: not valid JSON ({err.msg} at line {err.lineno} column "
-                           f"{err.colno}){tail}") from None
-    except RecursionError:
-        raise GptpipeError(f"{where}: not valid JSON (nested too deeply)"
-                           f"{tail or '; allowed: ordinary records'}") from None
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        raise GptpipeError(f"{where}: not valid JSON ({err}){tail}") from None
-
-
-def check_size(path: Path, limit: int, what: str = "file") -> None:
-    """Refuse a file larger than ``limit`` bytes with one line naming it and the limit."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise GptpipeError(f"{path}: {what} not found") from None
-    if size > limit:
-        raise GptpipeError(f"{path}: {what} of {size:,} bytes is over the limit of "
-                           f"{limit:,} bytes that gptpipe reads whole")
-
-
-def read_json(path: str | Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """The JSON value of a whole file, refused in one line when missing, larger than
-    ``limit`` bytes, not UTF-8 or not valid JSON (see :func:`parse_json`)."""
-    path = Path(path)
-    if path.is_dir():
-        raise GptpipeError(f"{path}: is a directory; allowed: a JSON file")
-    check_size(path, limit)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GptpipeError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        raise GptpipeError(f"{path}: not valid JSON ({err})") from None
-    return parse_json(text, str(path))
-
-
-def numbered_lines(path: Path, what: str,
-                   limit: int = MAX_JSONL_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without the line ending) of every line of a JSONL
-    file, read as a stream; ``what`` names the file in a one-line error when it is missing
-    or a line is longer than ``limit`` bytes."""
-    try:
-        stream = path.open("rb")
-    except FileNotFoundError:
-        raise GptpipeError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise GptpipeError(f"{path}: is a directory; allowed: a JSONL file") from None
-    with stream:
-        number = 0
-        while True:
-            line = stream.readline(limit + 1)
-            if not line:
-                return
-            number += 1
-            if len(line) > limit and not line.endswith(b"\n"):
-                raise GptpipeError(f"{path}: line {number} is longer than the limit of "
-                                   f"{limit:,} bytes per record")
-            line = line.removesuffix(b"\n")
-            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a UTF-8 byte-order mark, as some editors write
-            yield number, line.removesuffix(b"\r")
-
-
-def json_line(where: str, line: bytes) -> Any:
-    """The JSON value on one line (``where``: "file: line N"), None for a blank line; a
-    one-line error for invalid UTF-8 or JSON."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise GptpipeError(
-            f"{where}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1}); "
-            "allowed: UTF-8 text"
-        ) from None
-    if not text.strip():
-        return None
-    return parse_json(text, where)
-
-
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -430,46 +434,3 @@ def source_digest() -> str:
 def source_root() -> Path:
     """The ``pipeline`` package's folder (this module is ``pipeline/core/io.py``)."""
     return Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------- tensor files
-
-
-def unique_state(module: Any) -> dict[str, Any]:
-    """``module``'s state dict without the later names of tied tensors (an output matrix
-    tied to the embedding, say): safetensors refuses two names for one storage, and
-    loading the first name re-ties the rest."""
-    state, seen = {}, set()
-    for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().contiguous()
-    return state
-
-
-def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, its write errors raised as OSError so that
-    :func:`atomic_dir` reports them in one line (a full disk, say)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, path, metadata=metadata)
-    except SafetensorError as err:
-        full = "No space" in str(err) or "os error 28" in str(err)
-        raise OSError(errno.ENOSPC if full else errno.EIO, str(err)) from None
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    """The tensors of a safetensors file (never a pickle: a planted one is refused)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise GptpipeError(
-            f"{path}: not a readable safetensors file ({err}); gptpipe never loads pickles"
-        ) from None

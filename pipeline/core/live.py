@@ -6,20 +6,26 @@ snapshot being resumed are dropped (a step must not appear twice), and the summa
 sorted keys. dvclive's own summary holds only what this process logged, in the order it
 was first logged, so a resumed run (or one that found its run finished and logged
 nothing) would get another summary.
+
+Files that are rewritten (the trimmed plot files, the summary) are written atomically, so
+a kill never cuts a log that a resume needs; dvclive itself only appends rows, and a row
+a kill cut short is dropped on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import read_json, write_json
+from pipeline.core.io import read_json, write_json, write_text
 
 
 def start_live(live_dir: Path, resumed_from: int | None) -> Any:
     """A dvclive ``Live`` on ``live_dir``: emptied for a fresh run, trimmed for a resume."""
+    from dvclive.plots import NumpyEncoder
     from scmrepo.exceptions import SCMError
 
     from dvclive import Live
@@ -33,6 +39,13 @@ def start_live(live_dir: Path, resumed_from: int | None) -> Any:
             except SCMError:
                 self._dvc_repo = None
                 self._dvc_file = "dvc.yaml"
+
+        def make_summary(self) -> None:
+            # dvclive rewrites the summary in place at every step; the same bytes, atomically.
+            if self._step is not None:
+                self.summary["step"] = self.step
+            write_text(self.metrics_file,
+                       json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n")
 
     if resumed_from is None:
         clear_live(live_dir)
@@ -89,7 +102,7 @@ def truncate_live(live_dir: Path, step: int) -> None:
             if len(cells) == len(columns) and cells[column].isdigit() \
                     and int(cells[column]) <= step:
                 kept.append(row)
-        tsv.write_text("\n".join([header, *kept]) + "\n")
+        write_text(tsv, "\n".join([header, *kept]) + "\n")
 
 
 def finish_live(live: Any) -> None:

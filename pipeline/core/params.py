@@ -276,6 +276,10 @@ class TrainParams(_Section):
     # Processes on this machine: > 1 re-launches the stage under torchrun (DDP), one per
     # GPU (or CPU processes with gloo). Several machines: see the README.
     nproc_per_node: int = 1
+    # Several processes: the seconds one may go without a sign of life (killed, frozen, its
+    # machine gone) before every other stops with one line naming it; a collective that a
+    # live process does not join fails a little later.
+    peer_timeout: float = 300.0
     seed: int = 1337
     # Sequences per optimizer step per process = batch_size * grad_accum.
     batch_size: int = 16
@@ -307,6 +311,8 @@ class TrainParams(_Section):
         )
         if self.steps == 0 and self.tokens == 0:
             raise self.fail("steps", self.steps, "a budget: train.steps > 0 or train.tokens > 0")
+        if not self.peer_timeout >= 5:  # several heartbeats, one a second (core/peers.py)
+            raise self.fail("peer_timeout", self.peer_timeout, "a number of seconds >= 5")
         if self.min_lr > self.lr:
             raise self.fail("min_lr", self.min_lr, f"at most train.lr ({self.lr})")
         for key in ("beta1", "beta2"):
@@ -425,7 +431,8 @@ class PreferencesParams(_Section):
     """``preferences``: where (prompt, chosen, rejected) pairs come from."""
 
     # builtin: sample completions from the pretrained model on val prompts and label them
-    # with the gold judge; file: read `file`, JSONL lines with prompt, chosen, rejected.
+    # with the gold judge; file: read `file`, JSONL lines with prompt, chosen, rejected
+    # (texts, or TRL's conversational message lists).
     source: Literal["builtin", "file"] = "builtin"
     # A dependency of the stage either way (so DVC tracks its content); the default is a
     # small example of the format.
@@ -492,8 +499,10 @@ class RlhfParams(_Section):
     algo: Literal["ppo", "dpo", "reinforce", "grpo", "rloo"] = "ppo"
     # What RL maximizes: model (the learned reward model), gold (the judge itself),
     # likelihood (the frozen pretrained model's log-probability of the sample), or
-    # python:<file.py>:<function> (your function of (prompt, completion) -> float; the
-    # file must be reward_module, which dvc.yaml tracks).
+    # python:<file.py>:<function> (your function of (prompt, completion) -> float, or
+    # TRL's batched reward function (prompts, completions, **kwargs) -> list[float],
+    # told apart by its parameter names; the file must be reward_module, which dvc.yaml
+    # tracks).
     reward: str = "model"
     reward_module: str = "data/builtin/example_rewards.py"
     # likelihood: the mean log-probability per token (true) or the sum (false: favours
@@ -589,7 +598,8 @@ class SftParams(_Section):
 
     # pairs: the chosen completions of the preference pairs (best-of-n sampling judged by
     # gold: rejection-sampling fine-tuning, as Llama 2 used it); file: a JSONL of
-    # prompt/response, held out by prompt hash (heldout_fraction) to measure the loss.
+    # prompt/response (or TRL's prompt/completion, or its conversational messages), held
+    # out by prompt hash (heldout_fraction) to measure the loss.
     source: Literal["pairs", "file"] = "pairs"
     file: str = "data/builtin/example-sft.jsonl"
     heldout_fraction: float = 0.1

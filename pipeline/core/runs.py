@@ -1,318 +1,245 @@
-"""Resumable runs: the one component every training stage (pretrain, rlhf, ...) uses.
+"""Resumable runs: the protocol every training loop (pretrain, rlhf) goes through.
 
-A run folder (``--checkpoint``: checkpoints/pretrain, checkpoints/rlhf) has a fixed inner
-layout, and gptpipe only ever deletes the entries of that layout:
+A loop builds its model and optimizer, asks its :class:`Run` to ``start`` (resume,
+reuse a finished run, or start afresh), then steps, evaluates, hands better weights to
+``run.best`` and ends every step with :meth:`Run.end_step`. Everything about keeping a
+run across kills, param changes and machines lives here, the same for every loop.
 
-    <run folder>/snapshot/   state.safetensors (weights, optimizer moments, generator
-                             states) + state.json (step, data position, fingerprints, ...)
-    <run folder>/best/       the best weights so far, for stages that keep them apart
+**The run folder** (``--checkpoint``: checkpoints/pretrain, checkpoints/rlhf) holds
+``snapshot/`` (the whole run at one step: weights, optimizer, generators, data position,
+the best weights so far, what produced it) and ``aside/`` (runs set aside), and nothing
+else: a folder holding anything else (a model folder named by mistake, a user's files)
+is refused before anything is written (:mod:`pipeline.core.run_folder`).
 
-What a stage gets from :class:`RunFolder`:
+**At the start** (every decision is one printed line):
 
-- **fingerprint** (:func:`run_fingerprint`): the sha256 of the params the run depends
-  on, of the bytes of every file of every input, and of gptpipe's own source. A snapshot
-  is resumed only by a run with the same fingerprint, so changed data, params or code
-  never continue an old run (DVC re-runs a stage when any of them changes);
-- **resume, reuse or afresh** (:meth:`RunFolder.start`): an unfinished snapshot of this
-  run is resumed; a finished one is only written out when its ``finished`` fingerprint
-  (every param, cadence included) matches too; anything else starts afresh, and the
-  reason is printed;
-- **atomic snapshots** (:meth:`RunFolder.save`): written under a temporary name and
-  swapped into place, so a kill leaves the previous snapshot or the new one;
-- **interrupts** (:class:`StopSignals`): Ctrl-C (SIGINT) and SIGTERM, which batch
-  schedulers and ``timeout`` send first, both ask the loop to stop at the next step
-  boundary; the stage then snapshots and exits with one line. A second signal aborts.
+- a snapshot of this run (same :class:`RunId`: params, input bytes, gptpipe's code),
+  unfinished: resumed. A machine, torch or precision other than the one that wrote it is
+  named, since the remaining steps then round another way;
+- this run, finished, with the same settings (cadence) on the same machine and software:
+  its outputs are written without training, since training it again would compute the
+  same bits (on a CPU). This is what ``dvc repro -f`` does: it reruns the stage, and the
+  stage finds its result already computed. On another machine, torch or precision, or
+  with another eval/log/snapshot cadence, the run is trained again. To train it again
+  anyway, delete the snapshot (``rm -r checkpoints/pretrain/snapshot``) first;
+- an unfinished run of other params (or inputs, or code): set aside in ``aside/<id>``,
+  never deleted; the line names what differs, where it went and how to discard it.
+  Setting the params back resumes it. At most :data:`ASIDE_LIMIT` runs are kept aside,
+  then the stage stops with one line saying what to delete. A loop may allow a change
+  that cannot alter the result (pretraining: a budget under which every step done had
+  the same learning rate);
+- a finished run of other params: replaced. Its outputs were written when it finished,
+  and DVC caches them (and this folder) with the stage;
+- a damaged snapshot (unreadable, or whose tensors no longer have the sha256 they were
+  saved with): set aside as ``aside/damaged-<n>``, and the run starts afresh.
 
-Tensors are safetensors and the rest JSON: no snapshot file is ever unpickled (a
-distributed run passes a snapshot's file bytes between its own processes).
+**Snapshots** (:meth:`Run.save`) are written atomically; weights or optimizer moments
+that are not finite are refused (the last good snapshot stays), so a resume never meets
+a NaN. **Best weights** (:class:`BestWeights`) ride in the snapshot. **Interrupts**
+(:class:`StopSignals`): Ctrl-C and SIGTERM stop the loop at the next step boundary, after
+a snapshot. **Several processes**: every machine decides for its own folder, then all
+continue from the newest snapshot any of them holds (:mod:`pipeline.core.ranks`); a
+process that dies or freezes is named by the others (:mod:`pipeline.core.peers`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from pipeline.core.device import Runtime, together
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import (
-    atomic_dir,
-    load_tensors,
-    save_tensors,
-    sha256_file,
-    source_digest,
-    unique_state,
+from pipeline.core.ranks import check_same_run, newest_snapshot, one_writer_per_folder
+from pipeline.core.run_folder import ASIDE, ASIDE_LIMIT, SNAPSHOT, Allow, RunFolder
+from pipeline.core.run_id import RunId, run_fingerprint
+from pipeline.core.snapshot import (
+    STATE_JSON,
+    STATE_TENSORS,
+    apply_training_state,
+    first_non_finite,
+    load_training_state,
+    parse_info,
+    parse_tensors,
+    read_training_info,
+    save_training_state,
+    snapshot_tensors,
 )
+from pipeline.core.weights import unique_state
 
-SNAPSHOT = "snapshot"
-BEST = "best"
-STATE_TENSORS = "state.safetensors"
-STATE_JSON = "state.json"
-
-
-# ------------------------------------------------------------------------ fingerprint
+__all__ = ["ASIDE", "ASIDE_LIMIT", "SNAPSHOT", "Allow", "BestWeights", "NonFiniteWeights",
+           "Run", "RunFolder", "RunId", "StopSignals", "apply_training_state",
+           "interrupted_error", "load_training_state", "one_writer_per_folder",
+           "read_training_info", "run_fingerprint", "save_training_state"]
 
 
-def input_hashes(inputs: Mapping[str, str | Path]) -> dict[str, str]:
-    """sha256 of every file of every input (a file, or a folder's files), keyed
-    ``<input name>/<path relative to it>``: where the checkout lives does not matter."""
-    hashes = {}
-    for name, where in sorted(inputs.items()):
-        where = Path(where)
-        if where.is_file():
-            hashes[name] = sha256_file(where)
-            continue
-        if not where.is_dir():
-            raise GptpipeError(f"{where}: not found; the run's input '{name}' must exist")
-        for path in sorted(p for p in where.rglob("*") if p.is_file()):
-            hashes[f"{name}/{path.relative_to(where).as_posix()}"] = sha256_file(path)
-    return hashes
+# --------------------------------------------------------------------------- best weights
 
 
-def run_fingerprint(params: Mapping[str, Any], inputs: Mapping[str, str | Path]) -> str:
-    """What a snapshot must share with this run to be resumed: ``params`` (any JSON), the
-    bytes of every input file, and gptpipe's source (:func:`pipeline.core.io.source_digest`).
-    Bytes, not sizes or dates: an edit that keeps a file's length is another run."""
-    body = {"params": params, "inputs": input_hashes(inputs), "code": source_digest()}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _tie_sources(module: nn.Module) -> dict[str, str]:
+    """Each later name of a tied tensor -> the first name of the same tensor."""
+    first: dict[tuple, str] = {}
+    ties = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in first:
+            ties[name] = first[key]
+        first.setdefault(key, name)
+    return ties
 
 
-# ----------------------------------------------------------------------- snapshot files
+class BestWeights:
+    """The best weights of a run so far (the lowest val loss, the highest gold score: the
+    loop compares, this keeps), copied to the CPU when found.
 
+    They are saved inside every snapshot taken after the best step (a snapshot taken at
+    the best step holds them as its weights), so a snapshot is the whole run: no second
+    folder that a kill could leave out of step with it."""
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    PREFIX = "best."
 
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.step: int | None = None
+        self.record: dict[str, Any] = {}
+        self._state: dict[str, torch.Tensor] | None = None
 
-def _unflatten_optimizer(tensors: dict, info: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in info["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": info["param_groups"]}
+    def keep(self, step: int, **record: Any) -> None:
+        """The module's weights now are the best so far, found at ``step``; ``record``
+        (JSON) is remembered beside them (the score, say)."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in unique_state(self.module).items()}
+        self.step, self.record, self._state = step, dict(record), state
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The best weights under every name of the module's state dict, on the CPU."""
+        if self._state is None:
+            raise GptpipeError("no best weights were kept")
+        ties = _tie_sources(self.module)
+        return {name: self._state[ties.get(name, name)] for name in self.module.state_dict()}
 
-def save_training_state(directory: str | Path, module: nn.Module,
-                        optimizer: torch.optim.Optimizer, rng: dict[str, torch.Tensor],
-                        info: dict[str, Any]) -> None:
-    """Write a snapshot atomically. ``rng``: name -> state tensor (uint8)."""
-    tensors = {f"model.{k}": v.cpu() for k, v in unique_state(module).items()}
-    optim_tensors, optim_info = _flatten_optimizer(optimizer)
-    tensors.update(optim_tensors)
-    tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng.items()})
-    with atomic_dir(directory) as tmp:
-        save_tensors(tensors, tmp / STATE_TENSORS)
-        body = {**info, "optimizer": optim_info}
-        (tmp / STATE_JSON).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    def to_info(self) -> dict[str, Any]:
+        return {"best_step": self.step, "best": self.record}
 
+    def tensors(self, step: int) -> dict[str, torch.Tensor]:
+        """What a snapshot at ``step`` must carry of them: nothing at the best step."""
+        if self._state is None or self.step == step:
+            return {}
+        return {self.PREFIX + name: tensor for name, tensor in self._state.items()}
 
-def read_training_info(directory: str | Path) -> dict[str, Any] | None:
-    """The JSON half of a snapshot; None when there is no complete one."""
-    directory = Path(directory)
-    if not (directory / STATE_JSON).is_file() or not (directory / STATE_TENSORS).is_file():
-        return None
-    try:
-        info = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GptpipeError(f"{directory / STATE_JSON}: unreadable snapshot ({err})") from None
-    if not isinstance(info, dict):
-        raise GptpipeError(f"{directory / STATE_JSON}: unreadable snapshot (not an object)")
-    return info
-
-
-def load_training_state(directory: str | Path, module: nn.Module,
-                        optimizer: torch.optim.Optimizer
-                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore ``module`` and ``optimizer`` in place; return (generator states, info)."""
-    directory = Path(directory)
-    info = read_training_info(directory)
-    if info is None:
-        raise GptpipeError(f"{directory}: no complete snapshot to resume")
-    return apply_training_state(load_tensors(directory / STATE_TENSORS), info, module,
-                                optimizer, directory)
-
-
-def apply_training_state(tensors: dict[str, torch.Tensor] | bytes, info: dict[str, Any],
-                         module: nn.Module, optimizer: torch.optim.Optimizer,
-                         where: str | Path = "the snapshot"
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore ``module`` and ``optimizer`` from a snapshot's tensors (or the bytes of
-    its tensor file) and info; return (generator states, info without the optimizer)."""
-    if isinstance(tensors, bytes):
-        from safetensors.torch import load as load_bytes
-
-        tensors = load_bytes(tensors)
-    info = dict(info)
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    tied = set(module.state_dict()) - set(unique_state(module))
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    if set(missing) - tied or unexpected:
-        raise GptpipeError(f"{where}: the snapshot's weights do not match the model")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, info.pop("optimizer")))
-    rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
-    return rng, info
-
-
-# --------------------------------------------------------------------------- run folder
-
-
-def folder_files(directory: Path) -> dict[str, bytes] | None:
-    """Every file of a flat folder, name -> bytes; None when there is no such folder."""
-    if not directory.is_dir():
-        return None
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def write_folder_files(directory: Path, files: dict[str, bytes] | None) -> None:
-    """Make ``directory`` hold exactly ``files`` (atomically), or remove it for None."""
-    if files is None:
-        remove_own_entries(directory.parent, (directory.name,))
-        return
-    with atomic_dir(directory) as tmp:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-
-
-def remove_own_entries(folder: Path, names: tuple[str, ...]) -> None:
-    """Delete ``folder/<name>`` for each of ``names``, and nothing else in ``folder``."""
-    for name in names:
-        entry = folder / name
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.exists() or entry.is_symlink():
-            entry.unlink()
-
-
-class RunFolder:
-    """The run folder of one training run: its snapshot, its best weights, and the
-    decision to resume, reuse or start afresh (see the module docstring).
-
-    ``fingerprint`` identifies the run for resuming; ``finished`` (default: the same) for
-    reusing a finished snapshot, which stands for the whole run's outputs, so it may
-    include params that a resumed run may change (evaluation or snapshot cadence).
-    ``writer``: whether this process writes the folder (in a distributed run, one
-    process per machine does: see :meth:`share`). ``stage`` prefixes the printed reasons.
-    """
-
-    def __init__(self, stage: str, path: str | Path, fingerprint: str, total_steps: int,
-                 finished: str | None = None, writer: bool = True) -> None:
-        self.stage = stage
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.finished = finished or fingerprint
-        self.total_steps = total_steps
-        self.writer = writer
-        self.snapshot = self.path / SNAPSHOT
-        self.best = self.path / BEST
-
-    def _say(self, message: str) -> None:
-        if self.writer:
-            print(f"{self.stage}: {message}", flush=True)
-
-    def _problem(self, info: dict[str, Any],
-                 check: Callable[[dict[str, Any]], str | None] | None) -> str | None:
-        if info.get("fingerprint") != self.fingerprint:
-            return ("the checkpoint folder holds a snapshot of a different run (other params, "
-                    "inputs or gptpipe code)")
-        step = info.get("step")
-        if not isinstance(step, int) or step < 0:
-            return "the checkpoint folder holds an unreadable snapshot"
-        if self.is_finished(info) and info.get("finished_fingerprint") != self.finished:
-            return ("the checkpoint folder holds a run finished with another eval, log or "
-                    "snapshot cadence")
-        return check(info) if check is not None else None
-
-    def start(self, check: Callable[[dict[str, Any]], str | None] | None = None
-              ) -> dict[str, Any] | None:
-        """The snapshot's info when this run resumes from it (or, finished, only writes
-        its outputs); None to start afresh, after clearing the folder's own entries so
-        that no other run's best weights mix with this one's. ``check(info)`` may name a
-        stage-specific reason not to resume."""
-        try:
-            info = read_training_info(self.snapshot)
-            reason = None if info is None else self._problem(info, check)
-        except GptpipeError:
-            info, reason = None, "the checkpoint folder holds an unreadable snapshot"
-        if info is None or reason:
-            if reason:
-                self._say(f"{reason}: starting afresh")
-            if self.writer:
-                self.clear()
-            return None
-        if self.is_finished(info):
-            self._say(f"the checkpoint folder holds this run, finished at step {info['step']}: "
-                      "writing its outputs")
+    def restore(self, info: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
+        """From a snapshot just loaded into the module (its info and tensors)."""
+        self.step, self.record = info.get("best_step"), dict(info.get("best") or {})
+        if self.step is None:
+            self._state = None
+        elif self.step == info["step"]:
+            self.keep(self.step, **self.record)
         else:
-            self._say(f"resuming from step {info['step']} of {self.total_steps}")
-        return info
+            self._state = {k.removeprefix(self.PREFIX): v for k, v in tensors.items()
+                           if k.startswith(self.PREFIX)}
+            if self._state.keys() != unique_state(self.module).keys():
+                raise GptpipeError(f"{where}: the snapshot lacks the best weights of step "
+                                   f"{self.step}")
 
-    def is_finished(self, info: dict[str, Any]) -> bool:
-        """Whether a snapshot is of a run that is over: at its last step, or stopped early
-        (``info["stopped_early"]``, as an RL run without progress is)."""
-        return info["step"] >= self.total_steps or bool(info.get("stopped_early"))
 
-    def clear(self) -> None:
-        """Delete the snapshot and the best weights, and nothing else in the folder."""
-        remove_own_entries(self.path, (SNAPSHOT, BEST))
+class NonFiniteWeights(GptpipeError):
+    pass
 
-    def save(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+
+class Run:
+    """One training run's protocol, as a loop sees it: :meth:`start`, :attr:`best`,
+    :meth:`end_step` (the snapshot-or-stop tail of every step) and :meth:`save`.
+
+    ``folder`` None: a run kept in memory only (nothing is saved or resumed).
+    ``runtime``: the processes (several: :mod:`pipeline.core.ranks`); ``shared``: what
+    every process must also agree on (JSON). See :class:`RunFolder` for the rest."""
+
+    def __init__(self, stage: str, folder: str | Path | None, run: RunId, total_steps: int,
+                 model: nn.Module, runtime: Runtime | None = None,
+                 settings: dict[str, Any] | None = None, machine: dict[str, Any] | None = None,
+                 allow: Allow | None = None, shared: Any = None) -> None:
+        self.stage, self.total_steps = stage, total_steps
+        self.runtime = runtime or Runtime(torch.device("cpu"), torch.float32)
+        self.folder = None if folder is None else RunFolder(
+            stage, folder, run, total_steps, settings, machine, allow, self.runtime.writes_files)
+        self.best = BestWeights(model)
+        self.shared = shared
+        self.saved_step: int | None = None  # the step of the last good snapshot on disk
+        self.signals = StopSignals()
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder.path
+
+    def start(self, module: nn.Module, optimizer: torch.optim.Optimizer
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Resume ``module`` and ``optimizer`` (and the best weights) from the snapshot
+        this run continues; return (generator states, info) for the loop's own state, or
+        None for a fresh run. With several processes, every process continues from the
+        newest snapshot any machine holds (:mod:`pipeline.core.ranks`)."""
+        if self.folder is None:
+            return None
+        folder, runtime = self.folder, self.runtime
+        if runtime.distributed:
+            check_same_run(runtime, self.stage, [folder.run.digest, folder.settings,
+                                                 str(runtime.dtype), self.shared])
+        held = together(runtime, lambda: folder.start() if folder.writer else None)
+        mine = None if held is None else held.files
+        files = newest_snapshot(runtime, self.stage, mine, None if held is None else held.step,
+                                folder.adopt)
+        if files is None:
+            return None
+        where = folder.snapshot
+        tensors = parse_tensors(files[STATE_TENSORS], where / STATE_TENSORS)
+        info = parse_info(files[STATE_JSON], where / STATE_JSON)
+        rng, info = apply_training_state(tensors, info, module, optimizer, where)
+        self.best.restore(info, tensors, where)
+        self.saved_step = int(info["step"])
+        return rng, info
+
+    def save(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
              rng: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-        """Snapshot at a step boundary (``info["step"]``), with both fingerprints."""
-        if self.writer:
-            body = {**info, "fingerprint": self.fingerprint,
-                    "finished_fingerprint": self.finished}
-            save_training_state(self.snapshot, module, optimizer, rng, body)
+        """Snapshot at the boundary of ``step`` (every machine's writer), with the best
+        weights; refuse non-finite weights or moments, keeping the last good snapshot."""
+        if self.folder is None:
+            return
+        tensors, optim_info = snapshot_tensors(module, optimizer, rng)
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            kept = ("no snapshot was saved yet" if self.saved_step is None else
+                    f"the last good snapshot (step {self.saved_step}) in {self.path} is kept")
+            raise NonFiniteWeights(
+                f"{self.stage}: {bad.split('.', 1)[1]} is not finite at step {step}: refusing "
+                f"to save it; {kept}; try a lower learning rate or gradient clipping")
+        tensors.update(self.best.tensors(step))
+        body = {**info, "step": step, **self.best.to_info(), "optimizer": optim_info}
+        together(self.runtime, lambda: self.folder.save(tensors, body))
+        self.saved_step = step
 
-    def load(self, module: nn.Module, optimizer: torch.optim.Optimizer
-             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return load_training_state(self.snapshot, module, optimizer)
+    def stop_requested(self) -> str | None:
+        """The stop signal any process received (every process stops at the same step)."""
+        local = self.signals.requested
+        if not self.runtime.distributed:
+            return local
+        flag = torch.tensor(float(local is not None), device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (local or "a signal on another process") if flag.item() else None
 
-    def held_run(self) -> tuple[str | None, int | None] | None:
-        """(fingerprint, step) of the snapshot in the folder, read without deciding
-        anything; None when there is none (an unreadable one counts as none)."""
-        try:
-            info = read_training_info(self.snapshot)
-        except GptpipeError:
-            return None
-        if info is None:
-            return None
-        return info.get("fingerprint"), info.get("step")
-
-    # A distributed run keeps one run folder per machine (each machine's first process
-    # writes it, on its own disk), and after a kill the machines may hold snapshots of
-    # different steps, or one machine none at all (a replaced one). The trainer lets the
-    # process holding the newest snapshot share() it and every other machine adopt() it,
-    # so all resume from one state and every machine keeps the whole run.
-    def share(self) -> dict[str, dict[str, bytes] | None]:
-        """The snapshot's and best weights' files, to send to the other machines."""
-        return {SNAPSHOT: folder_files(self.snapshot), BEST: folder_files(self.best)}
-
-    def adopt(self, shared: dict[str, dict[str, bytes] | None]) -> None:
-        """Make this folder hold another machine's shared snapshot and best weights."""
-        if self.writer:
-            write_folder_files(self.snapshot, shared[SNAPSHOT])
-            write_folder_files(self.best, shared[BEST])
+    def end_step(self, step: int, due: bool, over: bool, save: Callable[[], None]) -> None:
+        """The tail of every step: snapshot (``save``) when ``due`` or asked to stop; then,
+        asked to stop and not ``over``, stop with one line saying where the snapshot is."""
+        stop = self.stop_requested()
+        if self.folder is not None and (due or stop):
+            save()
+        if stop and not over:
+            raise interrupted_error(self.stage, stop, step, self.path)
 
 
 # ------------------------------------------------------------------------------ signals
@@ -323,7 +250,7 @@ class StopSignals:
     the process, so a training loop can finish the step in hand and snapshot. A second
     signal of either kind ends the process at once (SIGINT: KeyboardInterrupt; SIGTERM:
     the default action). Outside the main thread (where Python allows no handlers) it
-    does nothing and ``requested`` stays False.
+    does nothing and ``requested`` stays None.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -357,7 +284,7 @@ class StopSignals:
         self._restore()
 
 
-def interrupted_error(stage: str, signame: str, step: int, folder: Path) -> GptpipeError:
+def interrupted_error(stage: str, signame: str, step: int, folder: Path | None) -> GptpipeError:
     """The one line a stage stops with after a stop signal and a snapshot."""
     how = "Ctrl-C" if signame == "SIGINT" else signame
     return GptpipeError(f"{stage}: interrupted by {how} at step {step}; a snapshot was saved in "

@@ -17,10 +17,12 @@ from disk only the windows drawn are read, so memory does not grow with the corp
 from __future__ import annotations
 
 import numpy as np
+import psutil
 import torch
 
 from pipeline.core.errors import GptpipeError
 from pipeline.data.shards import TokenStream, windows
+from pipeline.lm.model import GPTConfig
 
 
 class WindowSampler:
@@ -92,3 +94,43 @@ def eval_windows(tokens: TokenStream, context: int, limit: int | None = None) ->
     if limit is not None and limit < count:
         starts = starts[np.linspace(0, count - 1, limit).round().astype(np.int64)]
     return torch.from_numpy(windows(tokens, starts, context + 1).astype(np.int64))
+
+
+# --------------------------------------------------------------------- batches and memory
+
+
+def check_cpu_memory(batch_size: int, config: GPTConfig) -> None:
+    """Refuse, before training, a CPU batch whose activations cannot fit in RAM.
+
+    On a CPU an oversized batch is not an exception: the kernel's OOM killer ends the
+    process. So estimate instead: per token, about 20 * n_embd floats per layer are
+    kept for the backward pass, plus 3 * vocab_size floats for the logits, their
+    log-softmax and gradient (a measured upper bound for these models, rounded up).
+    GPUs raise a catchable out-of-memory error instead (:func:`is_out_of_memory`).
+    """
+    c = config
+    needed = batch_size * c.context * 4 * (20 * c.n_layer * c.n_embd + 3 * c.vocab_size)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise GptpipeError(
+            f"train.batch_size = {batch_size} sequences of model.context = {c.context} "
+            f"tokens need about {needed / 2**30:.1f} GiB of activations; this machine has "
+            f"{available / 2**30:.1f} GiB free, so they do not fit in cpu memory; lower "
+            "train.batch_size (and raise train.grad_accum to keep the same tokens per step)"
+        )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says a device ran out of memory."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def batch_too_large(batch_size: int, context: int, device: torch.device) -> GptpipeError:
+    return GptpipeError(
+        f"train.batch_size = {batch_size} sequences of model.context = {context} tokens do "
+        f"not fit in {device} memory; lower train.batch_size (and raise train.grad_accum to "
+        "keep the same tokens per step)"
+    )

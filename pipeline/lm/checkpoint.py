@@ -1,15 +1,13 @@
-"""Model checkpoints as safetensors + JSON: nothing here ever unpickles a file.
+"""Model checkpoints as safetensors + JSON: writing them, and choosing the base model
+that pretraining continues. Nothing here ever unpickles a file.
 
 A model checkpoint directory (``models/pretrain/best``) holds ``model.safetensors``,
 ``gptpipe.json`` (the GPTConfig plus provenance) and ``tokenizer.json``; it loads with
 nothing else. It is written under a temporary name and renamed into place when complete.
+Reading one (of any kind: gptpipe's, an older gptpipe's, a Transformers folder) is
+:class:`pipeline.lm.folder.ModelFolder`'s; the functions below that read are the older
+names for it, each opening the folder afresh (hold a ``ModelFolder`` to open it once).
 The resumable training state of a run is :mod:`pipeline.core.runs`'s.
-
-Every reader here also takes the two other kinds of model folder: one written before the
-config was renamed (its ``config.json`` holds a "model" object), and a Hugging Face
-Transformers folder (``config.json`` of a Llama or a GPT-2, as ``gptpipe export`` writes;
-:mod:`pipeline.lm.hf` converts it in memory). The config is not named ``config.json``
-because that name is Transformers': a gptpipe folder is then never mistaken for one.
 """
 
 from __future__ import annotations
@@ -25,46 +23,19 @@ import yaml
 from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import atomic_dir, load_tensors, read_json, save_tensors, unique_state
-from pipeline.data.tokenizer import MadeWith, TextTokenizer, load_tokenizer, require_tokenizer
-from pipeline.lm.hf import (
-    HF_CONFIG,
-    HF_WEIGHTS_INDEX,
-    is_transformers_config,
-    load_transformers_weights,
-    read_transformers_config,
-    read_transformers_tokenizer,
+from pipeline.core.io import atomic_dir
+from pipeline.core.weights import save_tensors, unique_state
+from pipeline.data.tokenizer import TextTokenizer
+from pipeline.lm.folder import (  # noqa: F401 - the names callers import from here
+    CONFIG,
+    MODEL_FILES,
+    TOKENIZER,
+    WEIGHTS,
+    ModelFolder,
+    config_file,
 )
+from pipeline.lm.hf import HF_WEIGHTS_INDEX
 from pipeline.lm.model import GPT, GPTConfig
-
-WEIGHTS = "model.safetensors"
-CONFIG = "gptpipe.json"
-# gptpipe's config before it was renamed, and a Transformers folder's config.
-LEGACY_CONFIG = HF_CONFIG
-TOKENIZER = "tokenizer.json"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json(path)
-
-
-def config_file(directory: str | Path) -> Path:
-    """The file a model folder's config is read from: gptpipe.json, else config.json (a
-    folder written before the rename, or a Transformers folder)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise GptpipeError(f"{directory}: checkpoint directory not found")
-    for name in (CONFIG, LEGACY_CONFIG):
-        if (directory / name).is_file():
-            return directory / name
-    raise GptpipeError(f"{directory / CONFIG}: missing; a model folder holds {CONFIG} (a "
-                       f"gptpipe model) or {LEGACY_CONFIG} (a Transformers model)")
-
-
-def is_transformers_folder(directory: str | Path) -> bool:
-    """Whether ``directory`` is a Transformers folder rather than a gptpipe model folder."""
-    path = config_file(directory)
-    return path.name == LEGACY_CONFIG and is_transformers_config(_read_json(path))
 
 
 def write_model_files(
@@ -83,80 +54,45 @@ def save_model(
     directory: str | Path, model: nn.Module, config: GPTConfig, meta: dict[str, Any],
     tokenizer_path: Path | None = None,
 ) -> None:
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, writes=MODEL_FILES) as tmp:
         write_model_files(tmp, model, config, meta, tokenizer_path)
+
+
+# ------------------------------------------------- reading: ModelFolder under older names
 
 
 def read_config(directory: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
     """A model folder's GPTConfig and its config file's contents (a Transformers folder:
     what gptpipe records of it, the architecture)."""
-    directory = Path(directory)
-    path = config_file(directory)
-    raw = _read_json(path)
-    if path.name == LEGACY_CONFIG and is_transformers_config(raw):
-        return read_transformers_config(directory, raw)
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise GptpipeError(f"{path}: not a gptpipe model config (no 'model' object)")
-    return GPTConfig.from_dict(raw["model"], str(path)), raw
-
-
-def made_with(directory: str | Path, config: GPTConfig, meta: dict[str, Any]) -> MadeWith:
-    """What a model's config records of its tokenizer (for ``require_tokenizer``)."""
-    return MadeWith("the model was", config_file(directory), meta.get("tokenizer_sha256"),
-                    config.vocab_size)
+    folder = ModelFolder.open(directory)
+    return folder.config, folder.meta
 
 
 def open_model_folder(directory: str | Path, tokenizer_path: str | Path | None = None
                       ) -> tuple[GPTConfig, dict[str, Any], TextTokenizer]:
-    """A model folder's config, its config.json and its tokenizer (``tokenizer.json``
-    inside it, or ``tokenizer_path``), checked to belong together before any weight is
-    loaded."""
-    directory = Path(directory)
-    config, meta = read_config(directory)
-    if tokenizer_path is None and is_transformers_folder(directory):
-        tokenizer = read_transformers_tokenizer(directory)
-    else:
-        path = Path(tokenizer_path) if tokenizer_path is not None else directory / TOKENIZER
-        if not path.is_file():
-            raise GptpipeError(f"{path}: missing; a model folder holds the tokenizer it was "
-                               "trained with (tokenizer.json)")
-        tokenizer = load_tokenizer(path)
-    require_tokenizer(tokenizer, made_with(directory, config, meta))
-    return config, meta, tokenizer
+    """A model folder's config, its config file's contents and its tokenizer
+    (``tokenizer.json`` inside it, or ``tokenizer_path``), checked to belong together
+    before any weight is loaded."""
+    folder = ModelFolder.open(directory)
+    return folder.config, folder.meta, folder.tokenizer(tokenizer_path)
 
 
-def load_weights(model: GPT, directory: str | Path) -> None:
+def load_weights(model: nn.Module, directory: str | Path | ModelFolder) -> None:
     """Load a model folder's weights into ``model`` (built from its config)."""
-    directory = Path(directory)
-    if is_transformers_folder(directory):
-        load_transformers_weights(model, directory)
-        return
-    path = directory / WEIGHTS
-    state = load_tensors(path)
-    tied = set(model.state_dict()) - set(unique_state(model))
-    where = config_file(directory).name
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of another shape
-        problem = str(err).strip().splitlines()[-1].strip()
-        raise GptpipeError(f"{path}: weights do not match {where} ({problem})") from None
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        problem = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise GptpipeError(f"{path}: weights do not match {where} ({problem})")
+    folder = directory if isinstance(directory, ModelFolder) else ModelFolder.open(directory)
+    folder.load_weights(model)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
     """Rebuild the GPT from the folder's config and load its weights into it."""
-    config, meta = read_config(directory)
-    model = GPT(config)
-    load_weights(model, directory)
-    return model.to(device), meta
+    folder = ModelFolder.open(directory)
+    return folder.load_model(device), folder.meta
 
 
 # ------------------------------------------------------------------- continued training
 
 RANDOM_INIT = "random"
+_POINTER_BYTES = 4096
 _PICKLES = ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "model.pkl")
 
 
@@ -171,10 +107,7 @@ def base_model(init_from: str | Path) -> Path | None:
                "of the way), a local Transformers folder (LlamaForCausalLM or "
                "GPT2LMHeadModel, safetensors and tokenizer.json) or data/builtin/random.init")
     if path.is_file():
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            raw = None
+        raw = _pointer(path)
         if isinstance(raw, dict) and raw.get("kind") == RANDOM_INIT:
             return None
         raise GptpipeError(f"train.init_from = {init_from}: a file, not a model folder; "
@@ -189,6 +122,17 @@ def base_model(init_from: str | Path) -> Path | None:
                                f"{allowed}, weights in {WEIGHTS}")
         raise GptpipeError(f"train.init_from = {init_from}: no {WEIGHTS} in it; {allowed}")
     return path
+
+
+def _pointer(path: Path) -> Any:
+    """The YAML of a pointer file (a line or two), or None for anything else: a big file
+    (a model file named by mistake) is not read, and deep YAML is no pointer either."""
+    try:
+        if path.stat().st_size > _POINTER_BYTES:
+            return None
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
 
 
 def check_same_shape(init_from: str | Path, base: GPTConfig, wanted: GPTConfig) -> None:

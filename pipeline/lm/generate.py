@@ -29,7 +29,7 @@ import torch
 
 from pipeline.core.device import pick_device
 from pipeline.core.stage import command_help
-from pipeline.lm.checkpoint import load_model, open_model_folder
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.sampling import SamplingConfig, StreamDecoder, encode_prompt, generate_ids
 
 
@@ -113,13 +113,14 @@ def main(
 ) -> None:
     sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens)
     chosen = pick_device(device, key="--device")
-    _, _, tokenizer = open_model_folder(model_dir, tokenizer_path)
+    folder = ModelFolder.open(model_dir)
+    tokenizer = folder.tokenizer(tokenizer_path)
     text = read_prompt(prompt, sys.stdin)
     prompt_ids, unknown = encode_prompt(tokenizer, text)
     message = unknown_message(tokenizer.kind, unknown)
     if message:
         click.echo(message, err=True)
-    model, _ = load_model(model_dir, chosen)
+    model = folder.load_model(chosen)
     generator = torch.Generator(chosen).manual_seed(seed)
     decoder = StreamDecoder(tokenizer, prompt_ids)
     click.echo(text, nl=False)  # click.echo flushes, so each piece shows as it comes

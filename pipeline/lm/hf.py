@@ -36,10 +36,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
-from torch import nn
 
 from pipeline.core.errors import GptpipeError
-from pipeline.core.io import load_tensors, read_json, save_tensors
+from pipeline.core.io import MAX_JSON_BYTES, check_size, read_json
+from pipeline.core.weights import load_state, load_tensors, save_tensors
 from pipeline.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -57,6 +57,9 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# Every file write_transformers_folder writes: what a new export may replace.
+TRANSFORMERS_FILES = (HF_CONFIG, GENERATION_CONFIG, HF_WEIGHTS, HF_TOKENIZER, TOKENIZER_CONFIG,
+                      SPECIAL_TOKENS_MAP)
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 _MODEL_TYPES = {"llama": LLAMA, "gpt2": GPT2}
@@ -364,21 +367,31 @@ def read_transformers_config(directory: Path, raw: dict[str, Any]) -> tuple[GPTC
     return config, {"transformers": _MODEL_TYPES[model_type]}
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards its index names; never a pickle."""
+def weight_files(directory: Path) -> tuple[Path, ...]:
+    """model.safetensors, or the shards its index names; never a pickle, and never a file
+    outside the folder (``../x``, an absolute path), which neither DVC nor a training
+    fingerprint would track as part of the model."""
     single, index = directory / HF_WEIGHTS, directory / HF_WEIGHTS_INDEX
     if single.is_file():
-        return [single]
+        return (single,)
     if not index.is_file():
         raise GptpipeError(f"{directory}: no {HF_WEIGHTS} (nor {HF_WEIGHTS_INDEX}); allowed: "
                            "weights in safetensors (gptpipe never loads pickles)")
-    try:
-        weight_map = read_json(index)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise GptpipeError(f"{index}: not a safetensors index ({err}); allowed: an object "
-                           "with a weight_map of tensor -> file") from None
-    return [directory / name for name in files]
+    raw = read_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise GptpipeError(f"{index}: not a safetensors index (no weight_map); allowed: an "
+                           "object with a weight_map of tensor -> file")
+    for name in weight_map.values():
+        if not _plain_file_name(name):
+            raise GptpipeError(f"{index}: weight_map names the file {name!r}; allowed: the "
+                               "name of a file in the folder itself (no folder, no '..')")
+    return tuple(directory / name for name in sorted(set(weight_map.values())))
+
+
+def _plain_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(
+        char in name for char in "/\\\0")
 
 
 def _zero_biases(directory: Path, raw: dict[str, Any]) -> bool:
@@ -386,7 +399,7 @@ def _zero_biases(directory: Path, raw: dict[str, Any]) -> bool:
     biases (then it reads back as bias false; trained biases make it bias true)."""
     if raw.get(ZERO_BIASES) is not True:
         return False
-    for path in _weight_files(directory):
+    for path in weight_files(directory):
         try:
             with safe_open(path, framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
@@ -408,8 +421,11 @@ def read_transformers_tokenizer(directory: Path) -> TextTokenizer:
         raise GptpipeError(f"{path}: missing; a Transformers folder used by gptpipe holds its "
                            "tokenizer as tokenizer.json (with <pad> <unk> <bos> <eos> at ids "
                            "0-3)")
+    check_size(path, MAX_JSON_BYTES, "tokenizer.json")
     raw = path.read_bytes()
     try:
+        # Hostile JSON (deep, huge integers) fails here too, and is named by the checks
+        # of tokenizer_from_json below.
         hf = HFTokenizer.from_str(raw.decode("utf-8"))
     except Exception:  # tokenizers raises a bare Exception; the check below says what
         return tokenizer_from_json(raw, path)
@@ -419,13 +435,13 @@ def read_transformers_tokenizer(directory: Path) -> TextTokenizer:
     return tokenizer_from_json(raw, path)
 
 
-def load_transformers_weights(model: GPT, directory: Path) -> None:
-    """Load the Transformers folder's weights into ``model`` (built from its config),
-    converted to float32; a one-line error when they do not match its config.json."""
+def load_transformers_weights(model: GPT, files: tuple[Path, ...], directory: Path) -> None:
+    """Load the Transformers folder's weights (``files``: :func:`weight_files`) into
+    ``model`` (built from its config), converted to float32; a one-line error when they do
+    not match its config.json."""
     config = model.config
     arch = architecture(config)
-    files = _weight_files(directory)
-    source = files[0] if files == [directory / HF_WEIGHTS] else directory / HF_WEIGHTS_INDEX
+    source = files[0] if files == (directory / HF_WEIGHTS,) else directory / HF_WEIGHTS_INDEX
 
     def mismatch(problem: str) -> GptpipeError:
         return GptpipeError(f"{source}: weights do not match {HF_CONFIG} ({problem})")
@@ -468,12 +484,4 @@ def load_transformers_weights(model: GPT, directory: Path) -> None:
     if head is not None and not torch.equal(head.float(), state["wte.weight"]):
         raise mismatch("lm_head.weight differs from the token embeddings, which gptpipe "
                        "ties to it")
-    _load_state(model, state)
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    tied = {"lm_head.weight"}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:  # the layout covers every tensor: a mapping bug
-        raise ValueError(f"Transformers mapping left {missing or unexpected}")
+    load_state(model, state, f"{source}: the Transformers mapping left a tensor out")

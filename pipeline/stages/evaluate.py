@@ -1,27 +1,19 @@
 """evaluate: score a model on every val and test token and on multiple-choice tasks,
 against baselines, and sample it.
 
-Reads:   --model (a checkpoint directory: models/pretrain/best), data/tokens (train, val
-         and test shards + meta.json), data/split/test (the prompts' source and the
-         builtin task's text), data/clean (hashed for the fingerprint only), --task-file
-         (a JSONL multiple-choice task, read when evaluate.task is file or both)
-Params:  evaluate (batch size, device, prompts, temperatures, seed, sampling limits, the
-         tasks), and split (seed and ratios, recorded in the fingerprint)
-Writes:  --metrics (metrics/evaluate.json): flat keys per split, e.g. ``val.bpb``,
-         ``test.ppl``: loss (nats/token), ppl, bpb (bits per UTF-8 byte), acc (next-token
-         top-1), tokens and bytes (what was scored: every token, or evaluate.max_tokens
-         of them in evenly spread windows, the same ones every time), unigram_bpb and
-         bigram_bpb (baselines fitted on the train split with the same tokenizer, scored
-         on the same windows); per task (``next_sentence.*`` for the builtin one,
-         ``task_file.*``): items, acc, acc_norm (per byte of the choice), acc_pmi (given
-         the context minus alone), the bigram's bigram_acc, bigram_acc_norm and
-         bigram_acc_pmi, and chance (pipeline/lm/tasks.py); plus ``fingerprint.*``: what
-         the numbers depend on;
+Reads:   --model (a model folder: models/pretrain/best), --tokens (data/tokens: train,
+         val and test shards and meta.json), --prompts-from (data/split/test: the default
+         prompts and the builtin task's sentences), --clean (data/clean, hashed for the
+         fingerprint only), --task-file (a JSONL multiple-choice task, read when
+         evaluate.task is file or both)
+Params:  evaluate (batch size, device, token budget, tasks, prompts, temperatures, seed,
+         sampling limits), split (seed and ratios, recorded in the fingerprint)
+Writes:  --metrics (metrics/evaluate.json): flat keys per split (val.*, test.*: loss,
+         ppl, bpb, acc, tokens, bytes, unigram_bpb, bigram_bpb), per task
+         (next_sentence.*, task_file.*: items, acc, acc_norm, acc_pmi, the bigram's
+         bigram_acc*, chance) and fingerprint.* (what the numbers depend on);
          --samples (evaluation/samples.json): each prompt completed once per temperature
          with a fixed seed.
-
-Perplexity and loss are per token, so they only compare between runs whose fingerprints
-(clean corpus, split, tokenizer) are equal; bits per byte compares across tokenizers.
 """
 
 from __future__ import annotations
@@ -41,7 +33,6 @@ from pipeline.core.params import EvaluateParams, Params, SplitParams
 from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import require_tokenizer
-from pipeline.lm.checkpoint import load_model, open_model_folder
 from pipeline.lm.evaluation import (
     baseline_metrics,
     corpus_fingerprint,
@@ -50,6 +41,7 @@ from pipeline.lm.evaluation import (
     fit_baselines,
     scoring_plan,
 )
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.sampling import SamplingConfig, sample_text
 from pipeline.lm.tasks import next_sentence_items, read_task_file, score_task
 
@@ -66,8 +58,12 @@ def _autocast(device: torch.device):
 
 def score(model, meta: dict, tokens_dir: Path, params: EvaluateParams, device,
           byte_lengths: np.ndarray, baselines: dict) -> dict:
-    """val and test through the model (every token, or ``evaluate.max_tokens`` of them in
-    evenly spread windows) and the two baselines on the same windows."""
+    """val and test through the model and the two baselines (unigram and bigram, fitted on
+    the train split with the same tokenizer), on the same tokens: every one, or
+    ``evaluate.max_tokens`` of them in evenly spread windows, the same every time.
+
+    loss is nats per token and ppl its exponential; bpb is bits per UTF-8 byte of the
+    scored text; acc the next-token top-1 rate."""
     context = model.config.context
     metrics: dict[str, float] = {}
     for split in SCORED_SPLITS:
@@ -92,7 +88,9 @@ def _rounded(metrics: dict) -> dict:
 
 def task_scores(model, tokenizer, settings: EvaluateParams, test_text: Path, task_file: Path,
                 bigram, device) -> dict:
-    """The multiple-choice tasks evaluate.task asks for, as flat keys per task."""
+    """The multiple-choice tasks evaluate.task asks for, as flat keys per task: acc,
+    acc_norm (per byte of the choice), acc_pmi (given the context minus alone), the same
+    for the bigram, and chance (see pipeline/lm/tasks.py)."""
     tasks = {}
     if settings.task in ("builtin", "both"):
         tasks["next_sentence"] = next_sentence_items(
@@ -129,13 +127,14 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
     outputs."""
     settings = params.evaluate
     device = pick_device(settings.device, key="evaluate.device")
-    _, _, tokenizer = open_model_folder(model)
+    folder = ModelFolder.open(model)
+    tokenizer = folder.tokenizer()
     meta = read_meta(tokens)
     require_tokenizer(tokenizer, made_with(meta, tokens))
     require_splits(meta, tokens, "train", *SCORED_SPLITS)
     if settings.task in ("file", "both"):
         read_task_file(task_file)  # a bad line stops the stage before minutes of scoring
-    network, _ = load_model(model, device)
+    network = folder.load_model(device)
     say("evaluate", f"{model} on {device}")
     baselines = fit_baselines(read_tokens(tokens / "train"), int(meta["vocab_size"]))
     result = score(network, meta, tokens, settings, device, tokenizer.byte_lengths(),
@@ -170,7 +169,10 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
 
 
 def fingerprint(clean_dir: Path, split: SplitParams, tokenizer_sha: str) -> dict[str, str]:
-    """What per-token numbers depend on; bits per byte stays comparable when these differ."""
+    """What per-token numbers depend on (the clean corpus, the split, the tokenizer).
+
+    Perplexity and loss are per token, so they compare only between runs whose
+    fingerprints are equal; bits per byte compares across tokenizers."""
     files = sorted(p for p in clean_dir.rglob("*") if p.is_file())
     if not files:
         raise GptpipeError(f"{clean_dir}: no clean corpus files to fingerprint")

@@ -42,15 +42,16 @@ from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, write_json
 from pipeline.core.params import Params
 from pipeline.core.stage import say, stage_command
-from pipeline.lm.checkpoint import load_model, open_model_folder
+from pipeline.lm.folder import ModelFolder
 
 
 def _sampled_pairs(params: Params, model_dir: Path, val_dir: Path,
                    judge: GoldJudge) -> tuple[list[Pair], dict[str, Any], str]:
     """Builtin pairs, their stats and the sha256 of the tokenizer they were sampled with."""
     device = pick_device(params.preferences.device, key="preferences.device")
-    _, _, tokenizer = open_model_folder(model_dir)
-    model, _ = load_model(model_dir, device)
+    folder = ModelFolder.open(model_dir)
+    tokenizer = folder.tokenizer()
+    model = folder.load_model(device)
     say("preferences", f"sampling {params.preferences.completions_per_prompt} completions of "
                        f"up to {params.preferences.num_prompts} val prompts with {model_dir} "
                        f"on {device}")

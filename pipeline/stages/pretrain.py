@@ -13,12 +13,21 @@ Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenize
 
 Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
 several: the first process of each machine writes the outputs (one per shared folder).
-Re-running after a crash, a kill or Ctrl-C resumes from the snapshot.
+A process that dies or freezes is named by the others, which stop within
+train.peer_timeout seconds.
+
+Re-running after a crash, a kill or Ctrl-C resumes from the snapshot in --checkpoint
+(pipeline.core.runs says when, and what happens to a snapshot of other params: it is set
+aside, never deleted). A finished run is written out without training when it was
+trained on this machine and software with these params, since training it again would
+give the same bits: that is what `dvc repro -f pretrain` does. To train it again anyway,
+delete checkpoints/pretrain/snapshot first.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -26,19 +35,22 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.device import setup_runtime, teardown, together
+from pipeline.core.device import Runtime, setup_runtime, teardown, together
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import write_json
 from pipeline.core.live import finish_live, start_live
 from pipeline.core.params import Params
+from pipeline.core.peers import COLLECTIVE_MARGIN_SECONDS, watched
 from pipeline.core.progress import progress
+from pipeline.core.runs import one_writer_per_folder
 from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_tokenizer
-from pipeline.lm.checkpoint import base_model, check_same_shape, load_model, open_model_folder
+from pipeline.lm.checkpoint import base_model, check_same_shape
 from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPTConfig
-from pipeline.lm.training import StepLog, Trainer, one_writer_per_folder
+from pipeline.lm.training import StepLog, Trainer
 
 
 def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint: Path,
@@ -50,35 +62,44 @@ def run(params: Params, *, tokens: Path, tokenizer: Path, out: Path, checkpoint:
         _relaunch_under_torchrun(train.nproc_per_node)
         return {}
     torch.set_float32_matmul_precision("high")
-    runtime = setup_runtime(train.device, train.dtype, train.threads)
+    runtime = setup_runtime(train.device, train.dtype, train.threads,
+                            train.peer_timeout + COLLECTIVE_MARGIN_SECONDS)
     try:
-        # Each machine checks its own checkout; one that fails stops every process.
-        meta, text_tokenizer, base, train_tokens, val_tokens = together(
-            runtime, lambda: _read_inputs(params, tokens, tokenizer))
-        inputs = {"tokens": tokens, "tokenizer": tokenizer,
-                  **({"init_from": base} if base else {})}
-        provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
-                      **({"init_from": str(base)} if base else {})}
-        if runtime.is_main:
-            say("pretrain", f"device {runtime.describe()}")
-            if base is not None:
-                say("pretrain", f"continuing {base}")
-        runtime = one_writer_per_folder(runtime, checkpoint)
-        trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
-                          int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
-                          shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens})
-        val = meta["splits"]["val"]
-
-        def score_val(model) -> dict:
-            """The final val metrics: every token, or evaluate.max_tokens of them."""
-            return evaluate_split(model, val_tokens, val["bytes"], trainer.config.context,
-                                  train.batch_size, runtime.device, runtime.autocast,
-                                  params.evaluate.budget, text_tokenizer.byte_lengths(),
-                                  val.get("token_bytes"))
-
-        return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
+        with watched(runtime, "pretrain", train.peer_timeout):
+            return _pretrain(params, runtime, tokens=tokens, tokenizer=tokenizer, out=out,
+                             checkpoint=checkpoint, live=live, metrics=metrics, speed=speed)
     finally:
         teardown(runtime)
+
+
+def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path, out: Path,
+              checkpoint: Path, live: Path, metrics: Path, speed: Path) -> dict:
+    train = params.train
+    # Each machine checks its own checkout; one that fails stops every process.
+    meta, text_tokenizer, base, train_tokens, val_tokens = together(
+        runtime, lambda: _read_inputs(params, tokens, tokenizer))
+    inputs = {"tokens": tokens, "tokenizer": tokenizer,
+              **({"init_from": base.path} if base else {})}
+    provenance = {"tokenizer_sha256": text_tokenizer.sha256, "vocab_kind": meta.get("kind"),
+                  **({"init_from": str(base.path)} if base else {})}
+    if runtime.is_main:
+        say("pretrain", f"device {runtime.describe()}")
+        if base is not None:
+            say("pretrain", f"continuing {base.path}")
+    runtime = one_writer_per_folder(runtime, checkpoint)
+    trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
+                      int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
+                      shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens})
+    val = meta["splits"]["val"]
+
+    def score_val(model) -> dict:
+        """The final val metrics: every token, or evaluate.max_tokens of them."""
+        return evaluate_split(model, val_tokens, val["bytes"], trainer.config.context,
+                              train.batch_size, runtime.device, runtime.autocast,
+                              params.evaluate.budget, text_tokenizer.byte_lengths(),
+                              val.get("token_bytes"))
+
+    return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
 
 
 def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
@@ -92,20 +113,23 @@ def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
             read_tokens(tokens / "val"))
 
 
-def _check_base_model(params: Params, tokenizer: TextTokenizer, vocab_size: int) -> Path | None:
-    """``train.init_from``'s model folder, once its tokenizer is the data's and its shape
-    the model section's; None for random weights."""
-    base = base_model(params.train.init_from)
-    if base is None:
+def _check_base_model(params: Params, tokenizer: TextTokenizer,
+                      vocab_size: int) -> ModelFolder | None:
+    """``train.init_from``'s model folder (opened once: the trainer loads its weights
+    from it), once its tokenizer is the data's and its shape the model section's; None
+    for random weights."""
+    path = base_model(params.train.init_from)
+    if path is None:
         return None
-    config, _, base_tokenizer = open_model_folder(base)
+    base = ModelFolder.open(path)
+    config, base_tokenizer = base.config, base.tokenizer()
     if base_tokenizer.sha256 != tokenizer.sha256:
         raise GptpipeError(
-            f"train.init_from = {base}: its tokenizer is not the data's ({tokenizer.path}); "
+            f"train.init_from = {path}: its tokenizer is not the data's ({tokenizer.path}); "
             "set vocab.kind: from_model, so that the vocab stage copies the base model's "
             "tokenizer and the data is tokenized with it"
         )
-    check_same_shape(base, config, GPTConfig(vocab_size=vocab_size, **asdict(params.model)))
+    check_same_shape(path, config, GPTConfig(vocab_size=vocab_size, **asdict(params.model)))
     return base
 
 
@@ -163,7 +187,7 @@ def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Pa
 def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady) -> dict:
     runtime = trainer.runtime
     # The best checkpoint, scored on the val split (the periodic evals use a few windows).
-    best, _ = load_model(out / "best", runtime.device)
+    best = ModelFolder.open(out / "best").load_model(runtime.device)
     scores = score_val(best)
     val_loss, bits_per_byte = scores["loss"], scores["bpb"]
     steps_run = trainer.step - start_step
@@ -218,6 +242,7 @@ def _check_gpus_for(nproc: int, device: str) -> None:
 
 def _relaunch_under_torchrun(nproc: int) -> None:
     """train.nproc_per_node > 1: run this same command as nproc DDP processes."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     if "pretrain" not in sys.argv:
@@ -228,8 +253,18 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     say("pretrain", f"launching {nproc} processes with torchrun")
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.cli", *argv])
-    except Exception as err:  # torchrun reports which rank failed and why
-        raise GptpipeError(f"pretrain: a torchrun worker failed ({type(err).__name__})") from None
+    except ChildFailedError as err:  # each worker said its own line; name the first to go
+        raise GptpipeError(f"pretrain: {_first_failure(err, nproc)}") from None
+
+
+def _first_failure(err, nproc: int) -> str:
+    """Which torchrun worker failed first (``err``: torchrun's ChildFailedError), and how:
+    a signal, or its exit status. SIGTERM is torchrun's own, sent to the survivors."""
+    rank, failure = min(err.failures.items(), key=lambda item: (
+        item[1].timestamp, item[1].exitcode == -signal.SIGTERM, item[0]))
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else
+           f"exited with status {failure.exitcode}")
+    return f"process {rank} of {nproc} {how}"
 
 
 main = stage_command(

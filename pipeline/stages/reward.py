@@ -39,7 +39,8 @@ from pipeline.core.io import write_json
 from pipeline.core.params import Params
 from pipeline.core.stage import say, stage_command
 from pipeline.data.tokenizer import require_tokenizer
-from pipeline.lm.checkpoint import TOKENIZER, open_model_folder
+from pipeline.lm.checkpoint import TOKENIZER
+from pipeline.lm.folder import ModelFolder
 
 
 def run(params: Params, *, model: Path, pairs: Path, out: Path,
@@ -48,10 +49,11 @@ def run(params: Params, *, model: Path, pairs: Path, out: Path,
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on recent GPUs; no-op on CPU
     settings = params.reward
     device = pick_device(settings.device, key="reward.device")
-    _, _, tokenizer = open_model_folder(model)
+    pretrained = ModelFolder.open(model)
+    tokenizer = pretrained.tokenizer()
     train, heldout, meta = read_pairs_dir(pairs)
     require_tokenizer(tokenizer, pairs_made_with(meta, pairs))
-    reward_model = RewardModel.from_pretrained(model, device, seed=settings.seed)
+    reward_model = RewardModel.from_pretrained(pretrained, device, seed=settings.seed)
     say("reward", f"{len(train)} train and {len(heldout)} held-out pairs; {settings.epochs} "
                   f"epochs on {device}")
     history = train_reward_model(

@@ -50,8 +50,9 @@ from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with as shards_made_with
 from pipeline.data.shards import read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import MadeWith, TextTokenizer, require_tokenizer
-from pipeline.lm.checkpoint import TOKENIZER, load_model, open_model_folder, write_model_files
+from pipeline.lm.checkpoint import TOKENIZER, write_model_files
 from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPT, GPTConfig
 
 
@@ -71,7 +72,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     fingerprint = _fingerprint(params, device.type, model=model, pretrained=pretrained,
                                reward=reward, pairs=pairs)
 
-    policy, base, reward_model = _load_models(model, pretrained, reward, device, rlhf.seed)
+    policy, base, reward_model = _load_models(inputs, reward, device, rlhf.seed)
     judge = GoldJudge.from_params(params.gold)
     scorer = make_scorer(rlhf.reward, reward_function,
                          reward_model_scorer=reward_model.score_ids, judge=judge,
@@ -106,9 +107,12 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
 
 @dataclass(frozen=True)
 class _Inputs:
-    """What the stage reads before loading any model: the policy's config, raw config
-    and tokenizer, the pairs, and the token shards' meta."""
+    """What the stage reads before loading any model: the policy's and the pretrained
+    model's folders (opened once), the policy's config, raw config and tokenizer, the
+    pairs, and the token shards' meta."""
 
+    policy_folder: ModelFolder
+    pretrained_folder: ModelFolder
     config: GPTConfig
     raw: dict[str, Any]
     tokenizer: TextTokenizer
@@ -121,9 +125,11 @@ def _open_inputs(model: Path, pretrained: Path, reward: Path, pairs: Path,
                  tokens: Path) -> _Inputs:
     """Every input opened and checked (one tokenizer for all, a val split) before
     anything is loaded onto the device or written."""
-    config, raw, tokenizer = open_model_folder(model)
-    base_config, _, base_tokenizer = open_model_folder(pretrained)
-    reward_config, _, reward_tokenizer = open_model_folder(reward)
+    policy_folder, base_folder = ModelFolder.open(model), ModelFolder.open(pretrained)
+    reward_folder = ModelFolder.open(reward)
+    config, raw, tokenizer = policy_folder.config, policy_folder.meta, policy_folder.tokenizer()
+    base_config, base_tokenizer = base_folder.config, base_folder.tokenizer()
+    reward_config, reward_tokenizer = reward_folder.config, reward_folder.tokenizer()
     train_pairs, heldout_pairs, pairs_meta = read_pairs_dir(pairs)
     tokens_meta = read_meta(tokens)
     require_tokenizer(
@@ -136,7 +142,8 @@ def _open_inputs(model: Path, pretrained: Path, reward: Path, pairs: Path,
         shards_made_with(tokens_meta, tokens),
     )
     require_splits(tokens_meta, tokens, "val")
-    return _Inputs(config, raw, tokenizer, train_pairs, heldout_pairs, tokens_meta)
+    return _Inputs(policy_folder, base_folder, config, raw, tokenizer, train_pairs,
+                   heldout_pairs, tokens_meta)
 
 
 def _import_python_reward(rlhf: RlhfParams) -> TextReward | None:
@@ -146,7 +153,7 @@ def _import_python_reward(rlhf: RlhfParams) -> TextReward | None:
     return None if python_reward is None else load_function(*python_reward, rlhf.reward)
 
 
-def _load_models(model: Path, pretrained: Path, reward: Path, device: torch.device,
+def _load_models(inputs: _Inputs, reward: Path, device: torch.device,
                  seed: int) -> tuple[GPT, GPT, RewardModel]:
     """The policy, the frozen pretrained model and the reward model, on ``device``; the
     global generator seeded first (building a GPT draws from it).
@@ -157,8 +164,8 @@ def _load_models(model: Path, pretrained: Path, reward: Path, device: torch.devi
     toward raw continuation.
     """
     torch.manual_seed(seed)
-    policy, _ = load_model(model, device)
-    base, _ = load_model(pretrained, device)
+    policy = inputs.policy_folder.load_model(device)
+    base = inputs.pretrained_folder.load_model(device)
     base.eval().requires_grad_(False)
     return policy, base, load_reward_model(reward, device)
 

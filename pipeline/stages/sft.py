@@ -44,7 +44,8 @@ from pipeline.core.io import write_json
 from pipeline.core.params import Params
 from pipeline.core.stage import say, stage_command
 from pipeline.data.tokenizer import require_tokenizer
-from pipeline.lm.checkpoint import TOKENIZER, load_model, open_model_folder, save_model
+from pipeline.lm.checkpoint import TOKENIZER, save_model
+from pipeline.lm.folder import ModelFolder
 
 
 def _examples(params: Params, pairs: Path, file: Path, tokenizer
@@ -69,10 +70,11 @@ def run(params: Params, *, model: Path, pairs: Path, file: Path, out: Path,
     """Fine-tune (or pass through) the pretrained model; write the model and metrics."""
     settings = params.sft
     device = pick_device(settings.device, key="sft.device")
-    config, meta, tokenizer = open_model_folder(model)
+    folder = ModelFolder.open(model)
+    config, meta, tokenizer = folder.config, folder.meta, folder.tokenizer()
     train, heldout = _examples(params, pairs, file, tokenizer)
     torch.manual_seed(settings.seed)
-    network, _ = load_model(model, device)
+    network = folder.load_model(device)
     train_ids = encode_examples(tokenizer, train, config.context)
     heldout_ids = encode_examples(tokenizer, heldout, config.context)
     before = sft_loss(network, heldout_ids)

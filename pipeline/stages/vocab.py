@@ -1,15 +1,13 @@
-"""The ``vocab`` stage: learn a bpe, word or char tokenizer from the train split, or copy
-the tokenizer of the model that pretraining will continue.
+"""vocab: learn a bpe, word or char tokenizer from the train split, or copy the tokenizer
+of the model that pretraining will continue.
 
-Reads:  the split document tables (``--input``, data/split): ``train`` to learn from,
-        ``val`` to measure the result on; with ``vocab.kind: from_model``, the model
-        folder named by ``train.init_from`` (its tokenizer.json, copied byte for byte).
-Params: the ``vocab`` section of params.yaml (:class:`pipeline.core.params.VocabParams`),
-        and ``train.init_from``.
-Writes: the tokenizer as Hugging Face tokenizer JSON (``--out``, data/vocab/tokenizer.json,
-        byte-identical across runs) and flat JSON metrics (``--metrics``,
-        metrics/vocab.json): vocab_size, kind, and on val: val_tokens, val_bytes,
-        val_unk_rate and val_bytes_per_token (tokens counted without ``<eos>``).
+Reads:  --input (data/split): train to learn from, val to measure the result on; with
+        vocab.kind from_model, the model folder that train.init_from names
+Params: vocab (kind, size, minimum frequency...), train.init_from
+Writes: --out (data/vocab/tokenizer.json): the tokenizer as Hugging Face tokenizer JSON,
+        byte-identical across runs;
+        --metrics (metrics/vocab.json): kind, vocab_size, and on val: val_tokens,
+        val_bytes, val_unk_rate, val_bytes_per_token.
 """
 
 from __future__ import annotations
@@ -27,7 +25,8 @@ from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
 from pipeline.data.doctable import count_documents, iter_batches, iter_texts, table_path
 from pipeline.data.tokenizer import UNK_ID, TextTokenizer, TrainingSample, train_tokenizer
-from pipeline.lm.checkpoint import base_model, open_model_folder
+from pipeline.lm.checkpoint import base_model
+from pipeline.lm.folder import ModelFolder
 
 
 def _train_texts(train_dir: Path, max_mb: int) -> Iterator[list[str]]:
@@ -56,7 +55,8 @@ def _ratio(part: int, whole: int) -> float:
 
 
 def measure(tokenizer: TextTokenizer, split_dir: Path) -> dict[str, Any]:
-    """Tokens (no ``<eos>``), UTF-8 bytes and the ``<unk>`` rate of a split."""
+    """Tokens, UTF-8 bytes and the ``<unk>`` rate of a split. Tokens are counted without
+    the ``<eos>`` that tokenize adds after each document: what the text itself costs."""
     tokens = unknown = size = 0
     for batch in iter_batches(split_dir, columns=("text",)):
         column = batch.column(0)
@@ -73,7 +73,9 @@ def measure(tokenizer: TextTokenizer, split_dir: Path) -> dict[str, Any]:
 
 
 def _base_tokenizer(init_from: str) -> TextTokenizer:
-    """The tokenizer of the model ``train.init_from`` names (vocab.kind: from_model)."""
+    """The tokenizer of the model ``train.init_from`` names (vocab.kind: from_model): a
+    continued model keeps its vocabulary, so its tokenizer is copied, byte for byte (and
+    checked against the model's config), not learned again."""
     base = base_model(init_from)
     if base is None:
         raise GptpipeError(
@@ -81,8 +83,7 @@ def _base_tokenizer(init_from: str) -> TextTokenizer:
             f"names, but train.init_from = {init_from} means random weights; set "
             "train.init_from to a model folder, or vocab.kind to bpe, word or char"
         )
-    _, _, tokenizer = open_model_folder(base)
-    return tokenizer
+    return ModelFolder.open(base).tokenizer()
 
 
 def run(params: Params, *, input: Path, out: Path, metrics: Path) -> dict[str, Any]:

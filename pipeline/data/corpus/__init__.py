@@ -17,6 +17,9 @@ final ``.gz`` (gzip) or ``.zst`` (zstandard), e.g. ``part.jsonl.zst``:
   so keep it to files that fit in memory; use JSONL for anything big.
 - ``.csv``: a header row, then one document per record (column ``data.text_field``).
 - ``.parquet``: one document per row (column ``data.text_field``), read by record batch.
+- ``.arrow``, and a folder Hugging Face ``datasets`` wrote with ``save_to_disk``: one
+  document per row (column ``data.text_field``), memory-mapped, read by record batch
+  (:mod:`~pipeline.data.corpus.arrow`). A Hub dataset name is refused: save it first.
 - ``.corpus``: a builtin pointer, a small YAML file naming a data file that a pinned
   package ships (see data/builtin/); the package is located, never imported.
 
@@ -31,7 +34,8 @@ compression bomb included) is refused in one line naming the file and the limit
 
 The package's modules, from the bytes up: ``limits`` (the size limits), ``decoding``
 (bytes to text, binary files), ``paths`` (formats by name, folder walks), ``streams``
-(decompression, byte ranges), ``formats`` (one reader per format), ``builtin`` (the
+(decompression, byte ranges), ``formats`` (one reader per format), ``arrow`` (Arrow
+files and ``datasets`` folders), ``builtin`` (the
 pinned package corpora), ``planning`` (what to read, in which unit and pieces) and
 ``reading`` (the whole corpus, in parallel). The names below are what the rest of
 gptpipe uses.

@@ -1,5 +1,6 @@
 """One reader per corpus format: plain text (whole, paragraphs or lines), JSONL, JSON, CSV
-and Parquet, each turning an open stream into documents whose errors name the file."""
+and Parquet, each turning an open stream into documents whose errors name the file (Arrow
+has its own module, :mod:`pipeline.data.corpus.arrow`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.core.errors import GptpipeError
 from pipeline.core.io import parse_json as io_parse_json
 from pipeline.core.params import DataParams
 from pipeline.data.corpus import limits
+from pipeline.data.corpus.arrow import read_arrow
 from pipeline.data.corpus.decoding import RawDocument, make_document
 from pipeline.data.corpus.streams import OnRead, no_progress, open_parquet, open_text
 
@@ -270,6 +272,12 @@ def read_file(
     first_line)`` reads only a stretch of lines of a plain-text or JSONL file, numbered
     from ``first_line`` (see :func:`plan_ranges`)."""
     where = path.as_posix()
+    if fmt == "arrow":
+        if compression is not None:
+            raise GptpipeError(f"{where}: a compressed Arrow file; allowed: an uncompressed "
+                               ".arrow file (it is memory-mapped)")
+        yield from read_arrow(path, source, params.text_field, on_read)
+        return
     try:
         if fmt == "parquet":
             with open_parquet(path, compression, on_read) as parquet:

@@ -16,6 +16,7 @@ FORMATS: dict[str, str] = {
     ".json": "json",
     ".csv": "csv",
     ".parquet": "parquet",
+    ".arrow": "arrow",  # an Arrow IPC stream or file (pipeline.data.corpus.arrow)
 }
 COMPRESSIONS: dict[str, str] = {".gz": "gz", ".zst": "zst"}
 # Formats whose files are UTF-8 text, hence checked for binary content first.

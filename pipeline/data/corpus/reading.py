@@ -18,6 +18,12 @@ from pathlib import Path
 from pipeline.core.errors import GptpipeError
 from pipeline.core.parallel import ordered_map
 from pipeline.core.params import DataParams
+from pipeline.data.corpus.arrow import (
+    datasets_files,
+    is_datasets_folder,
+    read_arrow,
+    refuse_hub_name,
+)
 from pipeline.data.corpus.builtin import load_pointer, locate_member, read_builtin
 from pipeline.data.corpus.decoding import RawDocument
 from pipeline.data.corpus.formats import read_file
@@ -92,9 +98,15 @@ def _task_documents(job: tuple[ReadTask, DataParams, int]) -> list[RawDocument] 
 def _iter_raw(params: DataParams, stats: CorpusStats, on_read: OnRead, workers: int,
               range_bytes: int) -> Iterator[RawDocument]:
     root = Path(params.corpus)
+    refuse_hub_name(params.corpus)
     if root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
         yield from read_builtin(root, on_read)
         stats.files_read += 1
+        return
+    if is_datasets_folder(root):
+        for path, source in datasets_files(root):
+            yield from read_arrow(path, source, params.text_field, on_read)
+            stats.files_read += 1
         return
     tasks = plan_reads(params, stats, range_bytes, on_read)
     if workers > 1:
@@ -154,6 +166,8 @@ def iter_documents(
 def corpus_bytes(params: DataParams) -> int:
     """The stored size of every input file of ``params.corpus`` (the progress bar's total)."""
     root = Path(params.corpus)
+    if is_datasets_folder(root):
+        return sum(path.stat().st_size for path, _ in datasets_files(root))
     if root.is_dir():
         return sum((root / rel).stat().st_size for rel in iter_corpus_files(root, params.include))
     if root.is_file() and root.suffix.lower() == POINTER_SUFFIX:
