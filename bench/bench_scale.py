@@ -26,7 +26,8 @@ alone: anything beside it skews the times)::
 
     .venv/bin/python bench/bench_scale.py --size-mb 512 --size-mb 2048 \\
         --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
-    # the bounded data stages, 2 GB beside 8 GB (about 1.5 hours; 70 GB of free disk)
+    # the bounded data stages, 2 GB beside 8 GB: 70 GB of free disk (outputs and DVC's
+    # cache are about 5 GB per GB of text); the data stages take 10-15 minutes a GB on 2 cores
     .venv/bin/python bench/bench_scale.py --size-mb 2048 --size-mb 8192 \\
         --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
     .venv/bin/python bench/bench_scale.py --smallest
