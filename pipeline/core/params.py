@@ -138,10 +138,14 @@ class CleanParams(_Section):
     near_dup_ngram: int = 5
     # Worker processes for normalization; 0 means one per CPU core.
     workers: int = 0
+    # Memory for the exact-dedup keys (MiB): a corpus with more documents than fit (about
+    # 8,000 a MiB) spills them to temporary files beside the output and cleans in two
+    # passes, keeping the very same documents.
+    dedup_memory_mb: int = 256
 
     def validate(self) -> None:
         self.require_non_negative("min_bytes", "workers")
-        self.require_positive("near_dup_num_perm", "near_dup_ngram")
+        self.require_positive("near_dup_num_perm", "near_dup_ngram", "dedup_memory_mb")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise self.fail(
                 "near_dup_threshold", self.near_dup_threshold, "0 (off) or a number in (0, 1]"
@@ -188,9 +192,13 @@ class VocabParams(_Section):
     max_size: int = 50000
     # word: lowercase before splitting, as the classic basic_english tokenizer does.
     lowercase: bool = False
+    # The most train text (MiB) the tokenizer learns from: a larger train split is
+    # sampled, the same documents every run (those whose hash falls under the rate).
+    # Learning holds about 1.5 KB per distinct word, so a sample bounds it at any size.
+    max_train_mb: int = 256
 
     def validate(self) -> None:
-        self.require_positive("min_freq", "max_size")
+        self.require_positive("min_freq", "max_size", "max_train_mb")
         if self.kind == "bpe" and self.vocab_size < 4 + 256 + 1:
             raise self.fail(
                 "vocab_size", self.vocab_size, "an integer >= 261 (4 special + 256 bytes + 1 merge)"
