@@ -228,7 +228,8 @@ def open_parquet(
             spooled.seek(0)
             source = spooled
         try:
-            parquet = pq.ParquetFile(source)
+            # no prefetch: it keeps each row group read until the file closes
+            parquet = pq.ParquetFile(source, pre_buffer=False)
         except pa.ArrowException as err:
             raise GptpipeError(
                 f"{path}: not a Parquet file ({err}); allowed: a Parquet file"
