@@ -123,3 +123,16 @@ def test_an_unknown_kernel_choice_stops_with_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "Error: environment GPTPIPE_KERNELS='fast': allowed avx2 (the same bits on every "
         "x86-64 machine) or native (fastest)"]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or "avx2" not in _cpu_flags(), reason="an x86-64 CPU with AVX2")
+def test_the_kernel_pin_benchmark_runs_and_reports_both_settings(tmp_path):
+    out = tmp_path / "kernels.md"
+    subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_repro.py"), "--kernels",
+                    "1", "--kernel-steps", "1", "--out", str(out)], check=True,
+                   capture_output=True, text=True, timeout=240)
+    rows = [line.split(" | ")[:2] for line in out.read_text().splitlines()
+            if line.startswith(("| avx2", "| native"))]
+    native = "AVX512" if "avx512f" in _cpu_flags() else "AVX2"
+    assert rows == [["| avx2", "AVX2"], ["| native", native]]
