@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -120,6 +121,7 @@ def test_the_machine_record_names_what_picks_the_kernels():
     assert here["torch"] == torch.__version__ and here["precision"] == "bfloat16"
     assert here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert here["threads"] == torch.get_num_threads()
+    assert here["packages"]["numpy"] == importlib.metadata.version("numpy")
     assert describe_machine("cpu", torch.bfloat16) == here  # the same on every call
     # Another kernel choice (what an AVX2-only machine runs): another record.
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}

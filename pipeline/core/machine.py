@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import sys
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -27,6 +28,22 @@ _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
 _KERNEL_SWITCHES = ("GPTPIPE_KERNELS", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
                     "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "CUBLAS_WORKSPACE_CONFIG",
                     "NVIDIA_TF32_OVERRIDE")
+
+
+# The packages besides torch whose code computes the stages' numbers (numpy in the reward
+# baseline and gold judge, the tokenizers' ids, safetensors' and pyarrow's bytes).
+_PACKAGES = ("numpy", "scipy", "scikit-learn", "pyarrow", "safetensors", "tokenizers", "tiktoken")
+
+
+def _package_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`_PACKAGES` (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -65,8 +82,9 @@ def describe_machine(device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The machine and software a computation runs with, as JSON: the CPU (model, the
     instruction-set flags that pick kernels, torch's chosen CPU capability), the GPU, the
-    torch build and its math libraries, the environment switches that pick kernels, the
-    thread count, and the precision (``dtype``: the autocast dtype; None: float32).
+    torch build and its math libraries, the versions of the other packages that compute,
+    the environment switches that pick kernels, the thread count, and the precision
+    (``dtype``: the autocast dtype; None: float32).
 
     The same on every call on one machine and software, so two records compare equal
     exactly when the same kernels would run."""
@@ -80,6 +98,7 @@ def describe_machine(device: torch.device | str = "cpu",
         "os": sys.platform,
         "torch": torch.__version__,
         "math_libraries": _math_libraries(),
+        "packages": _package_versions(),
         "kernel_switches": {key: os.environ[key] for key in _KERNEL_SWITCHES
                             if key in os.environ},
         "threads": torch.get_num_threads(),
