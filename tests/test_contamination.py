@@ -215,3 +215,71 @@ def test_bad_params_are_one_line_errors():
         parse_params({"contamination": {"near_twins": "move"}})
     with pytest.raises(GptpipeError, match=r"contamination\.shingles"):
         parse_params({"contamination": {"shingles": 3}})
+
+
+# ---------------------------------------------------------- near twins at the split
+
+
+def clean_table_with_a_twin_in(tmp_path: Path, held_out: str) -> tuple[Path, str]:
+    """A clean table of train-bound documents plus a near copy of one of them that the
+    hash sends to ``held_out``; the copy is returned too."""
+    from pipeline.core.params import SplitParams
+    from pipeline.data.splitting import assign_split
+
+    settings = SplitParams()
+    documents = long_documents(60, seed=5)
+    train = [d for d in documents
+             if assign_split(d, settings.seed, settings.train, settings.val) == "train"]
+    twin = next(copy for copy in (near_copy(d) for d in train)
+                if assign_split(copy, settings.seed, settings.train, settings.val) == held_out)
+    table = tmp_path / "clean"
+    table.mkdir()
+    with DocumentWriter(table) as writer:
+        for index, text in enumerate([*documents, twin]):
+            writer.append(id=index, source="corpus.txt", text=text)
+    return table, twin
+
+
+def split_with(tmp_path: Path, table: Path, near_twins: str) -> tuple[dict, Path]:
+    from pipeline.stages import split
+
+    params = parse_params({"split": {"workers": 1},
+                           "contamination": {"near_twins": near_twins}})
+    out = tmp_path / f"split-{near_twins}"
+    metrics = split.run(params, input=table, out=out, metrics=tmp_path / f"{near_twins}.json")
+    return metrics, out
+
+
+def table_texts(table: Path) -> list[str]:
+    return list(stage._texts(table))
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_near_twins_train_moves_the_twin_to_train(tmp_path: Path, held_out: str):
+    table, twin = clean_table_with_a_twin_in(tmp_path, held_out)
+    kept, kept_out = split_with(tmp_path, table, "keep")
+    moved, moved_out = split_with(tmp_path, table, "train")
+    assert twin in table_texts(kept_out / held_out)
+    assert "near_twins_moved_to_train" not in kept[held_out]  # keep: metrics as before
+    assert twin not in table_texts(moved_out / held_out)
+    assert twin in table_texts(moved_out / "train")
+    assert moved[held_out]["near_twins_moved_to_train"] == 1
+    assert moved["train"]["documents"] == kept["train"]["documents"] + 1
+    assert moved["train"]["bytes"] == kept["train"]["bytes"] + len(twin.encode())
+    # The report on the new split finds no near twin left.
+    train = TrainText(ContaminationParams())
+    train.add_all(table_texts(moved_out / "train"))
+    report = split_overlap(train, held_out, table_texts(moved_out / held_out))
+    assert report[f"{held_out}_near_duplicates"] == 0
+
+
+def test_near_twins_drop_leaves_the_twin_out(tmp_path: Path):
+    table, twin = clean_table_with_a_twin_in(tmp_path, "test")
+    kept, _ = split_with(tmp_path, table, "keep")
+    dropped, out = split_with(tmp_path, table, "drop")
+    assert dropped["test"]["near_twins_dropped"] == 1
+    assert dropped["val"]["near_twins_dropped"] == 0
+    assert all(twin not in table_texts(out / name) for name in ("train", "val", "test"))
+    assert dropped["test"]["documents"] == kept["test"]["documents"] - 1
+    assert dropped["train"]["documents"] == kept["train"]["documents"]
+    assert dropped["documents"] == kept["documents"]  # the documents the split read
