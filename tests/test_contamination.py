@@ -20,6 +20,7 @@ from pipeline.data.contamination import (
     ngram_hashes,
     normal_interval,
     ratio_standard_error,
+    sampled,
     split_overlap,
     wilson_interval,
     word_key,
@@ -65,6 +66,19 @@ def test_index_counts_the_hashes_it_holds():
     assert index.count_found(ngram_hashes("b c d e", 2)) == 2  # "b c", "c d"; not "d e"
 
 
+def test_sampling_keeps_the_same_ngrams_everywhere():
+    hashes = np.array([0, 2**62, 2**63, 2**64 - 1], dtype=np.uint64)
+    assert sampled(hashes, 1.0) is hashes
+    assert sampled(hashes, 0.5).tolist() == [0, 2**62]  # below 2**63
+    # A held-out copy of a train text: every n-gram the sample keeps is found.
+    text = " ".join(synthetic_documents(1, seed=3, sentences=20))
+    index = NgramIndex(3, sample=0.25)
+    index.add(text)
+    kept = sampled(ngram_hashes(text, 3), 0.25)
+    assert 0 < len(kept) < len(ngram_hashes(text, 3))
+    assert index.count_found(kept) == len(kept) == len(index)
+
+
 def test_ratio_standard_error_by_hand():
     # Document 1: 1 of 2 n-grams found, document 2: 0 of 2. share = 1/4; residuals
     # 1 - 0.5 = 0.5 and -0.5; se = sqrt(2/1 * 0.5) / 4 = 0.25.
@@ -105,9 +119,10 @@ def near_copy(text: str) -> str:
 
 
 def test_a_clean_split_shows_nothing():
-    train = TrainText(ContaminationParams())
+    held_out = long_documents(20, seed=2)
+    train = TrainText(ContaminationParams(), {"test": held_out})
     train.add_all(long_documents(30, seed=1))
-    metrics = split_overlap(train, "test", long_documents(20, seed=2))
+    metrics = split_overlap(train, "test", held_out)
     assert metrics["test_documents"] == 20
     assert metrics["test_exact_duplicates"] == metrics["test_near_duplicates"] == 0
     assert metrics["test_ngrams_in_train"] == 0
@@ -120,11 +135,11 @@ def test_a_clean_split_shows_nothing():
 
 def test_a_planted_duplicate_and_near_duplicate_are_found():
     documents = long_documents(30, seed=1)
-    train = TrainText(ContaminationParams())
-    train.add_all(documents)
     clean = long_documents(18, seed=2)
     # The same words recased and repunctuated; and one word changed in another document.
     planted = [documents[3].upper().replace(".", ";"), near_copy(documents[7])]
+    train = TrainText(ContaminationParams(), {"test": clean + planted})
+    train.add_all(documents)
     metrics = split_overlap(train, "test", clean + planted)
     assert metrics["test_documents"] == 20
     assert metrics["test_exact_duplicates"] == 1
@@ -143,7 +158,7 @@ def test_a_planted_duplicate_and_near_duplicate_are_found():
 
 def test_items_that_quote_train_are_counted():
     documents = long_documents(10, seed=1)
-    train = TrainText(ContaminationParams())
+    train = TrainText(ContaminationParams(), {})
     train.add_all(documents)
     quoted = " ".join(documents[0].split(" ")[5:25])
     metrics = items_overlap(train, "task_file", [quoted, "too short", *long_documents(3, 9)])
@@ -211,6 +226,8 @@ def test_stage_checks_the_builtin_next_sentence_items(tmp_path: Path):
 def test_bad_params_are_one_line_errors():
     with pytest.raises(GptpipeError, match=r"contamination\.near_dup_threshold = 1\.0"):
         parse_params({"contamination": {"near_dup_threshold": 1.0}})
+    with pytest.raises(GptpipeError, match=r"contamination\.ngram_sample = 0\.0"):
+        parse_params({"contamination": {"ngram_sample": 0.0}})
     with pytest.raises(GptpipeError, match=r"contamination\.near_twins"):
         parse_params({"contamination": {"near_twins": "move"}})
     with pytest.raises(GptpipeError, match=r"contamination\.shingles"):
@@ -267,7 +284,7 @@ def test_near_twins_train_moves_the_twin_to_train(tmp_path: Path, held_out: str)
     assert moved["train"]["documents"] == kept["train"]["documents"] + 1
     assert moved["train"]["bytes"] == kept["train"]["bytes"] + len(twin.encode())
     # The report on the new split finds no near twin left.
-    train = TrainText(ContaminationParams())
+    train = TrainText(ContaminationParams(), {held_out: table_texts(moved_out / held_out)})
     train.add_all(table_texts(moved_out / "train"))
     report = split_overlap(train, held_out, table_texts(moved_out / held_out))
     assert report[f"{held_out}_near_duplicates"] == 0

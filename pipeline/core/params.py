@@ -182,6 +182,10 @@ class ContaminationParams(_Section):
     # without spaces (Chinese, Japanese, Thai ...) is a word. 13 is GPT-3's choice: long
     # enough that a shared n-gram is a shared passage, not a common phrase.
     ngram: int = 13
+    # The fraction of n-grams counted, picked by hash (the same ones in every split):
+    # train's n-grams take 8 bytes each (about 8 bytes per word of train text at 1.0, the
+    # exact count); 0.1 takes a tenth for a share with a wider interval.
+    ngram_sample: float = 1.0
     # A val/test document whose MinHash Jaccard with a train document reaches this is a
     # near twin (in (0, 1); the same machinery as clean.near_dup_threshold).
     near_dup_threshold: float = 0.8
@@ -196,6 +200,8 @@ class ContaminationParams(_Section):
 
     def validate(self) -> None:
         self.require_positive("ngram", "near_dup_num_perm", "near_dup_ngram")
+        if not 0.0 < self.ngram_sample <= 1.0:
+            raise self.fail("ngram_sample", self.ngram_sample, "a fraction in (0, 1]")
         if not 0.0 < self.near_dup_threshold < 1.0:
             raise self.fail("near_dup_threshold", self.near_dup_threshold,
                             "a Jaccard threshold in (0, 1)")

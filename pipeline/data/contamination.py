@@ -12,7 +12,9 @@ as in Chinese, Japanese or Thai):
   near-duplicate filter uses (:class:`TwinFinder`);
 - **n-gram overlap**: the share of a text's distinct word n-grams (GPT-3's 13-grams by
   default) that occur anywhere in the train split (:class:`NgramIndex`). A text shorter than
-  n words has no n-gram and is counted apart, as too short to check.
+  n words has no n-gram and is counted apart, as too short to check. On a corpus too big
+  to hold 8 bytes per train n-gram, a fixed share of n-grams, picked by hash, stands
+  for all (:func:`sampled`): the share's interval widens, the memory shrinks.
 
 A share over documents is an estimate of the rate for texts like them, so it carries its
 uncertainty: :func:`ratio_standard_error` (n-grams pooled over documents, the document being
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,16 +67,27 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     return np.unique(np.array(hashes, dtype=np.uint64))
 
 
-class NgramIndex:
-    """The distinct n-gram hashes of a training text, sorted, for membership counts."""
+def sampled(hashes: np.ndarray, sample: float) -> np.ndarray:
+    """The hashes below ``sample`` * 2**64: the same n-grams are kept in every text, so a
+    held-out n-gram kept is found exactly when train has it, and about ``sample`` of
+    them are kept (hashes are uniform)."""
+    if sample >= 1.0:
+        return hashes
+    return hashes[hashes < np.uint64(int(sample * 2**64))]
 
-    def __init__(self, n: int) -> None:
+
+class NgramIndex:
+    """The distinct n-gram hashes of a training text (the ``sample`` of them that
+    :func:`sampled` keeps), sorted, for membership counts: 8 bytes per n-gram kept."""
+
+    def __init__(self, n: int, sample: float = 1.0) -> None:
         self.n = n
+        self.sample = sample
         self._parts: list[np.ndarray] = []
         self._sorted: np.ndarray | None = None
 
     def add(self, text: str) -> None:
-        self._parts.append(ngram_hashes(text, self.n))
+        self._parts.append(sampled(ngram_hashes(text, self.n), self.sample))
         self._sorted = None
 
     def __len__(self) -> int:
@@ -96,11 +109,16 @@ class NgramIndex:
 
 
 class TwinFinder:
-    """The near twins of texts among the train documents added: a MinHashLSH over word
-    shingles, built by :func:`pipeline.data.cleaning.lsh_index` with the contamination
-    section's threshold and permutations, and queried as the clean filter queries it
-    (a candidate of the banding counts as a twin; the banding is tuned so that pairs
-    below the threshold rarely collide)."""
+    """Which held-out documents have a near twin among the train documents.
+
+    A MinHashLSH over word shingles, built by :func:`pipeline.data.cleaning.lsh_index` with
+    the contamination section's threshold and permutations, and used as the clean filter
+    uses it (a candidate of the banding counts as a twin; the banding is tuned so that
+    pairs below the threshold rarely collide). The held-out documents go into the index
+    and the train documents query it: sharing a band is symmetric, so the verdicts are the
+    same as the other way round, and the memory (about 3 KB per indexed document, see
+    :class:`pipeline.data.cleaning.Filters`) is that of val and test, a fifth of the corpus.
+    """
 
     def __init__(self, params: ContaminationParams) -> None:
         from datasketch import MinHash  # imported here: datasketch loads scipy (~0.3 s)
@@ -108,7 +126,7 @@ class TwinFinder:
         self.ngram = params.near_dup_ngram
         self.lsh = lsh_index(params)  # the same fields and error as clean's
         self._template = MinHash(num_perm=params.near_dup_num_perm, seed=MINHASH_SEED)
-        self._keys = 0
+        self.twinned: set[Hashable] = set()
 
     def minhash(self, text: str) -> MinHash | None:
         """The text's MinHash, or None for a text without a word."""
@@ -120,15 +138,17 @@ class TwinFinder:
         minhash.update_batch(shingles)
         return minhash
 
-    def add(self, text: str) -> None:
+    def add_held_out(self, key: Hashable, text: str) -> None:
+        """Index a held-out document under ``key``."""
         minhash = self.minhash(text)
         if minhash is not None:
-            self.lsh.insert(self._keys, minhash, check_duplication=False)
-            self._keys += 1
+            self.lsh.insert(key, minhash, check_duplication=False)
 
-    def has_twin(self, text: str) -> bool:
+    def add_train(self, text: str) -> None:
+        """Mark the held-out documents this train document is a near twin of."""
         minhash = self.minhash(text)
-        return minhash is not None and bool(self.lsh.query(minhash))
+        if minhash is not None:
+            self.twinned.update(self.lsh.query(minhash))
 
 
 def ratio_standard_error(found: np.ndarray, total: np.ndarray) -> tuple[float, float]:
@@ -186,32 +206,41 @@ def _round(value: float) -> float:
 
 
 class TrainText:
-    """What a held-out text is checked against: the train split's word keys, n-grams and
-    MinHashes, built in one pass over its documents."""
+    """What a held-out text is checked against: the train split's word keys and n-grams,
+    and which held-out documents (keyed ``(split name, position)``) have a near twin in it.
+    Give the held-out texts first, then stream train through :meth:`add_all`."""
 
-    def __init__(self, params: ContaminationParams) -> None:
+    def __init__(self, params: ContaminationParams,
+                 held_out: dict[str, Iterable[str]]) -> None:
         self.keys: set[bytes] = set()
-        self.ngrams = NgramIndex(params.ngram)
+        self.ngrams = NgramIndex(params.ngram, params.ngram_sample)
         self.twins = TwinFinder(params)
+        for name, texts in held_out.items():
+            for position, text in enumerate(texts):
+                self.twins.add_held_out((name, position), text)
 
     def add_all(self, texts: Iterable[str]) -> None:
         for text in texts:
             self.keys.add(word_key(text))
             self.ngrams.add(text)
-            self.twins.add(text)
+            self.twins.add_train(text)
 
 
 def split_overlap(train: TrainText, name: str, texts: Iterable[str]) -> dict[str, float | int]:
-    """The flat metrics of one held-out split against ``train``: documents, exact and
+    """The flat metrics of the held-out split ``name`` (the same texts, in the same order,
+    as ``train`` was given) against ``train``: documents, exact and
     near duplicates (counts), documents too short for an n-gram, n-grams and those in
     train (counts) with their pooled share, its standard error and 95% interval, and the
     documents with at least one n-gram in train (count, share, Wilson interval)."""
     exact = near = 0
     found, total = [], []
-    for text in texts:
+    too_short = 0
+    for position, text in enumerate(texts):
         exact += word_key(text) in train.keys
-        near += train.twins.has_twin(text)
+        near += (name, position) in train.twins.twinned
         hashes = ngram_hashes(text, train.ngrams.n)
+        too_short += len(hashes) == 0
+        hashes = sampled(hashes, train.ngrams.sample)
         found.append(train.ngrams.count_found(hashes))
         total.append(len(hashes))
     documents = len(total)
@@ -222,7 +251,7 @@ def split_overlap(train: TrainText, name: str, texts: Iterable[str]) -> dict[str
         f"{name}_documents": documents,
         f"{name}_exact_duplicates": exact,
         f"{name}_near_duplicates": near,
-        f"{name}_documents_too_short": documents - len(checked),
+        f"{name}_documents_too_short": too_short,
         f"{name}_ngrams": int(sum(total)),
         f"{name}_ngrams_in_train": int(sum(found)),
         f"{name}_ngram_share": _round(share),
@@ -230,7 +259,7 @@ def split_overlap(train: TrainText, name: str, texts: Iterable[str]) -> dict[str
         f"{name}_ngram_share_low": _round(low),
         f"{name}_ngram_share_high": _round(high),
         **share_metrics(f"{name}_documents_with_train_ngram",
-                        sum(1 for f in found if f > 0), len(checked)),
+                        sum(1 for f in found if f > 0), documents - too_short),
     }
 
 
@@ -245,7 +274,7 @@ def items_overlap(train: TrainText, name: str, texts: Iterable[str]) -> dict[str
         hashes = ngram_hashes(text, train.ngrams.n)
         if len(hashes) == 0:
             too_short += 1
-        elif train.ngrams.count_found(hashes) > 0:
+        elif train.ngrams.count_found(sampled(hashes, train.ngrams.sample)) > 0:
             dirty += 1
     return {
         f"{name}_items": items,

@@ -7,10 +7,10 @@ so the tables are byte-identical for any number of workers. The split of a docum
 hash of its text and ``split.seed``, so adding documents never moves the others and
 identical texts never straddle two splits.
 
-With ``contamination.near_twins`` at train or drop, a val or test document whose MinHash
-finds a near twin among the train documents (:class:`pipeline.data.contamination.TwinFinder`)
-is moved to train, so that twins stay together, or dropped; this reads the texts twice more
-in this process. At keep (the default) nothing of this runs.
+With ``contamination.near_twins`` at train or drop, a val or test document with a near twin
+among the train documents (:class:`pipeline.data.contamination.TwinFinder`) is moved to
+train, so that twins stay together, or dropped; this reads the texts twice more in this
+process. At keep (the default) nothing of this runs.
 """
 
 from __future__ import annotations
@@ -113,28 +113,32 @@ def settle_near_twins(input_dir: Path, answers: list[Answer],
     ``params.near_twins`` says, editing the codes and sizes of ``answers`` (row groups with
     their codes and bytes per split) in place; return the count per held-out split.
 
-    Train's documents go into the index first; a moved document joins it, so a later
-    twin of it follows it to train. Documents are visited in table order: the same
-    answer for any number of workers."""
+    The val and test documents are indexed, then every train document marks its twins
+    among them (:class:`pipeline.data.contamination.TwinFinder`): the memory is that of
+    the held-out documents, and the verdicts depend on the texts alone, not on the number
+    of workers."""
     from pipeline.data.contamination import TwinFinder
 
     finder = TwinFinder(params)
+    for index, (chunk, (codes, _)) in enumerate(answers):
+        for row, text in enumerate(_texts(input_dir, chunk)):
+            if codes[row] != 0:
+                finder.add_held_out((index, row), text)
     for chunk, (codes, _) in answers:
         for code, text in zip(codes, _texts(input_dir, chunk), strict=True):
             if code == 0:
-                finder.add(text)
+                finder.add_train(text)
     settled = {f"near_twins_{name}": 0 for name in SPLITS[1:]}
-    for chunk, (codes, chunk_sizes) in answers:
-        for row, text in enumerate(_texts(input_dir, chunk)):
+    for index, (chunk, (codes, chunk_sizes)) in enumerate(answers):
+        rows = sorted(row for i, row in finder.twinned if i == index)
+        texts = _texts(input_dir, chunk) if rows else []
+        for row in rows:
             code = int(codes[row])
-            if code == 0 or not finder.has_twin(text):
-                continue
             settled[f"near_twins_{SPLITS[code]}"] += 1
-            size = len(text.encode("utf-8"))
+            size = len(texts[row].encode("utf-8"))
             chunk_sizes[code] -= size
             if params.near_twins == "train":
                 codes[row], chunk_sizes[0] = 0, chunk_sizes[0] + size
-                finder.add(text)
             else:
                 codes[row] = DROPPED
     return settled

@@ -55,10 +55,11 @@ def task_texts(params: Params, test: Path, task_file: Path) -> dict[str, list[st
 def run(params: Params, *, input: Path, task_file: Path, metrics: Path) -> dict[str, Any]:
     """Measure val, test and the task items against train; write and return the metrics."""
     tasks = task_texts(params, input / "test", task_file)  # a bad task file stops us first
-    train = TrainText(params.contamination)
+    held_out = ("val", "test")
+    train = TrainText(params.contamination, {name: _texts(input / name) for name in held_out})
     train.add_all(_texts(input / "train"))
     result: dict[str, Any] = {"train_ngrams": len(train.ngrams)}
-    for name in ("val", "test"):
+    for name in held_out:
         result.update(split_overlap(train, name, _texts(input / name)))
     for name, texts in tasks.items():
         result.update(items_overlap(train, name, texts))
