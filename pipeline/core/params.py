@@ -178,6 +178,40 @@ class SplitParams(_Section):
 
 
 @dataclass(frozen=True)
+class ContaminationParams(_Section):
+    """``contamination``: how much of val and test (and the evaluate stage's task items)
+    the train split already holds, and what the split does with a near twin."""
+
+    # Overlap is counted in n-grams of this many words; a character of a script written
+    # without spaces (Chinese, Japanese, Thai ...) is a word. 13 is GPT-3's choice: long
+    # enough that a shared n-gram is a shared passage, not a common phrase.
+    ngram: int = 13
+    # The fraction of n-grams counted, picked by hash (the same ones in every split):
+    # train's n-grams take 8 bytes each (about 8 bytes per word of train text at 1.0, the
+    # exact count); 0.1 takes a tenth for a share with a wider interval.
+    ngram_sample: float = 1.0
+    # A val/test document whose MinHash Jaccard with a train document reaches this is a
+    # near twin (in (0, 1); the same machinery as clean.near_dup_threshold).
+    near_dup_threshold: float = 0.8
+    # More permutations estimate the Jaccard more closely and cost more time.
+    near_dup_num_perm: int = 128
+    # MinHash shingles are word n-grams of this length (as clean.near_dup_ngram).
+    near_dup_ngram: int = 5
+    # What the split stage does with a val/test document that has a near twin in train:
+    # keep (report only; the default, outputs unchanged), train (move it to train, so
+    # twins stay together) or drop (leave it out of every split).
+    near_twins: Literal["keep", "train", "drop"] = "keep"
+
+    def validate(self) -> None:
+        self.require_positive("ngram", "near_dup_num_perm", "near_dup_ngram")
+        if not 0.0 < self.ngram_sample <= 1.0:
+            raise self.fail("ngram_sample", self.ngram_sample, "a fraction in (0, 1]")
+        if not 0.0 < self.near_dup_threshold < 1.0:
+            raise self.fail("near_dup_threshold", self.near_dup_threshold,
+                            "a Jaccard threshold in (0, 1)")
+
+
+@dataclass(frozen=True)
 class VocabParams(_Section):
     """``vocab``: the tokenizer, learned from the train split only."""
 
@@ -716,6 +750,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     clean: CleanParams = field(default_factory=CleanParams)
     split: SplitParams = field(default_factory=SplitParams)
+    contamination: ContaminationParams = field(default_factory=ContaminationParams)
     vocab: VocabParams = field(default_factory=VocabParams)
     tokenize: TokenizeParams = field(default_factory=TokenizeParams)
     model: ModelParams = field(default_factory=ModelParams)
