@@ -48,7 +48,8 @@ def _inputs(**changes) -> CardInputs:
         "dtype": "float32", "config": CONFIG,
         "records": {"tokenizer_sha256": "ab" * 32, "step": 6, "val_loss": 5.5},
         "params": {"model": {"n_layer": 2}, "train": {"lr": 0.003}},
-        "figures": {"pretrain.json": {"best_step": 6, "val_bpb": 1.9},
+        "figures": {"pretrain.json": {"best_step": 6, "val_bpb": 1.9, "stopped_early": False,
+                                      "algo": "ppo"},
                     "evaluate.json": EVALUATE},
         "data": {"train.documents": 190, "train.tokens": 5000, "train.bytes": 20000},
         "corpus": Corpus("data/builtin/wikipedia-en.corpus", BUILTIN_LICENSE, "en",
@@ -103,8 +104,11 @@ def test_figures_show_their_standard_error_or_interval_where_the_file_has_one():
     assert "| test.bpb | 1.7 | ± 0.01 (standard error) |" in card
     assert "| next_sentence.acc | 0.26 | 95% interval [0.24, 0.29] |" in card
     assert "| test.bigram_bpb | 1.8 |  |" in card  # no uncertainty in the file: none shown
+    assert "| stopped_early | false |  |" in card and "| algo | ppo |  |" in card
     assert "| test.bpb_se |" not in card and "| next_sentence.acc_lo |" not in card
-    assert "fingerprint.corpus: `71866f77bfa923fa`" in card  # under the data, not a figure
+    # Under the data, not a figure.
+    assert "- fingerprint.corpus (evaluate.json): `71866f77bfa923fa`" in card
+    assert "| fingerprint.corpus |" not in card
 
 
 def test_figures_without_uncertainty_keys_render_without_intervals():
@@ -189,6 +193,25 @@ def test_an_export_by_hand_says_what_its_card_does_not_record(tiny_model, tmp_pa
     assert "Not recorded: no metrics files were given to the export." in card
     assert "Documents and tokens per split: not recorded" in card
     assert "Exported by hand" in card
+
+
+def test_an_rlhf_policys_card_names_its_tuning_and_the_sft_and_rlhf_params(tiny_model,
+                                                                           tmp_path):
+    policy = tmp_path / "rlhf-best"
+    shutil.copytree(tiny_model, policy)
+    config = json.loads((policy / "gptpipe.json").read_text())
+    machine_path = str(tmp_path / "somewhere" / "base")
+    config.update({"rlhf_algo": "grpo", "rlhf_step": 4, "init_from": machine_path})
+    (policy / "gptpipe.json").write_text(json.dumps(config))
+    out = tmp_path / "rlhf"
+    export.run(parse_params({"rlhf": {"algo": "grpo"}}), model=policy, out=out)
+    card = (out / CARD).read_text(encoding="utf-8")
+    assert _metadata(card)["tags"][-2:] == ["rlhf", "grpo"]
+    params = yaml.safe_load(card.split("## Params")[1].split("```yaml\n")[1].split("```")[0])
+    assert list(params) == ["model", "train", "sft", "rlhf"]
+    assert params["rlhf"]["algo"] == "grpo"
+    assert "rlhf_step: 4" in card and "init_from: base" in card
+    assert machine_path not in card
 
 
 def test_a_results_file_that_is_not_an_object_is_refused_before_anything_is_written(

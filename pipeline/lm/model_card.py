@@ -230,10 +230,10 @@ def _data(inputs: CardInputs) -> list[str]:
             "" if corpus.license != UNKNOWN_LICENSE else
             " (a user's corpus: gptpipe cannot know its licence; whoever publishes this "
             "model states it)"))
-    for flat in inputs.figures.values():
+    for file, flat in inputs.figures.items():
         for key, value in flat.items():
-            if key.startswith(FINGERPRINT):
-                lines.append(f"- {key}: `{value}`")
+            if key.startswith(FINGERPRINT):  # what the evaluated figures depend on
+                lines.append(f"- {key} ({file}): `{value}`")
     if "tokenizer_sha256" in inputs.records:
         lines.append(f"- tokenizer sha256: `{inputs.records['tokenizer_sha256']}`")
     lines.append("")
@@ -258,6 +258,11 @@ def _params(inputs: CardInputs) -> list[str]:
             _yaml(inputs.params).rstrip(), "```"]
 
 
+def _cell(value: Any) -> str:
+    """A metric as its JSON file writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _evaluation(inputs: CardInputs) -> list[str]:
     lines = ["", "## Evaluation", ""]
     if not inputs.figures:
@@ -267,9 +272,9 @@ def _evaluation(inputs: CardInputs) -> list[str]:
     for name, flat in inputs.figures.items():
         lines += ["", f"### {name}", "", "| figure | value | uncertainty |", "|---|---|---|"]
         for key, value in flat.items():
-            if _is_figure(key, value) or (isinstance(value, str)
+            if _is_figure(key, value) or (isinstance(value, (str, bool))
                                           and not key.startswith(FINGERPRINT)):
-                lines.append(f"| {key} | {value} | {uncertainty(flat, key)} |")
+                lines.append(f"| {key} | {_cell(value)} | {uncertainty(flat, key)} |")
     return lines
 
 
