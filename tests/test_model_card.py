@@ -193,17 +193,25 @@ def test_an_export_by_hand_says_what_its_card_does_not_record(tiny_model, tmp_pa
     assert "Not recorded: no metrics files were given to the export." in card
     assert "Documents and tokens per split: not recorded" in card
     assert "Exported by hand" in card
+    # What the model folder does not record is not guessed from the params file.
+    assert _metadata(card)["license"] == "other" and "The corpus: not recorded" in card
+    assert "the training params are not known to the export" in card
+    assert "n_layer: 1" in card  # the network, as the folder records it
 
 
-def test_an_rlhf_policys_card_names_its_tuning_and_the_sft_and_rlhf_params(tiny_model,
-                                                                           tmp_path):
+def test_an_rlhf_policys_card_names_its_tuning_and_the_sft_and_rlhf_params(
+        tiny_model, tmp_path, monkeypatch):
+    # As DVC runs it: from a project whose dvc.yaml declares the folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"export_rlhf": {
+        "cmd": "gptpipe export", "outs": ["models/hf/rlhf"]}}}))
     policy = tmp_path / "rlhf-best"
     shutil.copytree(tiny_model, policy)
     config = json.loads((policy / "gptpipe.json").read_text())
     machine_path = str(tmp_path / "somewhere" / "base")
     config.update({"rlhf_algo": "grpo", "rlhf_step": 4, "init_from": machine_path})
     (policy / "gptpipe.json").write_text(json.dumps(config))
-    out = tmp_path / "rlhf"
+    out = Path("models/hf/rlhf")
     export.run(parse_params({"rlhf": {"algo": "grpo"}}), model=policy, out=out)
     card = (out / CARD).read_text(encoding="utf-8")
     assert _metadata(card)["tags"][-2:] == ["rlhf", "grpo"]
@@ -212,6 +220,7 @@ def test_an_rlhf_policys_card_names_its_tuning_and_the_sft_and_rlhf_params(tiny_
     assert params["rlhf"]["algo"] == "grpo"
     assert "rlhf_step: 4" in card and "init_from: base" in card
     assert machine_path not in card
+    assert "```sh\ndvc repro export_rlhf\n```" in card
 
 
 def test_a_results_file_that_is_not_an_object_is_refused_before_anything_is_written(

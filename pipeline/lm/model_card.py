@@ -208,7 +208,8 @@ def _about(inputs: CardInputs) -> list[str]:
         f"A {inputs.architecture} of {inputs.parameters:,} parameters trained by gptpipe: "
         f"{config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}, "
         f"context {config['context']} tokens, vocabulary {config['vocab_size']} tokens; "
-        f"weights in {inputs.dtype}.", "",
+        f"weights in {inputs.dtype}.", "", "Its network (config):", "", "```yaml",
+        _yaml(inputs.config).rstrip(), "```", "",
         "What the gptpipe model folder records:", "", "```yaml",
         _yaml({key: no_machine_path(value) for key, value in inputs.records.items()})
         .rstrip(), "```",
@@ -219,7 +220,8 @@ def _data(inputs: CardInputs) -> list[str]:
     lines = ["", "## Training data", ""]
     corpus = inputs.corpus
     if corpus is None:
-        lines.append("Not recorded: the corpus was not given to the export.")
+        lines.append("The corpus: not recorded (exported by hand: the model folder does "
+                     "not record it, and its licence is unknown).")
     else:
         lines.append(f"- corpus: `{corpus.name}`")
         if corpus.source:
@@ -252,7 +254,8 @@ def _data(inputs: CardInputs) -> list[str]:
 def _params(inputs: CardInputs) -> list[str]:
     lines = ["", "## Params", ""]
     if not inputs.params:
-        return [*lines, "Not recorded."]
+        return [*lines, "Not recorded (exported by hand): the network is the config above; "
+                "the training params are not known to the export."]
     return [*lines, "The params.yaml sections given to the export (under dvc repro, the ones "
             "the model was made with):", "", "```yaml",
             _yaml(inputs.params).rstrip(), "```"]

@@ -17,9 +17,9 @@ Writes:  --out (models/hf/pretrain, models/hf/rlhf): config.json, generation_con
 Rotary + RMSNorm + SwiGLU becomes a LlamaForCausalLM, learned positions + LayerNorm +
 GELU a GPT2LMHeadModel; any other mix, a reward model or a folder that is not a model is
 refused with one line before anything is written. The conversion is gptpipe's own
-(pipeline/lm/hf.py): the stage needs no transformers package. Run by hand with only
---model and --out, the card says what the model folder records and which parts (data
-counts, evaluation figures) were not given.
+(pipeline/lm/hf.py): the stage needs no transformers package. Run by hand (an --out that
+no stage of ./dvc.yaml declares), the card says what the model folder records and the
+files it is given, and names what is not known (the corpus, the params, the figures).
 """
 
 from __future__ import annotations
@@ -52,16 +52,16 @@ def run(params: Params, *, model: Path, out: Path, results: tuple[Path, ...] = (
                            "language model folder (models/pretrain/best, models/rlhf/best)")
     arch = architecture(folder.config)  # refuses a mix no Transformers class computes, first
     network = folder.load_model()
+    parameters = network.num_parameters()
     # The card's inputs are read (and refused) before anything is written.
-    card = model_card(_card_inputs(params, folder, network.num_parameters(), out, arch,
-                                   results, data))
+    card = model_card(_card_inputs(params, folder, parameters, Path(out), arch, results,
+                                   data))
     dtype = DTYPES[params.export.dtype]
     # The names are known up front: a folder holding anything else is refused before the
     # conversion, not after it.
     with atomic_dir(out, writes=(*TRANSFORMERS_FILES, CARD)) as tmp:
         write_transformers_folder(tmp, network, tokenizer, dtype)
         write_text(tmp / CARD, card)
-    parameters = network.num_parameters()
     say("export", f"{model} -> {out}: {arch}, {parameters / 1e6:.2f}M parameters, "
                   f"{params.export.dtype}")
     return {"architecture": arch, "parameters": parameters, "dtype": params.export.dtype}
@@ -69,19 +69,23 @@ def run(params: Params, *, model: Path, out: Path, results: tuple[Path, ...] = (
 
 def _card_inputs(params: Params, folder: ModelFolder, parameters: int, out: Path, arch: str,
                  results: tuple[Path, ...], data: Path | None) -> CardInputs:
-    """What the card of ``folder`` exported to ``out`` shows, read from the files given."""
-    sections = ["model", "train"]
-    if "rlhf_algo" in folder.meta:  # the policy was tuned from the SFT model
+    """What the card of ``folder`` exported to ``out`` shows, read from the files given.
+    The corpus and the params are the model's only when a stage of ./dvc.yaml writes
+    ``out`` (DVC ran the whole chain with them); an export by hand reports what the model
+    folder records, and the files it is given."""
+    reproduce = _reproduce(out)
+    sections = [] if reproduce is None else ["model", "train"]
+    if sections and "rlhf_algo" in folder.meta:  # the policy was tuned from the SFT model
         sections += ["sft", "rlhf"]
     counts = read_figures([data]).popitem()[1] if data is not None else None
     return CardInputs(
-        name=Path(out).name, architecture=arch,
-        parameters=parameters,
+        name=out.name, architecture=arch, parameters=parameters,
         dtype=params.export.dtype, config=folder.config.to_dict(),
         records={key: value for key, value in folder.meta.items() if key != "model"},
         params={name: asdict(getattr(params, name)) for name in sections},
         figures=read_figures(results), data=counts,
-        corpus=corpus_of(params.data.corpus), reproduce=_reproduce(Path(out)))
+        corpus=None if reproduce is None else corpus_of(params.data.corpus),
+        reproduce=reproduce)
 
 
 def _reproduce(out: Path) -> str | None:
