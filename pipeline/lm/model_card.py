@@ -39,6 +39,7 @@ BUILTIN_LANGUAGES = {
 }
 BUILTIN_LICENSE, UNKNOWN_LICENSE = "cc-by-sa-4.0", "other"
 SPLITS = ("train", "val", "test")
+HEADLINE = ("test", "val", "train")
 SE, LOW, HIGH = "_se", "_lo", "_hi"
 # Keys that count what was scored rather than how well, and figures of a baseline rather
 # than of the model: shown in the text, kept out of the model-index.
@@ -176,7 +177,10 @@ def model_index(inputs: CardInputs) -> list[dict[str, Any]]:
             result["metrics"].append({"type": name, "value": value, "name": key})
     if not results:
         return []
-    return [{"name": f"gptpipe-{inputs.name}", "results": list(results.values())}]
+    # The held-out splits first (the Hub shows the first result), then the tasks.
+    order = sorted(results, key=lambda group: HEADLINE.index(group) if group in HEADLINE
+                   else len(HEADLINE))
+    return [{"name": f"gptpipe-{inputs.name}", "results": [results[g] for g in order]}]
 
 
 def metadata(inputs: CardInputs) -> dict[str, Any]:
@@ -205,10 +209,11 @@ def _about(inputs: CardInputs) -> list[str]:
     config = inputs.config
     return [
         f"# gptpipe-{inputs.name}", "",
-        f"A {inputs.architecture} of {inputs.parameters:,} parameters trained by gptpipe: "
-        f"{config['n_layer']} layers, {config['n_head']} heads, width {config['n_embd']}, "
-        f"context {config['context']} tokens, vocabulary {config['vocab_size']} tokens; "
-        f"weights in {inputs.dtype}.", "", "Its network (config):", "", "```yaml",
+        f"A {inputs.architecture} of {inputs.parameters:,} parameters trained by gptpipe "
+        f"(n_layer {config['n_layer']}, n_head {config['n_head']}, n_embd "
+        f"{config['n_embd']}): a context of {config['context']} tokens, a vocabulary of "
+        f"{config['vocab_size']} tokens, weights in {inputs.dtype}.", "",
+        "Its network (config):", "", "```yaml",
         _yaml(inputs.config).rstrip(), "```", "",
         "What the gptpipe model folder records:", "", "```yaml",
         _yaml({key: no_machine_path(value) for key, value in inputs.records.items()})
