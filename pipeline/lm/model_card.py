@@ -121,7 +121,8 @@ def corpus_of(corpus: str) -> Corpus:
     try:
         pointer = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise GptpipeError(f"{path}: not a readable corpus pointer ({err})") from None
+        raise GptpipeError(f"{path}: not a readable corpus pointer "
+                           f"({' '.join(str(err).split())})") from None
     fields = [pointer.get(key) if isinstance(pointer, dict) else None
               for key in ("sha256", "package", "version", "member")]
     if not all(isinstance(value, str) for value in fields):

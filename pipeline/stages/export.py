@@ -96,10 +96,13 @@ def _reproduce(out: Path) -> str | None:
     except (OSError, ValueError, yaml.YAMLError):
         return None
     stages = document.get("stages") if isinstance(document, dict) else None
-    for name, stage in (stages or {}).items() if isinstance(stages, dict) else ():
+    for name, stage in stages.items() if isinstance(stages, dict) else ():
         outs = stage.get("outs") if isinstance(stage, dict) else None
-        if isinstance(outs, list) and out.as_posix() in outs:
-            return f"dvc repro {name}"
+        for entry in outs if isinstance(outs, list) else []:
+            # An out is its path, or a mapping of its path to its options.
+            path = next(iter(entry), None) if isinstance(entry, dict) else entry
+            if path == out.as_posix():
+                return f"dvc repro {name}"
     return None
 
 
