@@ -106,7 +106,7 @@ def exported(request, tokenizer, tmp_path_factory) -> tuple[str, Path, Path]:
 def test_the_export_is_a_transformers_folder_that_loads_with_auto_classes(exported):
     family, _, hf_dir = exported
     assert sorted(p.name for p in hf_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     assert type(model).__name__ == FAMILIES[family][1]
