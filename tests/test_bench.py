@@ -293,8 +293,18 @@ def test_bench_repro_smallest(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
+@pytest.mark.timeout(900)
 def test_kill_loop_smallest(tmp_path):
+    """It must still recover a killed pretraining, a NaN injected mid-run and a rank
+    killed in a two-process run."""
     out = tmp_path / "kill.md"
-    bench("kill_loop", "--stages", "ingest", "--work-dir", tmp_path, "--out", out)
-    assert rows(out.read_text())["ingest"][2] == "yes"  # recovered
+    bench("kill_loop", "--smallest", "--seed", "3", "--work-dir", tmp_path, "--out", out,
+          timeout=880)
+    table = rows(out.read_text())
+    names = ["pretrain", "pretrain, NaN injected", "pretrain, 2 processes, rank 1 killed"]
+    assert [name for name in table if name.startswith("pretrain")] == names
+    for name in names:
+        assert table[name][2] == "yes", (name, table[name])  # recovered
+        assert table[name][3].startswith("yes, "), (name, table[name])  # resumed
+    assert "NaN gradient at step" in table[names[1]][0]
+    assert "rank 1 killed after the snapshot of step" in table[names[2]][0]

@@ -13,13 +13,15 @@ Writes:  --out (models/rlhf/): best/ and last/ model checkpoints; --checkpoint
          (checkpoints/rlhf/: the resumable snapshot, a DVC persist output); --live
          (dvclive/rlhf/: per-step plots); --metrics (metrics/rlhf.json: the gold,
          reward-model and reward scores, win rates, KL and val bits per byte of the
-         pretrained, starting and best policies, defined in pipeline/alignment/report.py)
+         pretrained, starting and best policies, defined in pipeline/alignment/report.py;
+         with a weighted list of rewards, each one's mean and standard error before and
+         after, pipeline/alignment/policy_eval.component_metrics)
 
 Refuses, in one line with nothing written: inputs made with another tokenizer than
 --model's, a prompt + completion longer than the context, a python: reward that cannot
-be imported, raises or returns anything but a finite number. Re-run after a crash, a
-kill or Ctrl-C, it resumes its snapshot when that is an unfinished run of the same
-params, inputs and code (pipeline/alignment/tuner.py).
+be imported, raises or returns anything but a finite number per completion. Re-run
+after a crash, a kill or Ctrl-C, it resumes its snapshot when that is an unfinished run
+of the same params, inputs and code (pipeline/alignment/tuner.py).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import torch
 
 from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.inputs import RolloutPrompts, encode_pairs, prompt_tensors
+from pipeline.alignment.policy_eval import component_metrics
 from pipeline.alignment.preference_data import Pair, read_pairs_dir, visible_text
 from pipeline.alignment.preference_data import made_with as pairs_made_with
 from pipeline.alignment.report import BitsPerByte, rlhf_metrics, summary_line, win_rates
 from pipeline.alignment.reward_model import RewardModel, load_reward_model
-from pipeline.alignment.rewards import TextReward, load_function, make_scorer
+from pipeline.alignment.rewards import TextReward, load_functions, make_reward
 from pipeline.alignment.rollout import GoldScorer
 from pipeline.alignment.tuner import Tuner, TuneResult
 from pipeline.core.device import pick_device
@@ -63,7 +66,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     rlhf = params.rlhf
     device = pick_device(rlhf.device, key="rlhf.device")
     inputs = _open_inputs(model, pretrained, reward, pairs, tokens)
-    reward_function = _import_python_reward(rlhf)
+    python_functions = _import_python_rewards(rlhf)
     prompts = prompt_tensors(
         inputs.tokenizer, [p.prompt for p in inputs.train_pairs],
         [p.prompt for p in inputs.heldout_pairs], inputs.config.context,
@@ -74,7 +77,8 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
 
     policy, base, reward_model = _load_models(inputs, reward, device, rlhf.seed)
     judge = GoldJudge.from_params(params.gold)
-    scorer = make_scorer(rlhf.reward, reward_function,
+    # A weighted list: RL maximizes the weighted sum, and each reward is logged apart.
+    scorer = make_reward(rlhf.reward, python_functions,
                          reward_model_scorer=reward_model.score_ids, judge=judge,
                          tokenizer=inputs.tokenizer, pretrained=base,
                          likelihood_per_token=rlhf.likelihood_per_token)
@@ -99,7 +103,11 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     bpb = BitsPerByte(val_bpb_pretrained, val_bpb_before, val_bpb(best))
     wins = win_rates(judge, inputs.tokenizer, prompts.heldout, result, pretrained_eval,
                      rlhf.seed)
+    # A weighted list's "reward" is its one-line sum; each reward gets its own keys.
     summary = rlhf_metrics(rlhf, result, pretrained_eval, wins, bpb)
+    if rlhf.weighted:
+        summary = {**summary, "reward": rlhf.reward_label(),
+                   **component_metrics(result.start, result.best)}
     write_json(metrics, summary)
     say("rlhf", summary_line(summary))
     return summary
@@ -146,11 +154,10 @@ def _open_inputs(model: Path, pretrained: Path, reward: Path, pairs: Path,
                    heldout_pairs, tokens_meta)
 
 
-def _import_python_reward(rlhf: RlhfParams) -> TextReward | None:
-    """A python: reward's function, imported once and now: an import that fails, fails
-    before anything is loaded. None for the other rewards."""
-    python_reward = rlhf.python_reward()
-    return None if python_reward is None else load_function(*python_reward, rlhf.reward)
+def _import_python_rewards(rlhf: RlhfParams) -> dict[str, TextReward]:
+    """Each python: reward's function by its reward string, its file imported once and
+    now: an import that fails, fails before anything is loaded."""
+    return load_functions(rlhf.python_rewards())
 
 
 def _load_models(inputs: _Inputs, reward: Path, device: torch.device,
@@ -197,17 +204,19 @@ def _fingerprint(params: Params, device_type: str, **inputs: Path) -> str:
     rlhf = params.rlhf
     settings = {"rlhf": {k: v for k, v in asdict(rlhf).items() if k != "device"},
                 "gold": asdict(params.gold), "device": device_type}
-    python_reward = rlhf.python_reward()
-    if python_reward is not None:
-        inputs["reward_module"] = Path(python_reward[0])
+    if rlhf.python_rewards():
+        inputs["reward_module"] = Path(rlhf.reward_module)
     return run_fingerprint(settings, inputs)
 
 
 def _say_start(rlhf: RlhfParams, device: torch.device, prompts: RolloutPrompts) -> None:
     what = "pairs" if rlhf.algo == "dpo" else "completions"
-    say("rlhf", f"{rlhf.algo} on {device}, reward {rlhf.reward}: {rlhf.steps} steps of "
+    say("rlhf", f"{rlhf.algo} on {device}, reward {rlhf.reward_label()}: {rlhf.steps} steps of "
                 f"{rlhf.batch_size} {what}; {prompts.train.shape[0]} train and "
                 f"{prompts.heldout.shape[0]} held-out prompts of {prompts.length} tokens")
+    if rlhf.algo == "dpo":
+        say("rlhf", "dpo learns from the pairs: the reward is evaluated and reported, "
+                    "not optimized")
     if prompts.empty:
         say("rlhf", f"{prompts.empty} empty prompts (no token) left out of the rollout and "
                     "evaluation prompts: every prompt is cut to the shortest one's length")
