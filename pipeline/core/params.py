@@ -178,6 +178,40 @@ class SplitParams(_Section):
 
 
 @dataclass(frozen=True)
+class ContaminationParams(_Section):
+    """``contamination``: how much of val and test (and the evaluate stage's task items)
+    the train split already holds, and what the split does with a near twin."""
+
+    # Overlap is counted in n-grams of this many words; a character of a script written
+    # without spaces (Chinese, Japanese, Thai ...) is a word. 13 is GPT-3's choice: long
+    # enough that a shared n-gram is a shared passage, not a common phrase.
+    ngram: int = 13
+    # The fraction of n-grams counted, picked by hash (the same ones in every split):
+    # train's n-grams take 8 bytes each (about 8 bytes per word of train text at 1.0, the
+    # exact count); 0.1 takes a tenth for a share with a wider interval.
+    ngram_sample: float = 1.0
+    # A val/test document whose MinHash Jaccard with a train document reaches this is a
+    # near twin (in (0, 1); the same machinery as clean.near_dup_threshold).
+    near_dup_threshold: float = 0.8
+    # More permutations estimate the Jaccard more closely and cost more time.
+    near_dup_num_perm: int = 128
+    # MinHash shingles are word n-grams of this length (as clean.near_dup_ngram).
+    near_dup_ngram: int = 5
+    # What the split stage does with a val/test document that has a near twin in train:
+    # keep (report only; the default, outputs unchanged), train (move it to train, so
+    # twins stay together) or drop (leave it out of every split).
+    near_twins: Literal["keep", "train", "drop"] = "keep"
+
+    def validate(self) -> None:
+        self.require_positive("ngram", "near_dup_num_perm", "near_dup_ngram")
+        if not 0.0 < self.ngram_sample <= 1.0:
+            raise self.fail("ngram_sample", self.ngram_sample, "a fraction in (0, 1]")
+        if not 0.0 < self.near_dup_threshold < 1.0:
+            raise self.fail("near_dup_threshold", self.near_dup_threshold,
+                            "a Jaccard threshold in (0, 1)")
+
+
+@dataclass(frozen=True)
 class VocabParams(_Section):
     """``vocab``: the tokenizer, learned from the train split only."""
 
@@ -230,7 +264,8 @@ class ModelParams(_Section):
     """``model``: the GPT's shape (the vocabulary size comes from the tokenizer).
 
     The one model schema: ``pipeline.lm.model.GPTConfig`` is these fields plus the
-    vocabulary size, with these defaults, and is saved beside every model's weights.
+    vocabulary size, with these defaults, and is saved beside every model's weights. A
+    new field needs a default that computes what models saved before it computed.
     """
 
     context: int = 128
@@ -240,13 +275,27 @@ class ModelParams(_Section):
     dropout: float = 0.0
     positions: Literal["rotary", "learned"] = "rotary"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    # swiglu: silu(gate) * up, 8/3 C wide; gelu: tanh GELU, 4 C wide; relu2: relu(x)^2,
+    # 4 C wide (Primer; nanochat, modded-nanogpt).
+    mlp: Literal["swiglu", "gelu", "relu2"] = "swiglu"
     bias: bool = False
     # The base of the rotary frequencies (RoPE's theta).
     rope_base: float = 10000.0
+    # RMS-normalize each head's queries and keys (with a learned gain per head dimension)
+    # before the rotary positions, as Qwen3 does: attention logits stay bounded.
+    qk_norm: bool = False
+    # The output head reuses the token embedding (false: a matrix of its own).
+    tie_embeddings: bool = True
+    # > 0: logits = cap * tanh(logits / cap) (Gemma 2, nanochat: 15); 0: no cap.
+    logit_softcap: float = 0.0
+    # Value embeddings (ResFormer, as nanochat has them): in every other layer, the last
+    # included, a token embedding of its own is added to the attention values through a
+    # learned gate per head. No Transformers architecture computes them.
+    value_embeddings: bool = False
 
     def validate(self) -> None:
         self.require_positive("context", "n_layer", "n_head", "n_embd", "rope_base")
+        self.require_non_negative("logit_softcap")
         if self.n_embd % self.n_head:
             raise self.fail("n_embd", self.n_embd, f"a multiple of model.n_head ({self.n_head})")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
@@ -255,6 +304,8 @@ class ModelParams(_Section):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise self.fail("dropout", self.dropout, "a probability in [0, 1)")
+        if not math.isfinite(self.logit_softcap):
+            raise self.fail("logit_softcap", self.logit_softcap, "0 (off) or a number > 0")
 
 
 @dataclass(frozen=True)
@@ -287,13 +338,28 @@ class TrainParams(_Section):
     # The budget: a number of optimizer steps, or (when > 0) a number of training tokens.
     steps: int = 900
     tokens: int = 0
+    # adamw: AdamW for every parameter. muon: Muon (momentum orthogonalized by
+    # Newton-Schulz iterations) for the blocks' 2-D weight matrices, AdamW for the rest
+    # (embeddings, output head, norms, biases, gates) with lr, betas and weight_decay.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
+    # After warmup: cosine (down to min_lr at the end) or wsd (warmup-stable-decay: lr
+    # held, then a straight line down to min_lr over the last decay_fraction of steps).
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # Muon's peak learning rate (it follows the schedule in proportion to lr), momentum
+    # (Nesterov), decoupled weight decay and Newton-Schulz iterations; read with
+    # optimizer: muon only.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5
     # Val loss on eval_windows fixed windows every eval_every steps (and at the end).
     eval_every: int = 200
     eval_windows: int = 64
@@ -315,11 +381,26 @@ class TrainParams(_Section):
             raise self.fail("peer_timeout", self.peer_timeout, "a number of seconds >= 5")
         if self.min_lr > self.lr:
             raise self.fail("min_lr", self.min_lr, f"at most train.lr ({self.lr})")
-        for key in ("beta1", "beta2"):
+        for key in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise self.fail(key, getattr(self, key), "a number in [0, 1)")
+        self._validate_muon()
+        self._validate_schedule()
         _check_device(self, self.device)
         _check_path(self, "init_from", self.init_from)
+
+    def _validate_muon(self) -> None:
+        self.require_positive("muon_lr")
+        self.require_non_negative("muon_weight_decay")
+        if not 1 <= self.muon_ns_steps <= 99:
+            raise self.fail("muon_ns_steps", self.muon_ns_steps,
+                            "an integer in [1, 99] (Newton-Schulz iterations per step)")
+
+    def _validate_schedule(self) -> None:
+        # Whether wsd's phases fit the budget depends on its step count, which a budget in
+        # tokens gets from the model's context: the trainer checks it, before training.
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise self.fail("decay_fraction", self.decay_fraction, "a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -716,6 +797,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     clean: CleanParams = field(default_factory=CleanParams)
     split: SplitParams = field(default_factory=SplitParams)
+    contamination: ContaminationParams = field(default_factory=ContaminationParams)
     vocab: VocabParams = field(default_factory=VocabParams)
     tokenize: TokenizeParams = field(default_factory=TokenizeParams)
     model: ModelParams = field(default_factory=ModelParams)
