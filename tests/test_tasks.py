@@ -30,7 +30,7 @@ from pipeline.lm.evaluation import BigramModel
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.tasks import (
     Item,
-    _accuracies,
+    _answers,
     _row,
     choice_loglikelihoods,
     next_sentence_items,
@@ -221,7 +221,10 @@ def test_accuracies_by_hand():
     # acc: item 1 picks b (wrong), item 2 x (wrong), item 3 ties: the first, p (wrong).
     # acc_norm (per byte): -2 vs -3 right; -2 vs -1.5 right; tie again wrong.
     # acc_pmi: 5 vs 0 right; 0 vs 3 right; 0 vs 1 right.
-    assert _accuracies(items, given, alone) == {"acc": 0.0, "acc_norm": 2 / 3, "acc_pmi": 1.0}
+    answers = _answers(items, given, alone)
+    assert {rule: right.tolist() for rule, right in answers.items()} == {
+        "acc": [False, False, False], "acc_norm": [True, True, False],
+        "acc_pmi": [True, True, True]}
 
 
 def _topic_documents(count: int, seed: int) -> list[str]:
