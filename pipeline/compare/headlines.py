@@ -87,7 +87,6 @@ HEADLINES: list[Headline] = [
     Headline("metrics/rlhf.json", "kl_best", None, "se",
              Items("evaluation/rlhf_prompts.parquet", "rlhf prompts", "prompt_sha256",
                    "best_kl", unit="prompts")),
-    Headline("metrics/rlhf.json", "val_bpb_after", False, "se"),
     *_evaluate_headlines("evaluate_rlhf", "_rlhf"),
 ]
 
