@@ -32,14 +32,20 @@ def text_hash(text: str) -> str:
 
 
 def write_item_scores(path: str | Path, kind: str,
-                      columns: Mapping[str, Sequence[Any] | np.ndarray]) -> None:
+                      columns: Mapping[str, Sequence[Any] | np.ndarray | pa.Array]) -> None:
     """Write ``columns`` (name -> equal-length values) as the Parquet table ``path``."""
-    table = pa.table({name: pa.array(np.asarray(values) if isinstance(values, np.ndarray)
-                                     else list(values)) for name, values in columns.items()})
+    table = pa.table({name: _column(values) for name, values in columns.items()})
     table = table.replace_schema_metadata({"gptpipe.scores": kind,
                                            "gptpipe.version": FORMAT_VERSION})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", compression_level=3)
+
+
+def _column(values: Sequence[Any] | np.ndarray | pa.Array) -> pa.Array:
+    """An Arrow column of ``values`` (an Arrow array keeps its type, even empty)."""
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(values if isinstance(values, np.ndarray) else list(values))
 
 
 def read_item_scores(source: str | Path | IO[bytes], where: str, kind: str

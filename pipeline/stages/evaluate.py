@@ -35,17 +35,15 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline.core.device import pick_device
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_path, write_json
-from pipeline.core.item_scores import optional_paths, text_hash, write_item_scores
+from pipeline.core.item_scores import optional_paths, write_item_scores
 from pipeline.core.params import EvaluateParams, Params, SplitParams
 from pipeline.core.stage import say, stage_command
 from pipeline.core.stats import Z95, wilson_interval
-from pipeline.data.doctable import open_table, read_row_groups
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import require_tokenizer
 from pipeline.lm.evaluation import (
@@ -59,6 +57,7 @@ from pipeline.lm.evaluation import (
 )
 from pipeline.lm.folder import ModelFolder
 from pipeline.lm.sampling import SamplingConfig, sample_text
+from pipeline.lm.score_tables import MODEL_RULES, document_rows, task_rows
 from pipeline.lm.tasks import (
     Item,
     TaskScores,
@@ -68,10 +67,6 @@ from pipeline.lm.tasks import (
 )
 
 SCORED_SPLITS = ("val", "test")
-# The model's own rules of the multiple-choice tasks (the bigram's are its baseline).
-MODEL_RULES = ("acc", "acc_norm", "acc_pmi")
-DOCUMENT_COLUMNS = ("split", "document", "id", "text_sha256", "source", "tokens", "bytes",
-                    "nats", "correct")
 
 
 def _autocast(device: torch.device):
@@ -140,65 +135,6 @@ def score_tasks(model, tokenizer, settings: EvaluateParams, test_text: Path, tas
     return _rounded(metrics), answered
 
 
-def write_document_scores(path: Path, split_tables: Path,
-                          scored: dict[str, SplitScores]) -> None:
-    """One row per scored document of each split (the module docstring lists the
-    columns), named by its split table's row: id, source and a hash of its text."""
-    columns: dict[str, list] = {name: [] for name in DOCUMENT_COLUMNS}
-    for split, scores in scored.items():
-        table = read_row_groups(split_tables / split, range(_row_groups(split_tables / split)),
-                                ("id", "source", "text"))
-        if table.num_rows != scores.documents_in_stream:
-            raise GptpipeError(
-                f"{split_tables / split}: {table.num_rows} documents, but the {split} tokens "
-                f"hold {scores.documents_in_stream}; the tokens were made from another split "
-                "(run dvc repro to tokenize this one)")
-        units = scores.documents
-        rows = units.index.tolist()
-        ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
-        texts = table.column("text").to_pylist()
-        scale = float(scores.metrics["bytes"]) / max(float(units.weight.sum()), 1e-300)
-        columns["split"] += [split] * len(rows)
-        columns["document"] += rows
-        columns["id"] += [ids[row] for row in rows]
-        columns["text_sha256"] += [text_hash(texts[row]) for row in rows]
-        columns["source"] += [sources[row] for row in rows]
-        columns["tokens"] += units.tokens.tolist()
-        columns["bytes"] += (units.weight * scale).tolist()
-        columns["nats"] += units.nats.tolist()
-        columns["correct"] += units.correct.tolist()
-    write_item_scores(path, "documents", columns)
-
-
-def _row_groups(table_dir: Path) -> int:
-    return open_table(table_dir).metadata.num_row_groups
-
-
-def write_task_scores(path: Path, answered: dict[str, tuple[list[Item], TaskScores]]) -> None:
-    """One row per task item: the task, its position, a hash of the item (context,
-    choices and label), its label and number of choices, and per rule whether it
-    answered right. An empty table when no task is scored (evaluate.task: none)."""
-    columns: dict[str, list] = {name: [] for name in ("task", "item", "item_sha256",
-                                                      "label", "choices")}
-    rules = [*MODEL_RULES, *(f"bigram_{rule}" for rule in MODEL_RULES)]
-    columns.update({rule: [] for rule in rules})
-    for name, (items, result) in answered.items():
-        columns["task"] += [name] * len(items)
-        columns["item"] += list(range(len(items)))
-        columns["item_sha256"] += [text_hash(json.dumps(
-            [item.context, list(item.choices), item.label], ensure_ascii=False))
-            for item in items]
-        columns["label"] += [item.label for item in items]
-        columns["choices"] += [len(item.choices) for item in items]
-        for rule in rules:
-            columns[rule] += result.answers[rule].tolist()
-    empty_types = {"task": pa.string(), "item_sha256": pa.string()}
-    if not answered:  # typed empty columns, so that a reader finds the schema
-        columns = {name: pa.array([], type=empty_types.get(name, pa.int64()))
-                   for name in columns}
-    write_item_scores(path, "tasks", columns)
-
-
 def sample_rows(model, tokenizer, prompts: list[str], params: EvaluateParams) -> list[dict]:
     rows = []
     index = 0
@@ -245,9 +181,10 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
         prompts_from, settings.num_prompts, settings.prompt_words)
     rows = sample_rows(network, tokenizer, prompts, settings)
     if document_scores is not None:
-        write_document_scores(document_scores, splits or prompts_from.parent, scored)
+        write_item_scores(document_scores, "documents",
+                          document_rows(splits or prompts_from.parent, scored))
     if task_scores is not None:
-        write_task_scores(task_scores, answered)
+        write_item_scores(task_scores, "tasks", task_rows(answered))
     with atomic_path(samples) as tmp:
         tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_json(metrics, result)
