@@ -24,6 +24,13 @@ the median gold score, with the pretrained model's completion of it. ``--reuse N
 takes a corpus's figures from a finished run instead (for example ``en=.`` after ``dvc
 repro`` here: the same code and params give the same bits).
 
+It also reports, per corpus, what the contamination stage measures: the val and test
+documents with an exact or near twin in train, the share of test 13-grams found in train
+(with its 95% interval) and the evaluate task's next-sentence items whose context and answer
+share a 13-gram with train. ``--contamination`` runs only the stages that report needs
+(``dvc repro contamination``: ingest, clean, split; a minute or two per corpus) and prints
+only its table.
+
 ``--smallest`` checks that the script works: the tiny params (``tests/tiny_params.yaml``)
 for every run, the first 300 documents of each corpus, and a corpus whose package is not
 installed skipped with a line that says so (without it, that stops the script).
@@ -173,6 +180,44 @@ def collect(name: str, repo: Path, seconds: float | None) -> dict[str, Any]:
     }
 
 
+def contamination(name: str, repo: Path) -> dict[str, Any]:
+    """The contamination figures of one run (metrics/contamination.json)."""
+    return {"name": name, **_json(repo, "metrics/contamination.json")}
+
+
+def _interval(share: float, low: float, high: float) -> str:
+    return f"{100 * share:.3f}% [{100 * low:.3f}, {100 * high:.3f}]"
+
+
+def contamination_report(results: list[dict[str, Any]]) -> str:
+    """One row per corpus: what of val and test (and the next-sentence items) train holds."""
+    lines = ["| corpus | val, test documents | exact twins in train (val, test) | near twins "
+             "in train (val, test) | test 13-grams in train [95%] | test documents with a "
+             "train 13-gram [95%] | next-sentence items in train [95%] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        items = "(no items)"
+        if "next_sentence_items" in r:
+            items = (f"{r['next_sentence_items_in_train']} of "
+                     f"{r['next_sentence_items'] - r['next_sentence_items_too_short']}: " +
+                     _interval(r["next_sentence_items_in_train_share"],
+                               r["next_sentence_items_in_train_share_low"],
+                               r["next_sentence_items_in_train_share_high"]))
+        lines.append(
+            f"| {r['name']} | {r['val_documents']:,}, {r['test_documents']:,} | "
+            f"{r['val_exact_duplicates']}, {r['test_exact_duplicates']} | "
+            f"{r['val_near_duplicates']}, {r['test_near_duplicates']} | "
+            f"{r['test_ngrams_in_train']:,} of {r['test_ngrams']:,}: "
+            + _interval(r["test_ngram_share"], r["test_ngram_share_low"],
+                        r["test_ngram_share_high"]) + " | "
+            f"{r['test_documents_with_train_ngram']}: "
+            + _interval(r["test_documents_with_train_ngram_share"],
+                        r["test_documents_with_train_ngram_share_low"],
+                        r["test_documents_with_train_ngram_share_high"]) + " | "
+            f"{items} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
@@ -209,12 +254,15 @@ def report(results: list[dict[str, Any]]) -> str:
               help="Take a corpus's figures from a finished run in DIR.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="A params override for every run (smoke runs only: the proof uses none).")
+@click.option("--contamination", "contamination_only", is_flag=True,
+              help="Run only up to the contamination stage and report only its table.")
 @click.option("--smallest", is_flag=True,
               help="Tiny params, corpora of missing packages skipped: a check that the "
                    "script works, not a measurement.")
 @work_dir_and_out
-def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...], smallest: bool,
-         work_dir: Path | None, out: Path | None) -> None:
+def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...],
+         contamination_only: bool, smallest: bool, work_dir: Path | None,
+         out: Path | None) -> None:
     work = work_folder("gptpipe-corpora-", work_dir)
     reused = dict(item.split("=", 1) for item in reuse)
     extra = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in overrides)}
@@ -223,10 +271,12 @@ def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...], smallest
     unknown = [n for n in [*names, *reused] if n not in CORPORA]
     if unknown:
         raise click.ClickException(f"unknown corpus {unknown[0]}; allowed: {', '.join(CORPORA)}")
-    results, skipped = [], []
+    results, contaminated, skipped = [], [], []
     for name in names:
         if name in reused:
-            results.append(collect(name, Path(reused[name]).resolve(), None))
+            contaminated.append(contamination(name, Path(reused[name]).resolve()))
+            if not contamination_only:
+                results.append(collect(name, Path(reused[name]).resolve(), None))
             continue
         try:
             data = build(name, work, SMALLEST_DOCUMENTS if smallest else None)
@@ -240,11 +290,17 @@ def main(only: str, reuse: tuple[str, ...], overrides: tuple[str, ...], smallest
                             {**base, **{f"data.{k}": v for k, v in data.items()}, **extra})
         click.echo(f"[{name}] dvc repro in {repo}", err=True)
         started = time.perf_counter()
-        result = run(["dvc", "repro"], repo)
+        result = run(["dvc", "repro", *(["contamination"] if contamination_only else [])],
+                     repo)
         (work / f"{name}.log").write_text(result.stdout + result.stderr)
-        results.append(collect(name, repo, time.perf_counter() - started))
-        click.echo(report(results[-1:]), err=True)
-    publish("\n".join([report(results), *skipped]), out)
+        contaminated.append(contamination(name, repo))
+        if not contamination_only:
+            results.append(collect(name, repo, time.perf_counter() - started))
+            click.echo(report(results[-1:]), err=True)
+        click.echo(contamination_report(contaminated[-1:]), err=True)
+    tables = [] if contamination_only else [report(results)]
+    tables.append(contamination_report(contaminated))
+    publish("\n".join([*tables, *skipped]), out)
     click.echo(f"work directory: {work}", err=True)
 
 

@@ -11,7 +11,7 @@ In a fresh `git clone` of this repository (no .venv, no data, an empty DVC cache
 3. `dvc exp run -S <--change>` (default ``train.lr=0.0025``), a pretraining param only:
    which stages ran (pretrain and what depends on it, nothing before it) and how long
    each took; then `dvc params diff`, `dvc metrics diff` and `dvc exp show` against the
-   committed run are saved beside the report (the README's experiment excerpt).
+   committed run are saved beside the report (the experiment excerpt of docs/comparing.md).
 
 ``--smallest`` checks that the script works, in about a minute: the clone runs the tiny
 params (``tests/tiny_params.yaml``) on 240 builtin articles, with this environment's
@@ -101,7 +101,7 @@ def noop_seconds(repo: Path, runs: int, tools: Path) -> list[float]:
 
 
 def save_excerpts(repo: Path, path: Path, tools: Path) -> None:
-    """The experiment against the committed run, as the README quotes it."""
+    """The experiment against the committed run, as docs/comparing.md quotes it."""
     path.write_text("\n".join(capture(c, repo, tools) for c in (
         ["dvc", "params", "diff"], ["dvc", "metrics", "diff"],
         ["dvc", "exp", "show", "--md", "--drop", ".*", "--keep",

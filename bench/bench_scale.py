@@ -26,6 +26,10 @@ alone: anything beside it skews the times)::
 
     .venv/bin/python bench/bench_scale.py --size-mb 512 --size-mb 2048 \\
         --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
+    # the bounded data stages, 2 GB beside 8 GB: 70 GB of free disk (outputs and DVC's
+    # cache are about 5 GB per GB of text); the data stages take 10-15 minutes a GB on 2 cores
+    .venv/bin/python bench/bench_scale.py --size-mb 2048 --size-mb 8192 \\
+        --corpus-dir /var/tmp/gptpipe-corpus --out bench/results-scale.md
     .venv/bin/python bench/bench_scale.py --smallest
 """
 
@@ -105,6 +109,22 @@ def environment() -> list[str]:
     ]
 
 
+# The stages whose work grows with the corpus's text (the others' with the model's budget).
+DATA_STAGES = ("ingest", "clean", "split", "vocab", "tokenize")
+
+
+def data_seconds_per_gb(results: list[dict]) -> str:
+    """Each data stage's wall time per GiB of corpus text, on each corpus."""
+    rows = []
+    for stage in DATA_STAGES:
+        cells = [stage]
+        for r in results:
+            seconds = next((row["seconds"] for row in r["rows"] if row["stage"] == stage), None)
+            cells.append("" if seconds is None else f"{seconds / (r['text_bytes'] / 2**30):,.0f}")
+        rows.append(cells)
+    return md_table(["data stage", *(f"{r['name']} s/GB" for r in results)], rows)
+
+
 def report(results: list[dict], budget_line: str) -> str:
     lines = ["### A big corpus end to end (`bench/bench_scale.py`)", "", *environment(), "",
              f"{budget_line}; each stage run as `dvc repro --single-item <stage>`. RSS in MB "
@@ -126,6 +146,7 @@ def report(results: list[dict], budget_line: str) -> str:
                       f"{cell['tree_rss'] / MB:,.0f}"]
         table.append(cells)
     lines += [md_table(headers, table), ""]
+    lines += [data_seconds_per_gb(results), ""]
     stage, name, peak = max(((row["stage"], r["name"], max(row["max_rss"], row["tree_rss"]))
                              for r in results for row in r["rows"]), key=lambda item: item[2])
     lines.append(f"Highest peak of any stage: {peak / MB:,.0f} MB ({stage} on {name}); "

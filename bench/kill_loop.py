@@ -80,7 +80,7 @@ Options:
 
 Exit status: 0 when every row recovered, 1 otherwise. About 2.5 minutes per round on two
 CPU cores with the defaults. Its kill points depend on the machine's speed, so only the
-smallest mode runs in the test suite (tests/test_kill_loop.py), as a check that the
+smallest mode runs in the test suite (tests/test_bench.py), as a check that the
 script still works, not as a measurement.
 """
 
@@ -129,7 +129,7 @@ RANK_TIMEOUT = 20
 # Each resumable stage's params section, step budget and snapshot cadence.
 STEP_PARAMS = {"pretrain": ("train", "steps", "checkpoint_every"),
                "rlhf": ("rlhf", "steps", "eval_every")}
-# Outputs whose bytes differ from run to run (README, "Reproducibility"): timings.
+# Outputs whose bytes differ from run to run (docs/reproducibility.md): timings.
 VARYING = {
     "metrics/pretrain_speed.json",
     "dvclive/pretrain/metrics.json",
@@ -450,9 +450,10 @@ def recover_and_check(repo: Path, stage: str, outs: list[Out], logs: Path, row: 
     if not _lock_readable(repo):
         # DVC rewrites dvc.lock in place (open "w+", then dump): a kill between the two
         # leaves it empty or cut, and `dvc repro` then stops with "'./dvc.lock'
-        # validation failed". The README's remedy: remove it (or git checkout it); the
-        # re-run restores every stage from DVC's run cache.
-        row.notes.append("the kill cut DVC's own rewrite of dvc.lock; removed it (README)")
+        # validation failed". The remedy (docs/reproducibility.md): remove it (or git
+        # checkout it); the re-run restores every stage from DVC's run cache.
+        row.notes.append("the kill cut DVC's own rewrite of dvc.lock; removed it "
+                         "(docs/reproducibility.md)")
         (repo / "dvc.lock").unlink()
     started = time.monotonic()
     result = _run(["dvc", "repro", *filter(None, [target])], repo)

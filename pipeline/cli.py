@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "pipeline.stages.ingest",
     "clean": "pipeline.stages.clean",
     "split": "pipeline.stages.split",
+    "contamination": "pipeline.stages.contamination",
     "vocab": "pipeline.stages.vocab",
     "tokenize": "pipeline.stages.tokenize",
     "pretrain": "pipeline.stages.pretrain",

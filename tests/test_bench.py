@@ -19,7 +19,7 @@ BENCH = REPO_ROOT / "bench"
 TINY = yaml.safe_load((REPO_ROOT / "tests" / "tiny_params.yaml").read_text(encoding="utf-8"))
 # Each script and the test that runs its smallest mode (test_<script>_smallest).
 SCRIPTS = ("bench_adapt", "bench_corpora", "bench_cpu_bf16", "bench_data", "bench_generate",
-           "bench_gpu", "bench_repro", "bench_rlhf", "bench_scale", "bench_tasks",
+           "bench_gpu", "bench_recipe", "bench_repro", "bench_rlhf", "bench_scale", "bench_tasks",
            "bench_train", "bench_vs_nanogpt", "kill_loop")
 
 
@@ -145,6 +145,35 @@ def tiny_project(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="module")
+def tokenized_project(tmp_path_factory) -> Path:
+    """A project of the tiny params through ``dvc repro tokenize``: its token data."""
+    repo = make_dvc_repo(tmp_path_factory.mktemp("bench") / "tokenized", TINY)
+    (repo / "corpus").mkdir()
+    for index, text in enumerate(synthetic_documents(240)):
+        (repo / "corpus" / f"doc{index:04d}.txt").write_text(text + "\n", encoding="utf-8")
+    run_cmd(["dvc", "repro", "tokenize"], repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_bench_recipe_smallest(tokenized_project, tmp_path):
+    """Two configurations: a speed each, one seed's val bits per byte each; the finished
+    runs are recorded, and a second call finds them there instead of training again."""
+    out, results = tmp_path / "recipe.md", tmp_path / "recipe.jsonl"
+    args = ("--smallest", "--repo", tokenized_project, "--results", results,
+            "--work-dir", tmp_path, "--out", out)
+    bench("bench_recipe", *args)
+    table = rows(out.read_text())
+    for name in ("baseline", "muon-wsd-qk"):
+        assert table[name][0] == "6" and table[name][3] == "1"  # steps, seeds
+    kinds = [line for line in results.read_text().splitlines() if '"kind": "train"' in line]
+    assert len(kinds) == 2
+    again = bench("bench_recipe", *args)
+    assert rows(again) == table
+    assert results.read_text().count('"kind": "train"') == 2
+
+
 @pytest.mark.slow
 def test_bench_tasks_smallest(tiny_project, tmp_path):
     out = tmp_path / "tasks.md"
@@ -264,8 +293,18 @@ def test_bench_repro_smallest(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # a whole pipeline, several minutes on a busy machine
+@pytest.mark.timeout(900)
 def test_kill_loop_smallest(tmp_path):
+    """It must still recover a killed pretraining, a NaN injected mid-run and a rank
+    killed in a two-process run."""
     out = tmp_path / "kill.md"
-    bench("kill_loop", "--stages", "ingest", "--work-dir", tmp_path, "--out", out)
-    assert rows(out.read_text())["ingest"][2] == "yes"  # recovered
+    bench("kill_loop", "--smallest", "--seed", "3", "--work-dir", tmp_path, "--out", out,
+          timeout=880)
+    table = rows(out.read_text())
+    names = ["pretrain", "pretrain, NaN injected", "pretrain, 2 processes, rank 1 killed"]
+    assert [name for name in table if name.startswith("pretrain")] == names
+    for name in names:
+        assert table[name][2] == "yes", (name, table[name])  # recovered
+        assert table[name][3].startswith("yes, "), (name, table[name])  # resumed
+    assert "NaN gradient at step" in table[names[1]][0]
+    assert "rank 1 killed after the snapshot of step" in table[names[2]][0]

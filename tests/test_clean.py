@@ -219,3 +219,10 @@ def test_clean_keeps_the_joiners_of_persian_words_and_emoji(tmp_path: Path) -> N
     assert [row["text"] for row in read_rows(tmp_path / "clean")] == [
         persian, emoji, "The Roman Republic (509\u201327 BC) came before the Empire."]
     assert metrics["chars_removed"] == 2
+
+
+def test_dedup_memory_must_be_positive(tmp_path: Path) -> None:
+    raw = write_raw(tmp_path / "raw", ["a document long enough"])
+    code, output = invoke(tmp_path, write_params(tmp_path / "p.yaml", dedup_memory_mb=0), raw)
+    assert code == 2
+    assert "p.yaml: clean.dedup_memory_mb = 0; allowed: a number > 0" in output

@@ -1,4 +1,5 @@
-"""The README's "Comparing runs" walk-through, done for real in a throwaway git + DVC repo.
+"""The "Comparing runs" walk-through of docs/comparing.md, done for real in a throwaway
+git + DVC repo.
 
 Run the pipeline and commit it; try another learning rate with `dvc exp run -S`; see it
 in `dvc exp show`; apply and commit it; then compare the two commits with `dvc metrics

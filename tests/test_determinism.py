@@ -1,7 +1,7 @@
 """Two `dvc repro` runs from scratch, in two repositories, give the same outputs bit for bit.
 
 Only the files listed in NOT_BIT_IDENTICAL may differ: they hold wall times and tokens/s,
-and no stage reads them. README.md ("Reproducibility") lists the same files.
+and no stage reads them. docs/reproducibility.md lists the same files.
 """
 
 from __future__ import annotations

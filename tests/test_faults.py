@@ -256,7 +256,8 @@ def test_a_kill_of_a_forced_rerun_is_restored_from_the_run_cache(data_repo, tmp_
 def test_a_dvc_lock_cut_by_a_kill_is_recovered_from_the_run_cache(data_repo, tmp_path):
     """DVC rewrites dvc.lock in place: a kill between its truncate and its write leaves it
     empty (seen once in bench/kill_loop.py). `dvc repro` then refuses to start; the
-    README's remedy, removing the file, restores every stage from the run cache."""
+    remedy of docs/reproducibility.md, removing the file, restores every stage from the
+    run cache."""
     repo = _clone(data_repo, tmp_path / "cut")
     before = _lock_outs(repo, DATA_STAGES)
     (repo / "dvc.lock").write_text("")

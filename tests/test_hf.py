@@ -45,11 +45,17 @@ transformers.utils.logging.disable_progress_bar()
 
 LLAMA = {"positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu"}
 GPT2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}
+RELU2 = LLAMA | {"mlp": "relu2"}
 FAMILIES = {
     "llama": (LLAMA | {"bias": False}, "LlamaForCausalLM"),
     "llama-bias": (LLAMA | {"bias": True, "rope_base": 500.0}, "LlamaForCausalLM"),
+    "llama-untied": (LLAMA | {"tie_embeddings": False}, "LlamaForCausalLM"),
+    "qwen3": (LLAMA | {"qk_norm": True, "tie_embeddings": False}, "Qwen3ForCausalLM"),
+    "arcee": (RELU2 | {"bias": True}, "ArceeForCausalLM"),
+    "apertus": (RELU2 | {"qk_norm": True, "tie_embeddings": False}, "ApertusForCausalLM"),
     "gpt2": (GPT2 | {"bias": True}, "GPT2LMHeadModel"),
     "gpt2-no-bias": (GPT2 | {"bias": False}, "GPT2LMHeadModel"),
+    "gpt2-untied": (GPT2 | {"bias": True, "tie_embeddings": False}, "GPT2LMHeadModel"),
 }
 MIXED_TEXT = [
     "The river Thames flows through London. It is 346 km long!",
@@ -106,7 +112,7 @@ def exported(request, tokenizer, tmp_path_factory) -> tuple[str, Path, Path]:
 def test_the_export_is_a_transformers_folder_that_loads_with_auto_classes(exported):
     family, _, hf_dir = exported
     assert sorted(p.name for p in hf_dir.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     assert type(model).__name__ == FAMILIES[family][1]
@@ -290,11 +296,17 @@ def _gptpipe_export(model_dir: Path, out: Path, cwd: Path) -> subprocess.Complet
                           cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def _mixed(tokenizer, root: Path) -> Path:
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context=8, n_layer=1, n_head=2,
-                          n_embd=16, positions="rotary", norm="layernorm", mlp="gelu"))
-    save_model(root / "mixed", model, model.config, {}, tokenizer.path)
-    return root / "mixed"
+def _with(**options):
+    """A maker of a tiny model folder with ``options``."""
+    def make(tokenizer, root: Path) -> Path:
+        model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context=8, n_layer=1,
+                              n_head=2, n_embd=16, **options))
+        save_model(root / "model", model, model.config, {}, tokenizer.path)
+        return root / "model"
+    return make
+
+
+_mixed = _with(positions="rotary", norm="layernorm", mlp="gelu")
 
 
 def _reward(tokenizer, root: Path) -> Path:
@@ -315,7 +327,17 @@ def _not_a_model(tokenizer, root: Path) -> Path:
     (_mixed, "model.positions/norm/mlp = rotary/layernorm/gelu: no Transformers architecture "
              "computes this mix; allowed: positions rotary + norm rmsnorm + mlp swiglu"),
     (_reward, "a model of kind 'reward'; allowed: a language model folder"),
-], ids=["not a model", "unsupported mix", "reward model"])
+    (_with(value_embeddings=True), "model.value_embeddings = true: no Transformers "
+                                   "architecture computes value embeddings; allowed: false"),
+    (_with(logit_softcap=15.0), "model.logit_softcap = 15.0: the Transformers architectures "
+                                "that cap logits (Gemma 2, NanoChat) compute other networks"),
+    (_with(qk_norm=True, bias=True), "model.bias = true: Qwen3ForCausalLM (this mix's "
+                                     "architecture) has no MLP biases; allowed: false"),
+    (_with(positions="learned", norm="layernorm", mlp="gelu", qk_norm=True),
+     "model.positions/norm/mlp = learned/layernorm/gelu with qk_norm: no Transformers "
+     "architecture computes this mix"),
+], ids=["not a model", "unsupported mix", "reward model", "value embeddings", "softcap",
+        "qk-norm bias", "gpt2 qk-norm"])
 def test_export_refuses_in_one_line_and_writes_nothing(tokenizer, tmp_path, make, needle):
     model_dir = make(tokenizer, tmp_path)
     result = _gptpipe_export(model_dir, tmp_path / "out", tmp_path)
@@ -339,7 +361,10 @@ def _edit_config(folder: Path, **changes) -> None:
     (lambda d: _edit_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0}),
      "rope_type = 'llama3'; allowed: 'default'"),
     (lambda d: _edit_config(d, rms_norm_eps=1e-5), "rms_norm_eps = 1e-05; allowed: 1e-06"),
-    (lambda d: _edit_config(d, tie_word_embeddings=False), "tie_word_embeddings = False"),
+    (lambda d: _edit_config(d, tie_word_embeddings=False),
+     "weights do not match config.json (missing lm_head.weight)"),
+    (lambda d: _edit_config(d, model_type="apertus", architectures=["ApertusForCausalLM"]),
+     "hidden_act = 'silu'; allowed: 'relu2'"),
     (lambda d: _edit_config(d, num_hidden_layers=3),
      "hf/model.safetensors: weights do not match config.json (missing "
      "model.layers.2.input_layernorm.weight)"),
@@ -347,7 +372,7 @@ def _edit_config(folder: Path, **changes) -> None:
      "model.embed_tokens.weight is [400, 32], the config makes it [400, 64]"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
     (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
-], ids=["architecture", "grouped kv", "rope scaling", "eps", "untied", "layers",
+], ids=["architecture", "grouped kv", "rope scaling", "eps", "untied", "apertus act", "layers",
         "width", "no tokenizer", "no weights"])
 def test_a_transformers_folder_gptpipe_cannot_compute_is_refused_in_one_line(
         tokenizer, tmp_path, change, needle):

@@ -947,7 +947,7 @@ def _node_checkout(token_data: Path, root: Path, train: dict | None = None) -> P
 
 
 def _launch_nodes(nodes: list[Path], run_id: str) -> list[subprocess.Popen]:
-    """The README's multi-machine command on each node: torchrun --nnodes=2, a c10d
+    """The multi-machine command of docs/pretraining.md on each node: torchrun --nnodes=2, a c10d
     rendezvous on localhost, one CPU (gloo) process per node, each in its own checkout."""
     endpoint = f"localhost:{_free_port()}"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",

@@ -74,3 +74,57 @@ def test_no_decay_resumes_any_budget_but_not_a_step_evaluated_as_the_last():
     # A shorter budget than the steps done cannot be resumed, and no other change can.
     assert _allow(10, min_lr=1.0)({"train.steps": (10, 14)}, _info(12))[0] is False
     assert flat({**STEPS_CHANGED, "train.lr": (1.0, 2.0)}, _info(4)) == (False, "")
+
+
+# --- warmup-stable-decay ------------------------------------------------------------------
+
+# lr = 1.0, min_lr = 0.1, warmup 4, 14 steps, decay_fraction 0.5: round(7) = 7 decay steps,
+# 7..13; steps 4..6 hold the peak; the line goes from 1.0 at step 7 to 0.1 at step 14.
+WSD = dict(lr=1.0, min_lr=0.1, warmup_steps=4, total_steps=14, shape="wsd",
+           decay_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.25),  # the same warmup as the cosine
+        (3, 1.0),  # the warmup's last step reaches the peak
+        (4, 1.0),  # the stable phase starts ...
+        (6, 1.0),  # ... and holds to the decay
+        (7, 1.0),  # the decay's first step: 0.1 + 0.9 x 7 / 7
+        (8, 0.1 + 0.9 * 6 / 7),
+        (13, 0.1 + 0.9 / 7),  # the last step: one seventh of the way above the floor
+        (14, 0.1),  # the floor, after the last step
+        (99, 0.1),
+    ],
+)
+def test_wsd_at_its_phase_boundaries(step, expected):
+    assert lr_at(step, **WSD) == pytest.approx(expected, rel=1e-12)
+
+
+def test_wsd_rounds_its_decay_and_a_zero_fraction_never_decays():
+    from pipeline.lm.schedule import decay_steps
+
+    assert decay_steps(900, 0.4) == 360 and decay_steps(5, 0.5) == 2  # 2.5 to even
+    assert lr_at(13, **{**WSD, "decay_fraction": 0.0}) == 1.0
+
+
+def test_wsd_phases_that_do_not_fit_the_budget_are_named():
+    from pipeline.lm.schedule import phases_problem
+
+    assert phases_problem(warmup_steps=7, total_steps=14, shape="wsd", decay_fraction=0.5) \
+        is None
+    assert phases_problem(warmup_steps=8, total_steps=14, shape="wsd", decay_fraction=0.5) == (
+        "train.warmup_steps (8) + the wsd decay (7 steps: train.decay_fraction 0.5 of 14) "
+        "exceed the budget of 14 steps")
+    assert phases_problem(warmup_steps=50, total_steps=14, shape="cosine",
+                          decay_fraction=0.5) is None
+
+
+def test_a_longer_wsd_budget_resumes_exactly_before_either_decay_starts():
+    # 14 steps decay from step 7 (still at the peak), 30 from step 15: steps 0..7 have
+    # the same rates, step 8 does not.
+    allow = _allow(30, schedule="wsd", decay_fraction=0.5)
+    assert allow(STEPS_CHANGED, _info(8))[0] is True
+    allowed, why = allow(STEPS_CHANGED, _info(9))
+    assert not allowed and "(the wsd decay moves with the budget)" in why

@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import BIN, run_cmd, synthetic_documents
+from conftest import BIN, REPO_ROOT, run_cmd, synthetic_documents
 
 from pipeline.cli import cli
 from pipeline.core.errors import GptpipeError
 from pipeline.core.params import Params, VocabParams, parse_params
+from pipeline.data.corpus import read_builtin
 from pipeline.data.doctable import DocumentWriter
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import (
+    TrainingSample,
+    load_tokenizer,
+    sample_fraction,
+    train_tokenizer,
+)
 from pipeline.stages.vocab import run
 
 
@@ -185,3 +191,71 @@ def test_bad_params_value_names_the_key(tmp_path: Path) -> None:
     result = invoke(tmp_path, split, write_params(tmp_path, kind="sentencepiece"))
     assert result.exit_code == 2
     assert "vocab.kind = 'sentencepiece'" in result.output
+
+
+# ------------------------------------------------------- a sample of a large train split
+
+
+def test_a_train_split_that_fits_is_taken_whole_batch_for_batch() -> None:
+    sample = TrainingSample(total_bytes=100, max_bytes=100)
+    batch = ["a", "bb"]
+    assert sample.whole and sample.take(batch) is batch
+
+
+def test_the_sample_is_the_texts_under_the_rate_while_the_budget_lasts() -> None:
+    texts = [f"text number {i}" for i in range(400)]  # 13 to 15 bytes each
+    total = sum(len(t.encode()) for t in texts)
+    sample = TrainingSample(total_bytes=total, max_bytes=total // 4)
+    assert sample.rate == (total // 4) / total
+    kept = sample.take(texts[:150]) + sample.take(texts[150:])
+    under = [t for t in texts if sample_fraction(t.encode()) < sample.rate]
+    # The hash's picks, in order, less the few the budget had no room left for.
+    assert [t for t in under if t in kept] == kept and len(under) - len(kept) <= 5
+    assert sample.taken_bytes == sum(len(t.encode()) for t in kept) <= total // 4
+    assert sample.taken_bytes > total // 5  # about the budget: the hash is uniform
+    again = TrainingSample(total_bytes=total, max_bytes=total // 4)
+    assert [t for i in range(0, 400, 7) for t in again.take(texts[i:i + 7])] == kept
+
+
+def test_sample_fraction_is_a_uniform_position_of_the_hash() -> None:
+    fractions = [sample_fraction(str(i).encode()) for i in range(4000)]
+    assert all(0.0 <= f < 1.0 for f in fractions)
+    assert 0.45 < sum(f < 0.5 for f in fractions) / 4000 < 0.55
+    assert sample_fraction(b"same") == sample_fraction(b"same") != sample_fraction(b"Same")
+
+
+def test_vocab_learns_from_a_sample_of_at_most_max_train_mb(tmp_path: Path, capsys) -> None:
+    train = [f"Document {i}: " + " ".join(f"w{i * 7 + k}" for k in range(48)) for i in range(8000)]
+    total = sum(len(t.encode()) for t in train)
+    assert 2 * 2**20 < total < 3 * 2**20
+    split = write_splits(tmp_path, {"train": train, "val": train[:20], "test": ["x"]})
+    made = {}
+    for max_mb in (1, 1, 3):
+        out = tmp_path / f"{max_mb}.json"
+        run(Params(vocab=params(kind="word", min_freq=1, max_size=10**6, max_train_mb=max_mb)),
+            input=split, out=out, metrics=tmp_path / "m.json")
+        made.setdefault(max_mb, []).append(out.read_bytes())
+    said = capsys.readouterr().out
+    assert f"sample of at most vocab.max_train_mb = 1 MiB ({2**20 / total:.1%})" in said
+    assert made[1][0] == made[1][1]  # the same sample every run
+    sample = TrainingSample(total, 2**20)
+    sampled = sample.take(train)
+    assert 0.9 * 2**20 < sample.taken_bytes <= 2**20
+    expected = train_tokenizer(params(kind="word", min_freq=1, max_size=10**6), [sampled])
+    assert made[1][0] == expected.json_bytes
+    whole = train_tokenizer(params(kind="word", min_freq=1, max_size=10**6), train)
+    assert made[3][0] == whole.json_bytes != made[1][0]
+
+
+@pytest.mark.parametrize("corpus", ["wikipedia-en", "wikipedia-fr", "wikipedia-es"])
+def test_every_builtin_corpus_is_learned_from_whole_by_default(corpus: str) -> None:
+    texts = (doc.text for doc in read_builtin(REPO_ROOT / "data" / "builtin" / f"{corpus}.corpus"))
+    size = sum(len(text.encode()) for text in texts)
+    assert TrainingSample(size, VocabParams().max_train_mb * 2**20).whole
+
+
+def test_max_train_mb_must_be_positive(tmp_path: Path) -> None:
+    split = default_splits(tmp_path)
+    result = invoke(tmp_path, split, write_params(tmp_path, kind="bpe", max_train_mb=0))
+    assert result.exit_code == 2
+    assert "vocab.max_train_mb = 0; allowed: a number > 0" in result.output

@@ -7,6 +7,7 @@ and the reference's next-token distributions both at the sampling temperature
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -16,7 +17,13 @@ import torch
 
 from pipeline.alignment.policy import completion_logits
 from pipeline.alignment.rl_losses import entropy_from_logits, masked_mean, tempered_logits
-from pipeline.alignment.rollout import GoldScorer, Scorer, sampling_temperature, split_ids
+from pipeline.alignment.rollout import (
+    GoldScorer,
+    Scorer,
+    sampling_temperature,
+    score_with_components,
+    split_ids,
+)
 from pipeline.data.shards import TokenStream, windows
 from pipeline.data.tokenizer import EOS_ID
 from pipeline.lm.model import GPT
@@ -57,20 +64,54 @@ class PolicyEval:
     kl: float  # mean KL to the reference, nats per sequence (exact per position)
     entropy: float  # mean per-token entropy
     completions: list[list[int]] = field(repr=False)  # ids, cut before <eos>
+    # name -> each completion's score by that reward of a weighted list (else empty)
+    components: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def stats(self) -> dict[str, float]:
+        """The means, each component's as ``rewards/<name>`` (not ``reward/<name>``: the
+        tuner logs these under ``eval/``, where ``eval/reward`` is the sum's own plot)."""
         return {"reward": self.reward, "rm_score": self.rm_score,
-                "gold_score": self.gold_score, "kl": self.kl, "entropy": self.entropy}
+                "gold_score": self.gold_score, "kl": self.kl, "entropy": self.entropy,
+                **{f"rewards/{name}": float(np.mean(values))
+                   for name, values in self.components.items()}}
 
     def to_json(self) -> dict[str, Any]:
-        """A snapshot's copy (JSON keeps a float's every bit: it writes repr)."""
-        return asdict(self)
+        """A snapshot's copy (JSON keeps a float's every bit: it writes repr); a single
+        reward's has no components key, as before weighted lists existed."""
+        raw = asdict(self)
+        if not self.components:
+            del raw["components"]
+        return raw
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PolicyEval:
+        components = {str(name): [float(v) for v in values]
+                      for name, values in raw.get("components", {}).items()}
         return cls(float(raw["reward"]), float(raw["rm_score"]), float(raw["gold_score"]),
                    float(raw["kl"]), float(raw["entropy"]),
-                   [[int(t) for t in ids] for ids in raw["completions"]])
+                   [[int(t) for t in ids] for ids in raw["completions"]], components)
+
+
+def component_metrics(start: PolicyEval, best: PolicyEval) -> dict[str, float | None]:
+    """Each reward of a weighted list, for metrics/rlhf.json: its mean over the
+    evaluation prompts for the starting policy (``reward_<name>_before``) and the best
+    one (``reward_<name>_after``), each with its standard error (``..._se``; None for
+    fewer than two prompts). Empty for a single reward."""
+    metrics: dict[str, float | None] = {}
+    for name in best.components:
+        for when, evaluation in (("before", start), ("after", best)):
+            mean, error = mean_and_se(evaluation.components[name])
+            metrics[f"reward_{name}_{when}"] = round(mean, 6)
+            metrics[f"reward_{name}_{when}_se"] = None if error is None else round(error, 6)
+    return metrics
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """The mean of independent ``values`` and its standard error (sample standard
+    deviation over sqrt(n); None for fewer than two values, which show no spread)."""
+    array = np.asarray(values, dtype=np.float64)
+    error = float(np.std(array, ddof=1) / math.sqrt(len(array))) if len(array) > 1 else None
+    return float(np.mean(array)), error
 
 
 @dataclass
@@ -83,13 +124,15 @@ class PromptScores:
     kl: np.ndarray  # (E,) KL to the reference, nats per sequence (exact per position)
     entropy: float  # mean per-token entropy over every sampled token
     completions: list[list[int]] = field(repr=False)  # ids, cut before <eos>
+    # name -> each completion's score by that reward of a weighted list (else empty)
+    components: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def summary(self) -> PolicyEval:
         """The means :class:`PolicyEval` keeps."""
         return PolicyEval(
             reward=float(np.mean(self.reward)), rm_score=float(np.mean(self.rm_score)),
             gold_score=float(np.mean(self.gold_score)), kl=float(np.mean(self.kl)),
-            entropy=self.entropy, completions=self.completions,
+            entropy=self.entropy, completions=self.completions, components=self.components,
         )
 
 
@@ -118,13 +161,15 @@ def score_prompts(
     (part of what fixes the draws: the generator serves a batch's rows together).
     Returns, per prompt, the score of ``scorer`` (what RL maximizes), of ``rm_scorer``
     (the reward model; None: the scorer is the reward model), the gold score and the KL
-    to ``reference`` (:func:`sequence_kl`); the mean entropy, and the completions.
+    to ``reference`` (:func:`sequence_kl`); the mean entropy, the completions and, for a
+    weighted list of rewards, each component's per-completion scores.
     """
     temperature = sampling_temperature(config)
     device = gpt.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(seed)
     rewards, rm_scores, gold_scores, kls, entropies, counts = [], [], [], [], [], []
     completions: list[list[int]] = []
+    components: dict[str, list[float]] = {}
     for first in range(0, prompts.shape[0], batch_size):
         chunk = prompts[first : first + batch_size].to(device)  # (b, T0)
         new_tokens, mask = sample_batch(gpt, chunk, config, generator)  # (b, N)
@@ -138,8 +183,11 @@ def score_prompts(
         kls += sequence_kl(logits, ref_logits, mask).tolist()
         del logits, ref_logits
         prompt_ids, completion_ids = split_ids(chunk, new_tokens, mask)
-        scores = torch.as_tensor(scorer(prompt_ids, completion_ids)).float().tolist()
+        total, parts = score_with_components(scorer, prompt_ids, completion_ids)
+        scores = total.float().tolist()
         rewards += scores
+        for name, values in parts.items():
+            components.setdefault(name, []).extend(values.float().tolist())
         rm_scores += scores if rm_scorer is None else torch.as_tensor(
             rm_scorer(prompt_ids, completion_ids)).float().tolist()
         gold_scores += [float(gold(p, c)) for p, c in zip(prompt_ids, completion_ids,
@@ -149,6 +197,7 @@ def score_prompts(
         reward=np.array(rewards, np.float64), rm_score=np.array(rm_scores, np.float64),
         gold_score=np.array(gold_scores, np.float64), kl=np.array(kls, np.float64),
         entropy=sum(entropies) / max(sum(counts), 1.0), completions=completions,
+        components=components,
     )
 
 

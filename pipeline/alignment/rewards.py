@@ -29,8 +29,12 @@ A scorer takes a batch of (prompt ids without ``<bos>``, completion ids cut befo
   per completion); anything else, or an exception, stops the run with one line.
 
 Every text reward is a :data:`BatchReward` inside (a one-sample function is wrapped by
-:func:`per_sample`), and :func:`checked_values` checks what one returns: a weighted list
-of rewards, each logged apart, is a sum over such functions.
+:func:`per_sample`), and :func:`checked_values` checks what one returns.
+
+``rlhf.reward`` may also be a weighted list of these (``[{reward: model, weight: 1},
+{reward: gold, weight: 0}]``): a :class:`WeightedReward`, whose score is the weighted sum
+(:func:`weighted_sum`; a weight of 0 adds nothing) and which gives each component's
+score too, for the logs (``pipeline.alignment.rollout.score_with_components``).
 
 Whatever RL maximizes, evaluation reports the gold score and the reward model's score
 beside it (``pipeline.alignment.policy_eval``), so over-optimization stays visible.
@@ -43,7 +47,8 @@ import inspect
 import math
 import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,7 @@ from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.preference_data import visible_text
 from pipeline.alignment.rl_losses import sequence_logprobs
 from pipeline.core.errors import GptpipeError
+from pipeline.core.params import RewardTerm
 from pipeline.data.tokenizer import BOS_ID, PAD_ID, TextTokenizer
 from pipeline.lm.model import GPT
 
@@ -174,6 +180,24 @@ def load_function(module_file: str, function: str, name: str) -> TextReward:
     """The function ``function`` of the Python file ``module_file`` (run once, as an
     import), one-sample or batched (:func:`is_batched`); every failure is one line naming
     the reward ``name``."""
+    return _find_function(_import_file(module_file, name), module_file, function, name)
+
+
+def load_functions(rewards: Mapping[str, tuple[str, str]]) -> dict[str, TextReward]:
+    """Each ``python:`` reward's function, by its reward string, from ``rewards`` (reward
+    string -> (module file, function name)): each file imported once, however many of
+    its functions a weighted list names."""
+    modules: dict[str, Any] = {}
+    functions = {}
+    for name, (module_file, function) in rewards.items():
+        if module_file not in modules:
+            modules[module_file] = _import_file(module_file, name)
+        functions[name] = _find_function(modules[module_file], module_file, function, name)
+    return functions
+
+
+def _import_file(module_file: str, name: str) -> Any:
+    """The module the Python file ``module_file`` makes (run once, as an import)."""
     path = Path(module_file)
     if not path.is_file():
         raise GptpipeError(f"rlhf.reward = {name}: {module_file} not found")
@@ -189,6 +213,11 @@ def load_function(module_file: str, function: str, name: str) -> TextReward:
         sys.modules.pop(module_name, None)
         raise GptpipeError(f"rlhf.reward = {name}: importing {module_file} raised "
                            f"{type(err).__name__} ({err})") from None
+    return module
+
+
+def _find_function(module: Any, module_file: str, function: str, name: str) -> TextReward:
+    """``module``'s reward function ``function``, checked to be callable as a reward."""
     found = getattr(module, function, None)
     forms = ("a function (prompt, completion) -> float or TRL's (prompts, completions, "
              "**kwargs) -> list[float]")
@@ -270,3 +299,66 @@ def make_scorer(reward: str, python_function: TextReward | None, *,
         raise ValueError(f"unknown reward {reward!r}")
     batch = python_function if is_batched(python_function) else per_sample(python_function)
     return text_scorer(batch, tokenizer, reward)
+
+
+def weighted_sum(values: Mapping[str, torch.Tensor],
+                 weights: Mapping[str, float]) -> torch.Tensor:
+    """(B,) float32: the sum over components of weight * (B,) values, added in float64 in
+    the order of ``weights``. A component of weight 0 is left out, so it adds nothing
+    (not even NaN, as 0 * infinity would)."""
+    total: torch.Tensor | None = None
+    for name, weight in weights.items():
+        column = values[name].detach().to("cpu", torch.float64)  # (B,)
+        if total is None:
+            total = torch.zeros_like(column)
+        if weight != 0:
+            total = total + weight * column
+    if total is None:
+        raise ValueError("a weighted sum of no component")
+    return total.float()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One reward of a weighted list: its name in the logs, its weight, its scorer."""
+
+    name: str
+    weight: float
+    scorer: Scorer
+
+
+class WeightedReward:
+    """A weighted list of rewards as one :data:`Scorer`: called, the (B,) weighted sum
+    RL maximizes; :meth:`score_components` also gives each component's (B,) scores, to
+    be logged (a component of weight 0 is scored and logged, never optimized)."""
+
+    def __init__(self, components: Sequence[Component]) -> None:
+        self.components = list(components)
+
+    def score_components(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The (B,) weighted sum and each component's (B,) float32 scores, by name."""
+        values = {component.name: torch.as_tensor(
+                      component.scorer(prompt_ids, completion_ids)).detach().to(
+                      "cpu", torch.float32)
+                  for component in self.components}
+        weights = {component.name: component.weight for component in self.components}
+        return weighted_sum(values, weights), values
+
+    def __call__(self, prompt_ids: list[list[int]],
+                 completion_ids: list[list[int]]) -> torch.Tensor:
+        return self.score_components(prompt_ids, completion_ids)[0]
+
+
+def make_reward(reward: str | Sequence[RewardTerm],
+                python_functions: Mapping[str, TextReward], **sources: Any) -> Scorer:
+    """What ``rlhf.reward`` asks RL to maximize: one reward's scorer
+    (:func:`make_scorer`), or a :class:`WeightedReward` of a list's. ``python_functions``
+    holds each ``python:`` reward's function by its reward string (:func:`load_functions`);
+    ``sources`` are :func:`make_scorer`'s keyword arguments."""
+    if isinstance(reward, str):
+        return make_scorer(reward, python_functions.get(reward), **sources)
+    return WeightedReward([
+        Component(term.name, term.weight,
+                  make_scorer(term.reward, python_functions.get(term.reward), **sources))
+        for term in reward])

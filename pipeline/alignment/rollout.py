@@ -6,7 +6,8 @@ token i, and the value at that position is the value of the state before token i
 alignment). Rewards come from any :data:`Scorer`: a callable
 ``(prompt_ids, completion_ids) -> (B,)`` tensor, prompt ids without the leading ``<bos>``
 and completion ids cut before ``<eos>`` (``RewardModel.score_ids`` is one; a test plugs in
-a toy rule).
+a toy rule). A weighted list of rewards (``rewards.WeightedReward``) is a
+:class:`ComponentScorer` too: each rollout then keeps every component's scores, to log.
 
 Every quantity is computed under the distribution the completions were sampled from,
 softmax(logits / rlhf.temperature) (:func:`sampling_temperature`), for the policy and the
@@ -17,7 +18,8 @@ KL between the two tempered distributions (never a bonus, in expectation).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,6 +38,27 @@ from pipeline.lm.sampling import SamplingConfig, sample_batch
 
 Scorer = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 GoldScorer = Callable[[list[int], list[int]], float]
+
+
+@runtime_checkable
+class ComponentScorer(Protocol):
+    """A scorer that is a weighted sum of rewards and gives each one's scores too."""
+
+    def __call__(self, prompt_ids: list[list[int]],
+                 completion_ids: list[list[int]]) -> torch.Tensor: ...
+
+    def score_components(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def score_with_components(scorer: Scorer, prompt_ids: list[list[int]],
+                          completion_ids: list[list[int]],
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(B,) what RL maximizes and, for a weighted list of rewards, each component's (B,)
+    scores by name (none for a single reward)."""
+    if isinstance(scorer, ComponentScorer):
+        return scorer.score_components(prompt_ids, completion_ids)
+    return torch.as_tensor(scorer(prompt_ids, completion_ids)), {}
 
 
 def sampling_temperature(config: SamplingConfig) -> float:
@@ -80,12 +103,14 @@ class Rollout:
     logprobs: torch.Tensor  # (B, N) under the policy that sampled them
     ref_logprobs: torch.Tensor  # (B, N) under the frozen reference
     values: torch.Tensor  # (B, N) the value head's estimates
-    scores: torch.Tensor  # (B,) the reward model's scores
+    scores: torch.Tensor  # (B,) what RL maximizes (rlhf.reward: the reward model's score)
     kl: torch.Tensor  # (B, N) per-token k1 KL estimate, 0 at padding
     rewards: torch.Tensor  # (B, N) score at the last real token - kl_coef * kl
     entropy: float  # mean per-token entropy of the policy over real tokens
     kl_coef: float
     temperature: float  # what the completions were sampled at, and every column scored at
+    # name -> (B,) each reward of a weighted list (empty for a single reward)
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def kl_per_sequence(self) -> torch.Tensor:
@@ -104,6 +129,8 @@ class Rollout:
             "entropy": self.entropy,
             "kl_coef": self.kl_coef,
             "completion_tokens": float(self.mask.sum(dim=1).float().mean()),
+            **{f"reward/{name}": float(values.float().mean())
+               for name, values in self.components.items()},
         }
 
 
@@ -134,7 +161,8 @@ def collect_rollout(
     ref_logprobs = sequence_logprobs(ref_logits, completions)
     del ref_logits
     prompt_ids, completion_ids = split_ids(prompts, completions, mask)
-    scores = torch.as_tensor(scorer(prompt_ids, completion_ids)).to(device, torch.float32)
+    total, components = score_with_components(scorer, prompt_ids, completion_ids)
+    scores = total.to(device, torch.float32)
     rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     return Rollout(prompts, completions, mask, logprobs, ref_logprobs, values.float(), scores,
-                   kl, rewards, entropy, kl_coef, temperature)
+                   kl, rewards, entropy, kl_coef, temperature, components)

@@ -222,7 +222,9 @@ class Tuner:
         ``log(step, metrics)`` receives each update's statistics (rollout: rm_score, kl,
         entropy, kl_coef; PPO: policy_loss, value_loss, clip_fraction, approx_kl; DPO:
         dpo_loss, reward_accuracy, ...) and, at evaluations, ``eval/rm_score``,
-        ``eval/gold_score``, ``eval/kl`` and ``eval/entropy``.
+        ``eval/gold_score``, ``eval/kl`` and ``eval/entropy``. With a weighted list of
+        rewards, each one's mean too: ``reward/<name>`` per rollout, ``eval/rewards/<name>``
+        per evaluation (``eval/reward`` is their weighted sum).
 
         With a run folder, a stop signal (Ctrl-C or SIGTERM) does not interrupt an update
         half-way: the step in hand finishes, a snapshot is saved and a one-line
@@ -287,7 +289,8 @@ class Tuner:
         return metrics
 
     def _selection_score(self, evaluation: PolicyEval) -> float:
-        """What picks the best policy: the gold score or the reward (rlhf.select_by)."""
+        """What picks the best policy: the gold score or the reward (rlhf.select_by; a
+        weighted list's reward is the weighted sum)."""
         return evaluation.gold_score if self.rlhf.select_by == "gold" else evaluation.reward
 
     def _keep_if_best(self, step: int) -> None:

@@ -138,10 +138,14 @@ class CleanParams(_Section):
     near_dup_ngram: int = 5
     # Worker processes for normalization; 0 means one per CPU core.
     workers: int = 0
+    # Memory for the exact-dedup keys (MiB): a corpus with more documents than fit (about
+    # 8,000 a MiB) spills them to temporary files beside the output and cleans in two
+    # passes, keeping the very same documents.
+    dedup_memory_mb: int = 256
 
     def validate(self) -> None:
         self.require_non_negative("min_bytes", "workers")
-        self.require_positive("near_dup_num_perm", "near_dup_ngram")
+        self.require_positive("near_dup_num_perm", "near_dup_ngram", "dedup_memory_mb")
         if not 0.0 <= self.near_dup_threshold <= 1.0:
             raise self.fail(
                 "near_dup_threshold", self.near_dup_threshold, "0 (off) or a number in (0, 1]"
@@ -174,6 +178,40 @@ class SplitParams(_Section):
 
 
 @dataclass(frozen=True)
+class ContaminationParams(_Section):
+    """``contamination``: how much of val and test (and the evaluate stage's task items)
+    the train split already holds, and what the split does with a near twin."""
+
+    # Overlap is counted in n-grams of this many words; a character of a script written
+    # without spaces (Chinese, Japanese, Thai ...) is a word. 13 is GPT-3's choice: long
+    # enough that a shared n-gram is a shared passage, not a common phrase.
+    ngram: int = 13
+    # The fraction of n-grams counted, picked by hash (the same ones in every split):
+    # train's n-grams take 8 bytes each (about 8 bytes per word of train text at 1.0, the
+    # exact count); 0.1 takes a tenth for a share with a wider interval.
+    ngram_sample: float = 1.0
+    # A val/test document whose MinHash Jaccard with a train document reaches this is a
+    # near twin (in (0, 1); the same machinery as clean.near_dup_threshold).
+    near_dup_threshold: float = 0.8
+    # More permutations estimate the Jaccard more closely and cost more time.
+    near_dup_num_perm: int = 128
+    # MinHash shingles are word n-grams of this length (as clean.near_dup_ngram).
+    near_dup_ngram: int = 5
+    # What the split stage does with a val/test document that has a near twin in train:
+    # keep (report only; the default, outputs unchanged), train (move it to train, so
+    # twins stay together) or drop (leave it out of every split).
+    near_twins: Literal["keep", "train", "drop"] = "keep"
+
+    def validate(self) -> None:
+        self.require_positive("ngram", "near_dup_num_perm", "near_dup_ngram")
+        if not 0.0 < self.ngram_sample <= 1.0:
+            raise self.fail("ngram_sample", self.ngram_sample, "a fraction in (0, 1]")
+        if not 0.0 < self.near_dup_threshold < 1.0:
+            raise self.fail("near_dup_threshold", self.near_dup_threshold,
+                            "a Jaccard threshold in (0, 1)")
+
+
+@dataclass(frozen=True)
 class VocabParams(_Section):
     """``vocab``: the tokenizer, learned from the train split only."""
 
@@ -188,9 +226,13 @@ class VocabParams(_Section):
     max_size: int = 50000
     # word: lowercase before splitting, as the classic basic_english tokenizer does.
     lowercase: bool = False
+    # The most train text (MiB) the tokenizer learns from: a larger train split is
+    # sampled, the same documents every run (those whose hash falls under the rate).
+    # Learning holds about 1.5 KB per distinct word, so a sample bounds it at any size.
+    max_train_mb: int = 256
 
     def validate(self) -> None:
-        self.require_positive("min_freq", "max_size")
+        self.require_positive("min_freq", "max_size", "max_train_mb")
         if self.kind == "bpe" and self.vocab_size < 4 + 256 + 1:
             raise self.fail(
                 "vocab_size", self.vocab_size, "an integer >= 261 (4 special + 256 bytes + 1 merge)"
@@ -222,7 +264,8 @@ class ModelParams(_Section):
     """``model``: the GPT's shape (the vocabulary size comes from the tokenizer).
 
     The one model schema: ``pipeline.lm.model.GPTConfig`` is these fields plus the
-    vocabulary size, with these defaults, and is saved beside every model's weights.
+    vocabulary size, with these defaults, and is saved beside every model's weights. A
+    new field needs a default that computes what models saved before it computed.
     """
 
     context: int = 128
@@ -232,13 +275,27 @@ class ModelParams(_Section):
     dropout: float = 0.0
     positions: Literal["rotary", "learned"] = "rotary"
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    # swiglu: silu(gate) * up, 8/3 C wide; gelu: tanh GELU, 4 C wide; relu2: relu(x)^2,
+    # 4 C wide (Primer; nanochat, modded-nanogpt).
+    mlp: Literal["swiglu", "gelu", "relu2"] = "swiglu"
     bias: bool = False
     # The base of the rotary frequencies (RoPE's theta).
     rope_base: float = 10000.0
+    # RMS-normalize each head's queries and keys (with a learned gain per head dimension)
+    # before the rotary positions, as Qwen3 does: attention logits stay bounded.
+    qk_norm: bool = False
+    # The output head reuses the token embedding (false: a matrix of its own).
+    tie_embeddings: bool = True
+    # > 0: logits = cap * tanh(logits / cap) (Gemma 2, nanochat: 15); 0: no cap.
+    logit_softcap: float = 0.0
+    # Value embeddings (ResFormer, as nanochat has them): in every other layer, the last
+    # included, a token embedding of its own is added to the attention values through a
+    # learned gate per head. No Transformers architecture computes them.
+    value_embeddings: bool = False
 
     def validate(self) -> None:
         self.require_positive("context", "n_layer", "n_head", "n_embd", "rope_base")
+        self.require_non_negative("logit_softcap")
         if self.n_embd % self.n_head:
             raise self.fail("n_embd", self.n_embd, f"a multiple of model.n_head ({self.n_head})")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
@@ -247,6 +304,8 @@ class ModelParams(_Section):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise self.fail("dropout", self.dropout, "a probability in [0, 1)")
+        if not math.isfinite(self.logit_softcap):
+            raise self.fail("logit_softcap", self.logit_softcap, "0 (off) or a number > 0")
 
 
 @dataclass(frozen=True)
@@ -266,7 +325,7 @@ class TrainParams(_Section):
     # CPU threads for torch; 0 = every core (shared out among local processes).
     threads: int = 0
     # Processes on this machine: > 1 re-launches the stage under torchrun (DDP), one per
-    # GPU (or CPU processes with gloo). Several machines: see the README.
+    # GPU (or CPU processes with gloo). Several machines: see docs/pretraining.md.
     nproc_per_node: int = 1
     # Several processes: the seconds one may go without a sign of life (killed, frozen, its
     # machine gone) before every other stops with one line naming it; a collective that a
@@ -279,13 +338,28 @@ class TrainParams(_Section):
     # The budget: a number of optimizer steps, or (when > 0) a number of training tokens.
     steps: int = 900
     tokens: int = 0
+    # adamw: AdamW for every parameter. muon: Muon (momentum orthogonalized by
+    # Newton-Schulz iterations) for the blocks' 2-D weight matrices, AdamW for the rest
+    # (embeddings, output head, norms, biases, gates) with lr, betas and weight_decay.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
+    # After warmup: cosine (down to min_lr at the end) or wsd (warmup-stable-decay: lr
+    # held, then a straight line down to min_lr over the last decay_fraction of steps).
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # Muon's peak learning rate (it follows the schedule in proportion to lr), momentum
+    # (Nesterov), decoupled weight decay and Newton-Schulz iterations; read with
+    # optimizer: muon only.
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_ns_steps: int = 5
     # Val loss on eval_windows fixed windows every eval_every steps (and at the end).
     eval_every: int = 200
     eval_windows: int = 64
@@ -307,11 +381,26 @@ class TrainParams(_Section):
             raise self.fail("peer_timeout", self.peer_timeout, "a number of seconds >= 5")
         if self.min_lr > self.lr:
             raise self.fail("min_lr", self.min_lr, f"at most train.lr ({self.lr})")
-        for key in ("beta1", "beta2"):
+        for key in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise self.fail(key, getattr(self, key), "a number in [0, 1)")
+        self._validate_muon()
+        self._validate_schedule()
         _check_device(self, self.device)
         _check_path(self, "init_from", self.init_from)
+
+    def _validate_muon(self) -> None:
+        self.require_positive("muon_lr")
+        self.require_non_negative("muon_weight_decay")
+        if not 1 <= self.muon_ns_steps <= 99:
+            raise self.fail("muon_ns_steps", self.muon_ns_steps,
+                            "an integer in [1, 99] (Newton-Schulz iterations per step)")
+
+    def _validate_schedule(self) -> None:
+        # Whether wsd's phases fit the budget depends on its step count, which a budget in
+        # tokens gets from the model's context: the trainer checks it, before training.
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise self.fail("decay_fraction", self.decay_fraction, "a fraction in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -492,6 +581,24 @@ class RewardParams(_Section):
         _check_device(self, self.device)
 
 
+# The rewards rlhf.reward names by a word; any other is python:<file.py>:<function>.
+BUILTIN_REWARDS = ("model", "gold", "likelihood")
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One reward of a weighted ``rlhf.reward`` list: a reward as ``rlhf.reward`` names
+    one, and its weight in the sum RL maximizes (0: logged, not optimized)."""
+
+    reward: str
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        """What its logs are named: the builtin reward's name or the python function's."""
+        return self.reward if self.reward in BUILTIN_REWARDS else self.reward.split(":")[-1]
+
+
 @dataclass(frozen=True)
 class RlhfParams(_Section):
     """``rlhf``: tuning the policy (the SFT model) against the reward of your choice."""
@@ -505,8 +612,10 @@ class RlhfParams(_Section):
     # python:<file.py>:<function> (your function of (prompt, completion) -> float, or
     # TRL's batched reward function (prompts, completions, **kwargs) -> list[float],
     # told apart by its parameter names; the file must be reward_module, which dvc.yaml
-    # tracks).
-    reward: str = "model"
+    # tracks). Or a weighted list of them, [{reward: model, weight: 1.0}, {reward: gold,
+    # weight: 0}, ...]: RL maximizes the weighted sum, and each one's mean is logged
+    # (weight 0: logged, not optimized).
+    reward: str | list[RewardTerm] = "model"
     reward_module: str = "data/builtin/example_rewards.py"
     # likelihood: the mean log-probability per token (true) or the sum (false: favours
     # short completions, whose sum is nearer 0).
@@ -541,8 +650,8 @@ class RlhfParams(_Section):
     dpo_beta: float = 0.1
     # Evaluation of fresh samples on held-out prompts every eval_every steps; the best
     # policy by select_by (gold: the judge, the stand-in for people; reward: what RL
-    # maximizes) is kept, and patience evaluations in a row without a better one stop
-    # the run early (0: never).
+    # maximizes, a weighted list's sum) is kept, and patience evaluations in a row
+    # without a better one stop the run early (0: never).
     eval_every: int = 10
     eval_prompts: int = 32
     # The figures metrics/rlhf.json reports (gold, reward, win rates) come from a final
@@ -581,23 +690,74 @@ class RlhfParams(_Section):
                 raise self.fail("batch_size", self.batch_size, "a multiple of "
                                 f"rlhf.samples_per_prompt ({self.samples_per_prompt})")
         _check_path(self, "reward_module", self.reward_module)
-        self.python_reward()  # checks the form of a python: reward
+        self._check_reward_list()
+        self.python_rewards()  # checks the form of every python: reward
 
-    def python_reward(self) -> tuple[str, str] | None:
-        """(module file, function name) of a ``python:`` reward, else None."""
-        if self.reward in ("model", "gold", "likelihood"):
-            return None
-        parts = self.reward.split(":")
-        allowed = ("model, gold, likelihood or python:<file.py>:<function> (for example "
-                   "python:data/builtin/example_rewards.py:concise)")
+    @property
+    def weighted(self) -> bool:
+        """Whether ``reward`` is a weighted list (each component then logged apart)."""
+        return isinstance(self.reward, list)
+
+    def reward_terms(self) -> list[RewardTerm]:
+        """The rewards RL maximizes the weighted sum of: one of weight 1, or the list."""
+        return self.reward if isinstance(self.reward, list) else [RewardTerm(self.reward)]
+
+    def reward_label(self) -> str:
+        """``reward`` as one line: the name, or the weighted sum (1*model + 0.2*concise)."""
+        if isinstance(self.reward, str):
+            return self.reward
+        return " + ".join(f"{term.weight:g}*{term.name}" for term in self.reward)
+
+    def python_rewards(self) -> dict[str, tuple[str, str]]:
+        """(module file, function name) of each ``python:`` reward, by its reward string."""
+        found = {}
+        for key, term in self._keyed_terms():
+            if term.reward not in BUILTIN_REWARDS:
+                found[term.reward] = self._python_parts(key, term.reward)
+        return found
+
+    def _keyed_terms(self) -> list[tuple[str, RewardTerm]]:
+        """Each term with the key that names it in an error (reward, reward[i].reward)."""
+        if isinstance(self.reward, str):
+            return [("reward", RewardTerm(self.reward))]
+        return [(f"reward[{index}].reward", term) for index, term in enumerate(self.reward)]
+
+    def _python_parts(self, key: str, reward: str) -> tuple[str, str]:
+        parts = reward.split(":")
+        allowed = (f"{', '.join(BUILTIN_REWARDS)} or python:<file.py>:<function> (for "
+                   "example python:data/builtin/example_rewards.py:concise)")
         if len(parts) != 3 or parts[0] != "python" or not parts[1].endswith(".py") \
                 or not parts[2].isidentifier():
-            raise self.fail("reward", self.reward, allowed)
+            raise self.fail(key, reward, allowed)
         if parts[1] != self.reward_module:
-            raise self.fail("reward", self.reward,
+            raise self.fail(key, reward,
                             f"a function of rlhf.reward_module ({self.reward_module}), the "
                             "file dvc.yaml tracks: set rlhf.reward_module to the same file")
+        if parts[2] in BUILTIN_REWARDS:
+            raise self.fail(key, reward, f"a function not named {parts[2]} (each reward is "
+                                         "logged under its name: rename the function)")
         return parts[1], parts[2]
+
+    def _check_reward_list(self) -> None:
+        """A weighted list: at least one reward, each once, weights >= 0, summing to > 0
+        (NaN and infinity are refused as the list is read)."""
+        if not isinstance(self.reward, list):
+            return
+        if not self.reward:
+            raise self.fail("reward", self.reward, "a reward name or a non-empty list of "
+                                                   "{reward: ..., weight: ...}")
+        seen = set()
+        for index, term in enumerate(self.reward):
+            if term.weight < 0:
+                raise self.fail(f"reward[{index}].weight", term.weight, "a number >= 0 "
+                                "(0: logged, not optimized)")
+            if term.reward in seen:
+                raise self.fail(f"reward[{index}].reward", term.reward,
+                                "each reward once in the list")
+            seen.add(term.reward)
+        if not sum(term.weight for term in self.reward) > 0:
+            raise self.fail("reward", self.reward_label(),
+                            "weights with a sum > 0 (at least one reward is optimized)")
 
 
 @dataclass(frozen=True)
@@ -654,6 +814,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     clean: CleanParams = field(default_factory=CleanParams)
     split: SplitParams = field(default_factory=SplitParams)
+    contamination: ContaminationParams = field(default_factory=ContaminationParams)
     vocab: VocabParams = field(default_factory=VocabParams)
     tokenize: TokenizeParams = field(default_factory=TokenizeParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -675,6 +836,11 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return " | ".join(repr(a) for a in get_args(annotation))
+    if get_origin(annotation) is list:
+        return f"a list of {_type_name(get_args(annotation)[0])}"
+    if dataclasses.is_dataclass(annotation):
+        names = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(annotation))
+        return "{" + names + "}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -686,6 +852,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise GptpipeError(f"{where} = {value!r}; allowed: {_type_name(annotation)}")
     if origin in (typing.Union, types.UnionType):
+        for option in get_args(annotation):
+            if get_origin(option) is list and isinstance(value, list):
+                return _coerce(value, option, where)  # a list's error names its item
         for option in get_args(annotation):
             try:
                 return _coerce(value, option, where)
@@ -717,11 +886,29 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         (item_type,) = get_args(annotation)
         if isinstance(value, list):
             return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return _record(annotation, value, where)
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported annotation {annotation!r}")
     raise GptpipeError(
         f"{where} = {value!r} ({type(value).__name__}); allowed: {_type_name(annotation)}"
     )
+
+
+def _record(cls: type, raw: dict, where: str) -> Any:
+    """A small record (a dataclass that is not a section) from a mapping inside a
+    section's value, such as one term of a list; ``where`` names it in errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise GptpipeError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(fields)}")
+    for name, item in fields.items():
+        if name not in raw and item.default is dataclasses.MISSING:
+            raise GptpipeError(f"{where}: key {name!r} missing")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(value, hints[name], f"{where}.{name}")
+                  for name, value in raw.items()})
 
 
 def _build(cls: type, raw: Any, where: str, file: str) -> Any:

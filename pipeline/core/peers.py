@@ -9,6 +9,8 @@ and marks the store when it ends, well or with an error:
 - a collective that breaks (a peer's connection closed: it was killed or crashed) makes
   the process look at the heartbeats: whoever stopped beating without ending is named,
   in one line, and this process stops too;
+- torchrun's SIGTERM, which it sends to the survivors the moment a process dies, and
+  which may come before any collective breaks, is handled the same way;
 - a process whose heartbeat stops for ``timeout`` seconds (``train.peer_timeout``: it
   froze, or its machine went away without closing its connections) makes every other
   stop with one line naming it, even while blocked in a collective.
@@ -26,6 +28,8 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from types import FrameType
+from typing import Any
 
 import torch.distributed as dist
 
@@ -139,26 +143,65 @@ class PeerWatch:
             self.store.add(self._key("ended", self.runtime.rank), 1)
 
 
+class TerminatedBySignal(BaseException):
+    """SIGTERM outside a training loop's own handling (torchrun sends it to the survivors
+    the moment a process dies): ends the block as a broken collective would. A
+    BaseException, so that no ``except Exception`` on the way swallows it."""
+
+
+class _SigtermAsError:
+    """While installed (main thread only), the first SIGTERM raises
+    :class:`TerminatedBySignal`; once :attr:`holding`, signals are only noted, so that the
+    one line naming the dead process gets written before the process ends."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.holding:
+            self.holding = True
+            raise TerminatedBySignal
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 @contextlib.contextmanager
 def watched(runtime: Runtime, stage: str, timeout: float) -> Iterator[None]:
     """Run the block with this process's heartbeat; a collective broken by another
-    process becomes one line naming it (see the module docstring)."""
+    process, or torchrun's SIGTERM after another process died, becomes one line naming
+    it (see the module docstring)."""
     if not runtime.distributed:
         yield
         return
     watch = PeerWatch(runtime, stage, timeout)
+    sigterm = _SigtermAsError()
+    sigterm.install()
     watch.start()
     try:
         yield
     except GptpipeError as err:
+        sigterm.holding = True
         watch.end(str(err))
         raise
-    except Exception as err:
+    except (Exception, TerminatedBySignal) as err:
+        sigterm.holding = True  # torchrun's SIGTERM would cut the line short
         watch.end(type(err).__name__)
-        with _sigterm_held():  # torchrun's SIGTERM to survivors would cut the line short
-            silent, failed = watch.gone()
+        silent, failed = watch.gone()
         if silent or failed:
             raise peer_error(runtime, stage, silent, failed) from None
+        if isinstance(err, TerminatedBySignal):
+            raise GptpipeError(
+                f"{stage}: stopped by SIGTERM, every other process still alive; the snapshots "
+                "on disk are kept: run the command again to resume from the last one"
+            ) from None
         if "timed out" in str(err).lower():
             raise GptpipeError(
                 f"{stage}: a collective of the {runtime.world_size} processes waited more than "
@@ -168,19 +211,7 @@ def watched(runtime: Runtime, stage: str, timeout: float) -> Iterator[None]:
         raise
     finally:
         watch.end()
-
-
-@contextlib.contextmanager
-def _sigterm_held() -> Iterator[None]:
-    """SIGTERM ignored for the block (in the main thread, where handlers are set)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        sigterm.restore()
 
 
 def peer_error(runtime: Runtime, stage: str, silent: list[int],

@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 
-from pipeline.core.io import sweep_dead_temporaries
+from pipeline.core.io import declared_outputs, sweep_dead_temporaries
 from pipeline.core.params import load_params
 
 # The path options several stages share, with their help, declared once.
@@ -109,28 +109,9 @@ def output_folders(dvc_yaml: Path) -> list[Path]:
     """The folders a killed stage may have left a temporary in: each declared output's
     parent, and the output itself when it is a folder (a training snapshot lives inside
     its run folder). Empty without a dvc.yaml (a stage run by hand elsewhere)."""
-    import yaml
-
-    try:
-        document = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return []
-    stages = document.get("stages") if isinstance(document, dict) else None
-    if not isinstance(stages, dict):
-        return []
     folders: dict[Path, None] = {}
-    for stage in stages.values():
-        if not isinstance(stage, dict) or "foreach" in stage or "matrix" in stage:
-            continue  # generated stages: their outputs are DVC's to resolve
-        wdir = dvc_yaml.parent / str(stage.get("wdir", "."))
-        for key in ("outs", "metrics", "plots"):
-            entries = stage.get(key)
-            for entry in entries if isinstance(entries, list) else []:
-                name = next(iter(entry), None) if isinstance(entry, dict) else entry
-                if not isinstance(name, str) or "${" in name:
-                    continue  # templated: resolved by DVC only
-                out = wdir / name
-                folders[out.parent] = None
-                folders[out] = None
+    for out in declared_outputs(dvc_yaml):
+        folders[out.parent] = None
+        folders[out] = None
     return list(folders)
 

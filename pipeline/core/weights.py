@@ -51,7 +51,7 @@ def load_state(module: Any, state: dict[str, Any], mismatch: str) -> None:
 
 def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, its write errors raised as OSError so that
-    :func:`atomic_dir` reports them in one line (a full disk, say)."""
+    :func:`pipeline.core.io.atomic_dir` reports them in one line (a full disk, say)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 

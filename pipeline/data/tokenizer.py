@@ -161,6 +161,45 @@ def train_tokenizer(
     return TextTokenizer(hf, params.kind, hf.to_str(pretty=True).encode("utf-8"))
 
 
+class TrainingSample:
+    """The texts a tokenizer learns from: at most ``max_bytes`` (UTF-8) of a train split
+    of ``total_bytes``, the same ones every run.
+
+    A split that fits is taken whole, batch for batch, so its tokenizer is the one it
+    always was. A larger one is sampled: a text is taken when its hash, as a fraction of
+    the hash space, is under ``max_bytes / total_bytes`` (so long and short texts, early
+    and late ones, are taken at the same rate, with no stride for a periodic corpus to
+    alias with) and the budget still has room for it. Learning holds state per distinct
+    word, which grows with the text learned from; the sample bounds it.
+    """
+
+    def __init__(self, total_bytes: int, max_bytes: int) -> None:
+        self.whole = total_bytes <= max_bytes
+        self.rate = 1.0 if self.whole else max_bytes / total_bytes
+        self.max_bytes = max_bytes
+        self.taken_bytes = 0
+
+    def take(self, texts: list[str]) -> list[str]:
+        """The texts of a batch that belong to the sample, in their order."""
+        if self.whole:
+            return texts
+        kept = []
+        for text in texts:
+            data = text.encode("utf-8")
+            if (sample_fraction(data) < self.rate
+                    and self.taken_bytes + len(data) <= self.max_bytes):
+                kept.append(text)
+                self.taken_bytes += len(data)
+        return kept
+
+
+def sample_fraction(data: bytes) -> float:
+    """Where a text's hash falls in [0, 1). The hash is personalized so that the sample
+    is independent of any other hash of the same texts (the split's, the dedup key)."""
+    digest = hashlib.blake2b(data, digest_size=8, person=b"gptpipe-vocab").digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -1,9 +1,9 @@
 """Hugging Face Transformers folders: gptpipe's GPT written as one, and read back.
 
 gptpipe's default network is a Llama in all but names (rotary positions that rotate
-halves, RMSNorm, SwiGLU, tied embeddings) and the classic configuration (learned
-positions, LayerNorm, tanh GELU) is a GPT-2, so a model converts to a Transformers folder
-by renaming, splitting and transposing tensors, and back by the inverse. Nothing here
+halves, RMSNorm, SwiGLU) and the classic configuration (learned positions, LayerNorm,
+tanh GELU) is a GPT-2, so a model converts to a Transformers folder by renaming,
+splitting and transposing tensors, and back by the inverse. Nothing here
 imports ``transformers``: the folder is JSON and safetensors, and the package stays an
 optional extra for whoever loads the result (and for the tests that compare logits and
 greedy tokens against Transformers itself).
@@ -14,15 +14,25 @@ Transformers class computes them):
 - positions rotary, norm rmsnorm, mlp swiglu -> ``LlamaForCausalLM``: the fused ``qkv``
   splits in thirds into q/k/v_proj, ``gate_up`` in halves into gate/up_proj (the first
   half is the gate); bias true is Llama's attention_bias and mlp_bias.
+- the same with qk_norm -> ``Qwen3ForCausalLM``, whose q_norm/k_norm are gptpipe's (an
+  RMSNorm over each head's dimensions, shared by the heads, before the rotation); its
+  MLP has no biases, so bias true is refused.
+- positions rotary, norm rmsnorm, mlp relu2 -> ``ArceeForCausalLM`` (an ungated MLP:
+  ``gate_up`` is up_proj), and with qk_norm -> ``ApertusForCausalLM`` (its norms are
+  named attention_layernorm/feedforward_layernorm; no MLP biases).
 - positions learned, norm layernorm, mlp gelu -> ``GPT2LMHeadModel``: every Linear is a
   GPT-2 Conv1D, which stores (in, out), so weights are transposed. GPT-2 always has
   biases: bias false is written as zero biases and marked (``gptpipe_zero_biases``), and
   such a folder reads back as bias false while those biases are still zero.
 
-Reading accepts those two architectures with the options gptpipe computes (one key/value
-head per head, RMSNorm eps 1e-6, LayerNorm eps 1e-5, no rope scaling, tied embeddings)
-and a tokenizer gptpipe can use (``<pad> <unk> <bos> <eos>`` at ids 0-3). Weights are
-converted to float32 in memory; nothing is written beside the folder.
+An untied output head is ``lm_head.weight`` with ``tie_word_embeddings: false``, in any
+of them. Value embeddings and logit soft-capping are in none of these (the architectures
+that cap logits, Gemma 2 and NanoChat, compute other networks): such models are refused.
+
+Reading accepts those architectures with the options gptpipe computes (one key/value
+head per head, RMSNorm eps 1e-6, LayerNorm eps 1e-5, no rope scaling) and a tokenizer
+gptpipe can use (``<pad> <unk> <bos> <eos>`` at ids 0-3). Weights are converted to
+float32 in memory; nothing is written beside the folder.
 """
 
 from __future__ import annotations
@@ -48,7 +58,16 @@ from pipeline.data.tokenizer import (
     TextTokenizer,
     tokenizer_from_json,
 )
-from pipeline.lm.model import GPT, GPTConfig, swiglu_hidden
+from pipeline.lm.families import (
+    APERTUS,
+    GPT2,
+    MODEL_TYPES,
+    NO_MLP_BIAS,
+    QWEN3,
+    RELU2,
+    architecture,
+)
+from pipeline.lm.model import GPT, GPTConfig, mlp_hidden, swiglu_hidden
 
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -61,11 +80,6 @@ SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 TRANSFORMERS_FILES = (HF_CONFIG, GENERATION_CONFIG, HF_WEIGHTS, HF_TOKENIZER, TOKENIZER_CONFIG,
                       SPECIAL_TOKENS_MAP)
 
-LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
-_MODEL_TYPES = {"llama": LLAMA, "gpt2": GPT2}
-_FAMILIES = {("rotary", "rmsnorm", "swiglu"): LLAMA, ("learned", "layernorm", "gelu"): GPT2}
-_ALLOWED = ("positions rotary + norm rmsnorm + mlp swiglu (LlamaForCausalLM) or positions "
-            "learned + norm layernorm + mlp gelu (GPT2LMHeadModel)")
 # The eps gptpipe's norms use (model.RMSNorm, nn.LayerNorm's default).
 RMS_EPS, LAYERNORM_EPS = 1e-6, 1e-5
 # GPT-2 only: the biases are zeros standing for none (gptpipe's bias false).
@@ -80,46 +94,47 @@ SAME, TRANSPOSED, STACKED = "same", "transposed", "stacked"  # stacked: concaten
 Entry = tuple[str, tuple[str, ...], str]  # (gptpipe name, Transformers names, relation)
 
 
-def architecture(config: GPTConfig) -> str:
-    """The Transformers class that computes ``config``'s network, or a one-line refusal."""
-    family = (config.positions, config.norm, config.mlp)
-    if family not in _FAMILIES:
-        raise GptpipeError(
-            f"model.positions/norm/mlp = {'/'.join(family)}: no Transformers architecture "
-            f"computes this mix; allowed: {_ALLOWED}"
-        )
-    return _FAMILIES[family]
-
-
 def _layout(config: GPTConfig, arch: str) -> list[Entry]:
-    """Every gptpipe tensor (the tied lm_head aside) and the Transformers tensors it maps to.
+    """Every gptpipe tensor (a tied lm_head aside) and the Transformers tensors it maps to.
     GPT-2's biases are listed whatever ``config.bias`` says (bias false: zeros).
 
-    Shapes (C = n_embd, H = the SwiGLU width): ``qkv.weight`` (3C, C) stacks q_proj, k_proj
-    and v_proj, (C, C) each, in that order; ``gate_up.weight`` (2H, C) stacks gate_proj and
-    up_proj, (H, C) each; a GPT-2 Conv1D weight is (in, out), the transpose of a Linear's:
-    c_attn (C, 3C), attn c_proj (C, C), c_fc (C, 4C), mlp c_proj (4C, C).
+    Shapes (C = n_embd, H = the MLP width): ``qkv.weight`` (3C, C) stacks q_proj, k_proj
+    and v_proj, (C, C) each, in that order; SwiGLU's ``gate_up.weight`` (2H, C) stacks
+    gate_proj and up_proj, (H, C) each (ReLU²'s is up_proj alone); a GPT-2 Conv1D weight
+    is (in, out), the transpose of a Linear's: c_attn (C, 3C), attn c_proj (C, C), c_fc
+    (C, 4C), mlp c_proj (4C, C).
     """
-    if arch == LLAMA:
-        entries = [("wte.weight", ("model.embed_tokens.weight",), SAME),
-                   ("norm_f.weight", ("model.norm.weight",), SAME)]
-        kinds = ("weight", "bias") if config.bias else ("weight",)
-        for i in range(config.n_layer):
-            ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-            entries += [(ours + "norm1.weight", (theirs + "input_layernorm.weight",), SAME),
-                        (ours + "norm2.weight", (theirs + "post_attention_layernorm.weight",),
-                         SAME)]
-            for kind in kinds:
-                attn, mlp = f"{theirs}self_attn.", f"{theirs}mlp."
-                entries += [
-                    (f"{ours}attn.qkv.{kind}",
-                     tuple(f"{attn}{x}_proj.{kind}" for x in "qkv"), STACKED),
-                    (f"{ours}attn.proj.{kind}", (f"{attn}o_proj.{kind}",), SAME),
-                    (f"{ours}mlp.gate_up.{kind}",
-                     (f"{mlp}gate_proj.{kind}", f"{mlp}up_proj.{kind}"), STACKED),
-                    (f"{ours}mlp.down.{kind}", (f"{mlp}down_proj.{kind}",), SAME),
-                ]
-        return entries
+    head = [] if config.tie_embeddings else [("lm_head.weight", ("lm_head.weight",), SAME)]
+    if arch == GPT2:
+        return _gpt2_layout(config) + head
+    norms = (("attention_layernorm", "feedforward_layernorm") if arch == APERTUS else
+             ("input_layernorm", "post_attention_layernorm"))
+    entries = [("wte.weight", ("model.embed_tokens.weight",), SAME),
+               ("norm_f.weight", ("model.norm.weight",), SAME)]
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        attn, mlp = f"{theirs}self_attn.", f"{theirs}mlp."
+        entries += [(f"{ours}norm{n + 1}.weight", (f"{theirs}{name}.weight",), SAME)
+                    for n, name in enumerate(norms)]
+        if config.qk_norm:
+            entries += [(f"{ours}attn.{x}_norm.weight", (f"{attn}{x}_norm.weight",), SAME)
+                        for x in "qk"]
+        up = ((f"{mlp}gate_proj", f"{mlp}up_proj") if config.mlp == "swiglu" else
+              (f"{mlp}up_proj",))
+        for kind in kinds:
+            entries += [
+                (f"{ours}attn.qkv.{kind}", tuple(f"{attn}{x}_proj.{kind}" for x in "qkv"),
+                 STACKED),
+                (f"{ours}attn.proj.{kind}", (f"{attn}o_proj.{kind}",), SAME),
+                (f"{ours}mlp.gate_up.{kind}", tuple(f"{name}.{kind}" for name in up),
+                 STACKED if len(up) > 1 else SAME),
+                (f"{ours}mlp.down.{kind}", (f"{mlp}down_proj.{kind}",), SAME),
+            ]
+    return entries + head
+
+
+def _gpt2_layout(config: GPTConfig) -> list[Entry]:
     entries = [("wte.weight", ("transformer.wte.weight",), SAME),
                ("wpe.weight", ("transformer.wpe.weight",), SAME),
                ("norm_f.weight", ("transformer.ln_f.weight",), SAME),
@@ -145,7 +160,8 @@ def transformers_state(model: GPT, dtype: torch.dtype = torch.float32) -> dict[s
     arch = architecture(config)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    used = {"lm_head.weight"}  # tied to wte: Transformers re-ties it on loading
+    # A tied lm_head is wte: Transformers re-ties it on loading.
+    used = {"lm_head.weight"} if config.tie_embeddings else set()
     for ours, theirs, relation in _layout(config, arch):
         if ours not in state:  # a GPT-2 bias of a bias-free model: zeros stand for none
             rows = state[ours.removesuffix(".bias") + ".weight"].shape[0]
@@ -171,20 +187,10 @@ def transformers_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -
     arch = architecture(config)
     common = {"architectures": [arch], "vocab_size": config.vocab_size,
               "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-              "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
-              "torch_dtype": _DTYPES[dtype]}
-    if arch == LLAMA:
-        rope = {"rope_type": "default", "rope_theta": config.rope_base}
-        return {**common, "model_type": "llama", "hidden_size": config.n_embd,
-                "intermediate_size": swiglu_hidden(config.n_embd),
-                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-                "num_key_value_heads": config.n_head, "head_dim": config.head_dim,
-                "hidden_act": "silu", "max_position_embeddings": config.context,
-                "rms_norm_eps": RMS_EPS,
-                # rope_theta for Transformers 4, rope_parameters for 5: the same base.
-                "rope_theta": config.rope_base, "rope_parameters": rope,
-                "attention_bias": config.bias, "mlp_bias": config.bias,
-                "attention_dropout": config.dropout}
+              "tie_word_embeddings": config.tie_embeddings, "initializer_range": 0.02,
+              "use_cache": True, "torch_dtype": _DTYPES[dtype]}
+    if arch != GPT2:
+        return {**common, **_rotary_config(config, arch)}
     body = {**common, "model_type": "gpt2", "n_embd": config.n_embd, "n_layer": config.n_layer,
             "n_head": config.n_head, "n_positions": config.context,
             "n_inner": 4 * config.n_embd,
@@ -196,6 +202,25 @@ def transformers_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     if not config.bias:
         body[ZERO_BIASES] = True
+    return body
+
+
+def _rotary_config(config: GPTConfig, arch: str) -> dict[str, Any]:
+    """The keys of a rotary architecture's config.json (Llama's, and its relatives')."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_base}
+    model_type = next(name for name, cls in MODEL_TYPES.items() if cls == arch)
+    body = {"model_type": model_type, "hidden_size": config.n_embd,
+            "intermediate_size": mlp_hidden(config), "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_head,
+            "head_dim": config.head_dim, "hidden_act": "relu2" if arch in RELU2 else "silu",
+            "max_position_embeddings": config.context, "rms_norm_eps": RMS_EPS,
+            # rope_theta for Transformers 4, rope_parameters for 5: the same base.
+            "rope_theta": config.rope_base, "rope_parameters": rope,
+            "attention_bias": config.bias, "attention_dropout": config.dropout}
+    if arch not in NO_MLP_BIAS:
+        body["mlp_bias"] = config.bias
+    if arch == QWEN3:
+        body["use_sliding_window"] = False
     return body
 
 
@@ -259,12 +284,13 @@ def _model_type(raw: dict[str, Any], where: str) -> str:
     shown = f"model_type = {model_type!r}"
     if model_type is None:  # some older configs name only the class
         names = raw.get("architectures") or []
-        model_type = next((t for t, cls in _MODEL_TYPES.items() if cls in names), None)
+        model_type = next((t for t, cls in MODEL_TYPES.items() if cls in names), None)
         shown = f"architectures = {names!r}"
-    if model_type not in _MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         raise GptpipeError(
-            f"{where}: {shown}: not an architecture gptpipe computes; allowed: llama "
-            "(LlamaForCausalLM) or gpt2 (GPT2LMHeadModel), as gptpipe export writes them"
+            f"{where}: {shown}: not an architecture gptpipe computes; allowed: llama, "
+            "qwen3, arcee, apertus or gpt2 (LlamaForCausalLM ... GPT2LMHeadModel), as "
+            "gptpipe export writes them"
         )
     return model_type
 
@@ -304,7 +330,8 @@ def _rope_base(raw: dict[str, Any], where: str) -> float:
     return float(base)
 
 
-def _llama_config(raw: dict[str, Any], where: str) -> GPTConfig:
+def _rotary_family_config(raw: dict[str, Any], where: str, arch: str) -> GPTConfig:
+    """A Llama, Qwen3, Arcee or Apertus config.json as gptpipe's model params."""
     n_embd = _integer(raw, where, "hidden_size")
     n_head = _integer(raw, where, "num_attention_heads")
     _check(raw, where, "num_key_value_heads", (n_head,), n_head,
@@ -314,21 +341,38 @@ def _llama_config(raw: dict[str, Any], where: str) -> GPTConfig:
                            f"num_attention_heads ({n_head})")
     _check(raw, where, "head_dim", (n_embd // n_head, None), None,
            f"{n_embd // n_head} (hidden_size / num_attention_heads)")
-    _check(raw, where, "intermediate_size", (swiglu_hidden(n_embd),), None,
-           f"{swiglu_hidden(n_embd)} (gptpipe's SwiGLU width for hidden_size {n_embd})")
-    _check(raw, where, "hidden_act", ("silu",), "silu")
-    _check(raw, where, "rms_norm_eps", (RMS_EPS,), RMS_EPS, f"{RMS_EPS} (gptpipe's RMSNorm)")
-    _check(raw, where, "tie_word_embeddings", (True,), False,
-           "true (gptpipe ties the input and output embeddings)")
-    bias = _check(raw, where, "attention_bias", (False, True), False)
-    _check(raw, where, "mlp_bias", (bias,), False,
-           f"{str(bias).lower()}, as attention_bias (gptpipe has biases everywhere or nowhere)")
-    return _gpt_config(where, positions="rotary", norm="rmsnorm", mlp="swiglu", bias=bias,
+    mlp = "relu2" if arch in RELU2 else "swiglu"
+    width = 4 * n_embd if mlp == "relu2" else swiglu_hidden(n_embd)
+    _check(raw, where, "intermediate_size", (width,), None,
+           f"{width} (gptpipe's {mlp} width for hidden_size {n_embd})")
+    # What Transformers takes when config.json leaves a key out differs by class.
+    act, default_act = ("relu2", "xielu" if arch == APERTUS else "relu2") if mlp == "relu2" \
+        else ("silu", "silu")
+    _check(raw, where, "hidden_act", (act,), default_act)
+    _check(raw, where, "rms_norm_eps", (RMS_EPS,), 1e-5 if arch in RELU2 else RMS_EPS,
+           f"{RMS_EPS} (gptpipe's RMSNorm)")
+    if arch == QWEN3:
+        _check(raw, where, "use_sliding_window", (False,), False, "false (full attention)")
+    bias = _check(raw, where, "attention_bias", (False,) if arch in NO_MLP_BIAS else
+                  (False, True), False)
+    if arch not in NO_MLP_BIAS:
+        _check(raw, where, "mlp_bias", (bias,), False, f"{str(bias).lower()}, as "
+               "attention_bias (gptpipe has biases everywhere or nowhere)")
+    if arch == APERTUS and not raw.get("rope_parameters") and not raw.get("rope_scaling"):
+        raise GptpipeError(f"{where}: rope_parameters = None (Apertus's default: llama3 "
+                           "scaling); allowed: rope_type 'default' written out")
+    return _gpt_config(where, positions="rotary", norm="rmsnorm", mlp=mlp, bias=bias,
+                       qk_norm=arch in (QWEN3, APERTUS),
+                       tie_embeddings=_tied(raw, where, default=False),
                        context=_integer(raw, where, "max_position_embeddings"),
                        n_layer=_integer(raw, where, "num_hidden_layers"), n_head=n_head,
                        n_embd=n_embd, vocab_size=_integer(raw, where, "vocab_size"),
                        rope_base=_rope_base(raw, where),
                        dropout=raw.get("attention_dropout") or 0.0)
+
+
+def _tied(raw: dict[str, Any], where: str, default: bool) -> bool:
+    return _check(raw, where, "tie_word_embeddings", (True, False), default)
 
 
 def _gpt2_config(raw: dict[str, Any], where: str, bias: bool) -> GPTConfig:
@@ -341,9 +385,8 @@ def _gpt2_config(raw: dict[str, Any], where: str, bias: bool) -> GPTConfig:
     _check(raw, where, "scale_attn_weights", (True,), True)
     _check(raw, where, "scale_attn_by_inverse_layer_idx", (False,), False)
     _check(raw, where, "add_cross_attention", (False,), False)
-    _check(raw, where, "tie_word_embeddings", (True,), True,
-           "true (gptpipe ties the input and output embeddings)")
     return _gpt_config(where, positions="learned", norm="layernorm", mlp="gelu", bias=bias,
+                       tie_embeddings=_tied(raw, where, default=True),
                        context=_integer(raw, where, "n_positions"),
                        n_layer=_integer(raw, where, "n_layer"),
                        n_head=_integer(raw, where, "n_head"), n_embd=n_embd,
@@ -360,11 +403,11 @@ def read_transformers_config(directory: Path, raw: dict[str, Any]) -> tuple[GPTC
     config.json ``raw``), and what gptpipe records of it."""
     where = str(directory / HF_CONFIG)
     model_type = _model_type(raw, where)
-    if model_type == "llama":
-        config = _llama_config(raw, where)
-    else:
+    if model_type == "gpt2":
         config = _gpt2_config(raw, where, bias=not _zero_biases(directory, raw))
-    return config, {"transformers": _MODEL_TYPES[model_type]}
+    else:
+        config = _rotary_family_config(raw, where, MODEL_TYPES[model_type])
+    return config, {"transformers": MODEL_TYPES[model_type]}
 
 
 def weight_files(directory: Path) -> tuple[Path, ...]:
@@ -481,7 +524,8 @@ def load_transformers_weights(model: GPT, files: tuple[Path, ...], directory: Pa
     if unexpected:
         raise mismatch(f"unexpected {unexpected[0]}")
     head = theirs.get("lm_head.weight")
-    if head is not None and not torch.equal(head.float(), state["wte.weight"]):
-        raise mismatch("lm_head.weight differs from the token embeddings, which gptpipe "
-                       "ties to it")
+    if config.tie_embeddings and head is not None and not torch.equal(head.float(),
+                                                                       state["wte.weight"]):
+        raise mismatch("lm_head.weight differs from the token embeddings, and "
+                       "tie_word_embeddings is true")
     load_state(model, state, f"{source}: the Transformers mapping left a tensor out")

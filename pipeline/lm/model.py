@@ -17,6 +17,12 @@ context 128, batch 16, lr 3e-3, 250 steps; bench/README.md, "Model choices"):
   0.02 / sqrt(2 * n_layer) (GPT-2), so the residual stream does not grow with depth.
 - An optional key/value cache makes generation cost one position per new token.
 
+The options of the modern recipes (nanochat, modded-nanogpt; measured in bench/README.md,
+"Recipe"): QK-norm (``qk_norm``, Qwen3's: a learned RMSNorm over each head's queries and
+keys, before the rotary positions), the ReLU² MLP (``mlp: relu2``), an untied output
+head (``tie_embeddings: false``), logit soft-capping (``logit_softcap``) and value
+embeddings (``value_embeddings``).
+
 Shapes: B batch, T time (tokens), C = n_embd, H = n_head, D = C // H.
 """
 
@@ -145,14 +151,23 @@ class CausalSelfAttention(nn.Module):
         self.proj.residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = config.dropout
         self.rotary = config.positions == "rotary"
+        self.q_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim) if config.qk_norm else None
+        self.value_gate = (ValueGate(config) if config.value_embeddings
+                           and has_value_embedding(layer, config.n_layer) else None)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
+        if self.value_gate is not None:  # (B, T, C) + (B, T, H, 1) * (B, T, H, D)
+            v = self.value_gate.mix(x, v, value_embedding)
         # (B, T, C) -> (B, H, T, D)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)
         k = k.view(B, T, self.n_head, -1).transpose(1, 2)
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if self.q_norm is not None:  # per head, over D; before rotation (Qwen3's order)
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         past = 0
@@ -180,27 +195,82 @@ def swiglu_hidden(n_embd: int) -> int:
     return 64 * math.ceil(8 * n_embd / 3 / 64)
 
 
+def mlp_hidden(config: GPTConfig) -> int:
+    """The MLP's hidden width: SwiGLU's (:func:`swiglu_hidden`), else 4 * C."""
+    return swiglu_hidden(config.n_embd) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """max(x, 0)^2 (Primer, So et al. 2021): sparse like ReLU, smooth at 0."""
+    return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
-            hidden = swiglu_hidden(config.n_embd)
-            self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
-        else:
-            hidden = 4 * config.n_embd
-            self.gate_up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.kind = config.mlp
+        hidden = mlp_hidden(config)
+        # SwiGLU's gate and up projections are one matrix, (2 * hidden, C): one matmul.
+        width = 2 * hidden if self.kind == "swiglu" else hidden
+        self.gate_up = nn.Linear(config.n_embd, width, bias=config.bias)
         self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.down.residual_projection = True
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = relu_squared(self.gate_up(x))
         else:
             h = F.gelu(self.gate_up(x), approximate="tanh")
         return F.dropout(self.down(h), self.dropout, self.training)
+
+
+def has_value_embedding(layer: int, n_layer: int) -> bool:
+    """Whether ``layer`` gets a value embedding: every other layer, the last included
+    (nanochat's pattern)."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+class ValueGate(nn.Module):
+    """How much of a value embedding each head adds to its values: 3 sigmoid(W x[:12]),
+    a gate in (0, 3) per head and position read from the first 12 channels of the
+    block's input (nanochat's; about 1.5 at initialization)."""
+
+    CHANNELS = 12
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.channels = min(self.CHANNELS, config.n_embd)
+        self.n_head = config.n_head
+        self.proj = nn.Linear(self.channels, config.n_head, bias=False)
+
+    def mix(self, x: torch.Tensor, v: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """v + gate * embedding: x, v and embedding (B, T, C); the gate (B, T, H, 1)."""
+        B, T, C = v.shape
+        gate = 3 * torch.sigmoid(self.proj(x[..., : self.channels])).unsqueeze(-1)
+        mixed = v.view(B, T, self.n_head, -1) + gate * embedding.view(B, T, self.n_head, -1)
+        return mixed.view(B, T, C)
+
+
+class OutputHead(nn.Linear):
+    """The output projection with logit soft-capping: cap * tanh(logits / cap) (Gemma 2,
+    nanochat), which keeps a confident logit from growing without bound. The divide,
+    tanh, multiply order is Transformers' ``final_logit_softcapping``."""
+
+    def __init__(self, n_embd: int, vocab_size: int, cap: float) -> None:
+        super().__init__(n_embd, vocab_size, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(super().forward(x), self.cap)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap): about the logits where |logits| << cap, never past cap."""
+    return torch.tanh(logits / cap) * cap
 
 
 class Block(nn.Module):
@@ -211,8 +281,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: KVCache | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cache, value_embedding)
         return x + self.mlp(self.norm2(x))
 
 
@@ -229,8 +300,17 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
+        # A ModuleDict keyed by layer (as str): the layers with a value embedding.
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, config.n_embd)
+            for i in range(config.n_layer)
+            if config.value_embeddings and has_value_embedding(i, config.n_layer)})
+        if config.logit_softcap > 0:
+            self.lm_head = OutputHead(config.n_embd, config.vocab_size, config.logit_softcap)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied: one matrix reads and writes tokens
         cos, sin = rotary_tables(config.head_dim, config.context, config.rope_base)
         # Buffers are not saved: they are a pure function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -249,18 +329,33 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Every parameter (a tied matrix once); ``exclude_embeddings``: without the
+        tables that are looked up, not multiplied (token, position, value embeddings)."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            total -= self.wte.weight.numel()
-            if self.wpe is not None:
-                total -= self.wpe.weight.numel()
+            tables = [self.wte, *self.value_embeds.values()]
+            tables += [self.wpe] if self.wpe is not None else []
+            total -= sum(table.weight.numel() for table in tables)
         return total
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H D T,
+        N the parameters that multiply (the output head counted, tied or not)."""
         c = self.config
-        n = self.num_parameters(exclude_embeddings=True) + c.vocab_size * c.n_embd
+        n = self.num_parameters(exclude_embeddings=True)
+        if c.tie_embeddings:
+            n += c.vocab_size * c.n_embd
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.context
+
+    def hidden_matrices(self) -> list[tuple[nn.Parameter, int]]:
+        """The blocks' 2-D weight matrices that Muon orthogonalizes, each with the number
+        of matrices it stacks in its rows: ``qkv`` holds q, k and v; SwiGLU's
+        ``gate_up`` holds gate and up (each orthogonalized alone, as if separate). The
+        value gates are left to AdamW, like the embeddings, head and norms."""
+        swiglu = self.config.mlp == "swiglu"
+        return [matrix for block in self.blocks for matrix in (
+            (block.attn.qkv.weight, 3), (block.attn.proj.weight, 1),
+            (block.mlp.gate_up.weight, 2 if swiglu else 1), (block.mlp.down.weight, 1))]
 
     def hidden_states(
         self, idx: torch.Tensor, cache: KVCache | None = None
@@ -279,8 +374,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         cos = self.rope_cos[start : start + T]
         sin = self.rope_sin[start : start + T]
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        for i, block in enumerate(self.blocks):
+            value_embedding = (self.value_embeds[str(i)](idx)  # (B, T, C)
+                               if str(i) in self.value_embeds else None)
+            x = block(x, cos, sin, cache, value_embedding)
         return self.norm_f(x)
 
     def forward(

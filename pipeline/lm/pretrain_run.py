@@ -49,6 +49,12 @@ def pretrain_run_id(model: ModelParams, train: TrainParams, world_size: int,
                            inputs)
 
 
+def schedule_of(train: TrainParams) -> dict[str, Any]:
+    """``lr_at``'s arguments but the step and the budget, from the train params."""
+    return dict(lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
+                shape=train.schedule, decay_fraction=train.decay_fraction)
+
+
 def settings_of(train: TrainParams) -> dict[str, Any]:
     """The cadence, as the run folder records it (``train.<key>``: value)."""
     return {f"train.{key}": getattr(train, key) for key in CADENCE_PARAMS}
@@ -58,8 +64,9 @@ def budget_change(train: TrainParams, context: int, world_size: int) -> Allow:
     """The rule for resuming a snapshot whose run differs from this one by its budget
     only: exact when every step done had the same learning rate under either budget (the
     cosine decay stretches with the budget, so in general it did not; with train.min_lr
-    = train.lr it did) and no step done was evaluated or logged only because it was the
-    old run's last (or would have been, being this run's last)."""
+    = train.lr it did, and wsd's steps before either decay did) and no step done was
+    evaluated or logged only because it was the old run's last (or would have been,
+    being this run's last)."""
     new_total = total_steps(train, context, world_size)
 
     def allow(changes: dict[str, tuple[Any, Any]], info: dict[str, Any]) -> tuple[bool, str]:
@@ -72,14 +79,14 @@ def budget_change(train: TrainParams, context: int, world_size: int) -> Allow:
         if done > new_total or (done in (old_total, new_total) and not aligned):
             return False, (f"step {done} of the snapshot was the end of a run of {old_total} "
                            f"steps, which a run of {new_total} steps would not evaluate there")
-        schedule = dict(lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps)
+        schedule = schedule_of(train)
         same = all(lr_at(step, **schedule, total_steps=old_total)
                    == lr_at(step, **schedule, total_steps=new_total) for step in range(done))
         if not same:
             return False, (f"the learning rates of the {done} steps done differ between "
-                           f"{old_total} and {new_total} steps (the cosine decay stretches "
-                           "with the budget), so resuming would not be the run these params "
-                           "describe")
+                           f"{old_total} and {new_total} steps (the {train.schedule} decay "
+                           "moves with the budget), so resuming would not be the run these "
+                           "params describe")
         return True, (f"a budget of {old_total} steps there, {new_total} here, and resuming is "
                       f"exact: each of the {done} steps done had the same learning rate "
                       "under either")

@@ -1,4 +1,5 @@
-"""The pretraining loop: AdamW, warmup + cosine, clipping, accumulation, DDP.
+"""The pretraining loop: AdamW or Muon, warmup + cosine or wsd, clipping, accumulation,
+DDP.
 
 :class:`Trainer` builds the model, optimizer and batches, then steps, evaluates every
 ``train.eval_every`` steps and keeps the weights of the lowest val loss. Everything about
@@ -45,9 +46,15 @@ from pipeline.lm.batching import (
 from pipeline.lm.checkpoint import load_weights, save_model
 from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPT, GPTConfig
-from pipeline.lm.optim import adamw
-from pipeline.lm.pretrain_run import budget_change, pretrain_run_id, settings_of, total_steps
-from pipeline.lm.schedule import lr_at
+from pipeline.lm.optim import adamw, muon_adamw
+from pipeline.lm.pretrain_run import (
+    budget_change,
+    pretrain_run_id,
+    schedule_of,
+    settings_of,
+    total_steps,
+)
+from pipeline.lm.schedule import lr_at, phases_problem
 
 FAULT_NAN_GRAD = "GPTPIPE_FAULT_NAN_GRAD_AT_STEP"
 
@@ -76,6 +83,21 @@ def _rng_state(runtime: Runtime) -> dict[str, torch.Tensor]:
     if runtime.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(runtime.device)
     return state
+
+
+def _optimizer(model: GPT, train: TrainParams, runtime: Runtime) -> torch.optim.Optimizer:
+    """train.optimizer's: AdamW, or Muon for the hidden matrices with AdamW for the rest
+    (its Newton-Schulz iterations in float32 unless the run computes in bfloat16)."""
+    betas = (train.beta1, train.beta2)
+    if train.optimizer == "adamw":
+        return adamw(model, lr=train.lr, weight_decay=train.weight_decay, betas=betas,
+                     device=runtime.device)
+    ns_dtype = torch.bfloat16 if runtime.dtype == torch.bfloat16 else torch.float32
+    return muon_adamw(model, model.hidden_matrices(), lr=train.lr,
+                      weight_decay=train.weight_decay, betas=betas, muon_lr=train.muon_lr,
+                      muon_momentum=train.muon_momentum,
+                      muon_weight_decay=train.muon_weight_decay, ns_steps=train.muon_ns_steps,
+                      device=runtime.device, ns_dtype=ns_dtype)
 
 
 @dataclass
@@ -124,14 +146,19 @@ class Trainer:
         train, runtime = self.train, self.runtime
         self.config = GPTConfig(vocab_size=vocab_size, **asdict(model_params))
         self.total_steps = total_steps(train, self.config.context, runtime.world_size)
+        problem = phases_problem(warmup_steps=train.warmup_steps, total_steps=self.total_steps,
+                                 shape=train.schedule, decay_fraction=train.decay_fraction)
+        if problem:
+            raise GptpipeError(f"train.schedule = {train.schedule!r}: {problem}; allowed: "
+                               "fewer warmup steps, a smaller train.decay_fraction or a "
+                               "larger budget")
         self.identity = pretrain_run_id(model_params, train, runtime.world_size, inputs)
         torch.manual_seed(train.seed)  # the model's init draws from the global generator
         self.model = GPT(self.config)
         if init_from is not None:
             load_weights(self.model, init_from)
         self.model.to(runtime.device)
-        self.optimizer = adamw(self.model, lr=train.lr, weight_decay=train.weight_decay,
-                               betas=(train.beta1, train.beta2), device=runtime.device)
+        self.optimizer = _optimizer(self.model, train, runtime)
         self.sampler = WindowSampler(train_tokens, self.config.context, train.batch_size,
                                      train.seed + 1, runtime.rank, runtime.world_size)
         self.val_windows = eval_windows(val_tokens, self.config.context, train.eval_windows)
@@ -246,11 +273,11 @@ class Trainer:
         train = self.train
         self.model.train()
         window_tokens, window_start = 0, time.perf_counter()
+        schedule = schedule_of(train)
         while self.step < self.total_steps:
-            lr = lr_at(self.step, lr=train.lr, min_lr=train.min_lr,
-                       warmup_steps=train.warmup_steps, total_steps=self.total_steps)
+            lr = lr_at(self.step, **schedule, total_steps=self.total_steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups: muon_lr / lr
             loss = self._step_or_out_of_memory()
             self.step += 1
             window_tokens += self.tokens_per_step

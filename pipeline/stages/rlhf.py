@@ -16,14 +16,16 @@ Writes:  --out (models/rlhf/): best/ and last/ model checkpoints; --checkpoint
          (dvclive/rlhf/: per-step plots); --metrics (metrics/rlhf.json: the gold,
          reward-model and reward scores, win rates, KL and val bits per byte of the
          pretrained, starting and best policies, each with its standard error, defined
-         in pipeline/alignment/report.py); --prompt-scores (evaluation/rlhf_prompts.parquet:
-         the final evaluation, one row per prompt)
+         in pipeline/alignment/report.py; with a weighted list of rewards, each one's mean
+         and standard error before and after, pipeline/alignment/policy_eval.
+         component_metrics); --prompt-scores (evaluation/rlhf_prompts.parquet: the final
+         evaluation, one row per prompt)
 
 Refuses, in one line with nothing written: inputs made with another tokenizer than
 --model's, a prompt + completion longer than the context, a python: reward that cannot
-be imported, raises or returns anything but a finite number. Re-run after a crash, a
-kill or Ctrl-C, it resumes its snapshot when that is an unfinished run of the same
-params, inputs and code (pipeline/alignment/tuner.py).
+be imported, raises or returns anything but a finite number per completion. Re-run
+after a crash, a kill or Ctrl-C, it resumes its snapshot when that is an unfinished run
+of the same params, inputs and code (pipeline/alignment/tuner.py).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 
 from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.inputs import RolloutPrompts, encode_pairs, prompt_tensors
-from pipeline.alignment.policy_eval import opening_prompts
+from pipeline.alignment.policy_eval import component_metrics, opening_prompts
 from pipeline.alignment.preference_data import Pair, read_pairs_dir, visible_text
 from pipeline.alignment.preference_data import made_with as pairs_made_with
 from pipeline.alignment.report import (
@@ -52,7 +54,7 @@ from pipeline.alignment.report import (
     with_final_scores,
 )
 from pipeline.alignment.reward_model import RewardModel, load_reward_model
-from pipeline.alignment.rewards import TextReward, load_function, make_scorer
+from pipeline.alignment.rewards import TextReward, load_functions, make_reward
 from pipeline.alignment.rollout import GoldScorer
 from pipeline.alignment.tuner import Tuner, TuneResult
 from pipeline.core.device import pick_device
@@ -80,7 +82,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     rlhf = params.rlhf
     device = pick_device(rlhf.device, key="rlhf.device")
     inputs = _open_inputs(model, pretrained, reward, pairs, tokens)
-    reward_function = _import_python_reward(rlhf)
+    python_functions = _import_python_rewards(rlhf)
     prompts = prompt_tensors(
         inputs.tokenizer, [p.prompt for p in inputs.train_pairs],
         [p.prompt for p in inputs.heldout_pairs], inputs.config.context,
@@ -92,7 +94,8 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
 
     policy, base, reward_model = _load_models(inputs, reward, device, rlhf.seed)
     judge = GoldJudge.from_params(params.gold)
-    scorer = make_scorer(rlhf.reward, reward_function,
+    # A weighted list: RL maximizes the weighted sum, and each reward is logged apart.
+    scorer = make_reward(rlhf.reward, python_functions,
                          reward_model_scorer=reward_model.score_ids, judge=judge,
                          tokenizer=inputs.tokenizer, pretrained=base,
                          likelihood_per_token=rlhf.likelihood_per_token)
@@ -118,8 +121,13 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     val_bpb_after = val_bpb(best)
     bpb = BitsPerByte(val_bpb_pretrained[0], val_bpb_before[0], val_bpb_after[0],
                       (val_bpb_pretrained[1], val_bpb_before[1], val_bpb_after[1]))
-    summary = rlhf_metrics(rlhf, with_final_scores(result, final), final.pretrained.summary(),
-                           final.wins, bpb, final_errors(final, bpb))
+    judged = with_final_scores(result, final)
+    summary = rlhf_metrics(rlhf, judged, final.pretrained.summary(), final.wins, bpb,
+                           final_errors(final, bpb))
+    # A weighted list's "reward" is its one-line sum; each reward gets its own keys.
+    if rlhf.weighted:
+        summary = {**summary, "reward": rlhf.reward_label(),
+                   **component_metrics(judged.start, judged.best)}
     if prompt_scores is not None:
         write_item_scores(prompt_scores, "rlhf prompts", prompt_table(final))
     write_json(metrics, summary)
@@ -199,11 +207,10 @@ def _open_inputs(model: Path, pretrained: Path, reward: Path, pairs: Path,
                    heldout_pairs, tokens_meta)
 
 
-def _import_python_reward(rlhf: RlhfParams) -> TextReward | None:
-    """A python: reward's function, imported once and now: an import that fails, fails
-    before anything is loaded. None for the other rewards."""
-    python_reward = rlhf.python_reward()
-    return None if python_reward is None else load_function(*python_reward, rlhf.reward)
+def _import_python_rewards(rlhf: RlhfParams) -> dict[str, TextReward]:
+    """Each python: reward's function by its reward string, its file imported once and
+    now: an import that fails, fails before anything is loaded."""
+    return load_functions(rlhf.python_rewards())
 
 
 def _load_models(inputs: _Inputs, reward: Path, device: torch.device,
@@ -255,17 +262,19 @@ def _fingerprint(params: Params, device_type: str, **inputs: Path) -> str:
     settings = {"rlhf": {k: v for k, v in asdict(rlhf).items()
                          if k not in ("device", "final_prompts")},
                 "gold": asdict(params.gold), "device": device_type}
-    python_reward = rlhf.python_reward()
-    if python_reward is not None:
-        inputs["reward_module"] = Path(python_reward[0])
+    if rlhf.python_rewards():
+        inputs["reward_module"] = Path(rlhf.reward_module)
     return run_fingerprint(settings, inputs)
 
 
 def _say_start(rlhf: RlhfParams, device: torch.device, prompts: RolloutPrompts) -> None:
     what = "pairs" if rlhf.algo == "dpo" else "completions"
-    say("rlhf", f"{rlhf.algo} on {device}, reward {rlhf.reward}: {rlhf.steps} steps of "
+    say("rlhf", f"{rlhf.algo} on {device}, reward {rlhf.reward_label()}: {rlhf.steps} steps of "
                 f"{rlhf.batch_size} {what}; {prompts.train.shape[0]} train and "
                 f"{prompts.heldout.shape[0]} held-out prompts of {prompts.length} tokens")
+    if rlhf.algo == "dpo":
+        say("rlhf", "dpo learns from the pairs: the reward is evaluated and reported, "
+                    "not optimized")
     if prompts.empty:
         say("rlhf", f"{prompts.empty} empty prompts (no token) left out of the rollout and "
                     "evaluation prompts: every prompt is cut to the shortest one's length")

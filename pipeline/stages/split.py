@@ -2,10 +2,14 @@
 
 Reads:  the clean document table (``--input``, data/clean: id, source, text).
 Params: the ``split`` section of params.yaml (:class:`pipeline.core.params.SplitParams`:
-        train, val, test, seed, workers).
+        train, val, test, seed, workers) and ``contamination.near_twins`` (with the
+        near_dup keys it uses): keep, or move to train or drop the val/test documents
+        with a near twin in train.
 Writes: one document table per split (``--out``, data/split/{train,val,test}/
         part-00000.parquet) and flat JSON metrics (``--metrics``, metrics/split.json:
-        documents, and per split documents, bytes, fraction_documents, fraction_bytes).
+        documents, and per split documents, bytes, fraction_documents, fraction_bytes;
+        with near_twins at train or drop, val and test also near_twins_moved_to_train or
+        near_twins_dropped).
 
 The rule is :func:`pipeline.data.splitting.assign_split`, applied by
 :mod:`pipeline.data.split_table`.
@@ -50,7 +54,7 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
             (tmp / name).mkdir()
             writers[name] = stack.enter_context(DocumentWriter(tmp / name, DOCUMENT_SCHEMA))
         documents, sizes = split_table(input, writers, params.split, groups_per_task,
-                                       bar.update)
+                                       bar.update, params.contamination)
     total_bytes = sum(sizes.values())
     result: dict[str, Any] = {"documents": total}
     for name in SPLITS:
@@ -60,6 +64,11 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path,
             "fraction_documents": _fraction(documents[name], total),
             "fraction_bytes": _fraction(sizes[name], total_bytes),
         }
+    if params.contamination.near_twins != "keep":
+        settled = ("near_twins_moved_to_train" if params.contamination.near_twins == "train"
+                   else "near_twins_dropped")
+        for name in SPLITS[1:]:
+            result[name][settled] = documents[f"near_twins_{name}"]
     write_json(metrics, result)
     counts = ", ".join(f"{name} {result[name]['documents']}" for name in SPLITS)
     say("split", f"{total} documents: {counts} -> {out}")

@@ -24,17 +24,29 @@ from pipeline.core.params import Params
 from pipeline.core.progress import progress
 from pipeline.core.stage import say, stage_command
 from pipeline.data.doctable import count_documents, iter_batches, iter_texts, table_path
-from pipeline.data.tokenizer import UNK_ID, TextTokenizer, train_tokenizer
+from pipeline.data.tokenizer import UNK_ID, TextTokenizer, TrainingSample, train_tokenizer
 from pipeline.lm.checkpoint import base_model
 from pipeline.lm.folder import ModelFolder
 
 
-def _train_texts(train_dir: Path) -> Iterator[list[str]]:
-    """The train split's texts in batches, with a progress bar over documents."""
+def _train_texts(train_dir: Path, max_mb: int) -> Iterator[list[str]]:
+    """The train split's texts in batches, or a sample of at most ``max_mb`` MiB of them
+    (:class:`~pipeline.data.tokenizer.TrainingSample`), with a progress bar over documents."""
+    sample = TrainingSample(_text_bytes(train_dir), max_mb * 2**20)
+    if not sample.whole:
+        say("vocab", f"learning from a sample of at most vocab.max_train_mb = {max_mb} MiB "
+                     f"({sample.rate:.1%}) of the train split")
     with progress(total=count_documents(train_dir), desc="vocab", unit="doc") as bar:
         for texts in iter_texts(train_dir):
-            yield texts
+            if taken := sample.take(texts):
+                yield taken
             bar.update(len(texts))
+
+
+def _text_bytes(split_dir: Path) -> int:
+    """The UTF-8 bytes of a split's texts."""
+    return sum(pc.sum(pc.binary_length(batch.column(0))).as_py() or 0
+               for batch in iter_batches(split_dir, columns=("text",)))
 
 
 def _ratio(part: int, whole: int) -> float:
@@ -83,7 +95,8 @@ def run(params: Params, *, input: Path, out: Path, metrics: Path) -> dict[str, A
     if params.vocab.kind == "from_model":
         tokenizer = _base_tokenizer(params.train.init_from)
     else:
-        tokenizer = train_tokenizer(params.vocab, _train_texts(train_dir), where=str(train_dir))
+        texts = _train_texts(train_dir, params.vocab.max_train_mb)
+        tokenizer = train_tokenizer(params.vocab, texts, where=str(train_dir))
     result = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
     result.update(measure(tokenizer, val_dir))
     tokenizer.save(out)

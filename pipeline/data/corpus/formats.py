@@ -270,7 +270,7 @@ def read_file(
     """The documents of one corpus file in format ``fmt`` (a plain-text one in ``unit``:
     file, paragraph or line); errors name ``path``. ``byte_range`` ``(start, end,
     first_line)`` reads only a stretch of lines of a plain-text or JSONL file, numbered
-    from ``first_line`` (see :func:`plan_ranges`)."""
+    from ``first_line`` (see :func:`~pipeline.data.corpus.planning.plan_ranges`)."""
     where = path.as_posix()
     if fmt == "arrow":
         if compression is not None:

@@ -42,7 +42,8 @@ RANGE_BYTES = 4 << 20
 
 @dataclass
 class CorpusStats:
-    """What :func:`iter_documents` read and skipped; its fields are the ingest metrics."""
+    """What :func:`~pipeline.data.corpus.reading.iter_documents` read and skipped; its
+    fields are the ingest metrics."""
 
     files_read: int = 0
     files_skipped_binary: int = 0
@@ -206,7 +207,8 @@ def _plan_file(path: Path, source: str, params: DataParams, stats: CorpusStats,
 def plan_reads(params: DataParams, stats: CorpusStats, range_bytes: int = RANGE_BYTES,
                on_read: OnRead = no_progress) -> Iterator[ReadTask]:
     """The read tasks of ``params.corpus`` in corpus order (a builtin pointer is read by
-    :func:`read_builtin`, not planned); ``stats`` counts the files as they are planned."""
+    :func:`~pipeline.data.corpus.builtin.read_builtin`, not planned); ``stats`` counts the
+    files as they are planned."""
     root = Path(params.corpus)
     if root.is_dir():
         matched = 0

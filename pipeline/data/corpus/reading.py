@@ -140,8 +140,8 @@ def iter_documents(
     ``stats`` (if given) is updated as documents go by; ``on_read`` is called with the
     number of input bytes (compressed, as stored) read so far, for a progress bar.
     ``workers`` processes read files, and stretches of lines of big plain-text and JSONL
-    files (:func:`plan_ranges`, about ``range_bytes`` each), side by side; the documents
-    and their order are the same for any number of workers.
+    files (:func:`~pipeline.data.corpus.planning.plan_ranges`, about ``range_bytes``
+    each), side by side; the documents and their order are the same for any number of workers.
     Documents with only whitespace are left out and counted. A corpus that yields no
     document at all is an error, raised after the last file.
     """

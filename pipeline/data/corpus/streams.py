@@ -182,8 +182,9 @@ def open_text(
 
     A leading UTF-8 byte-order mark is dropped (utf-8-sig), so a CSV header from a
     spreadsheet still names its first column. ``newline=None`` turns CRLF and CR into
-    '\\n'. ``byte_range`` reads only those bytes (see :func:`plan_ranges`); ``cap`` bounds
-    the decompressed bytes read (see :func:`open_binary`).
+    '\\n'. ``byte_range`` reads only those bytes (see
+    :func:`~pipeline.data.corpus.planning.plan_ranges`); ``cap`` bounds the decompressed
+    bytes read (see :func:`open_binary`).
     """
     with open_binary(path, compression, on_read, byte_range, cap) as binary:
         from_start = byte_range is None or byte_range[0] == 0
@@ -227,7 +228,8 @@ def open_parquet(
             spooled.seek(0)
             source = spooled
         try:
-            parquet = pq.ParquetFile(source)
+            # no prefetch: it keeps each row group read until the file closes
+            parquet = pq.ParquetFile(source, pre_buffer=False)
         except pa.ArrowException as err:
             raise GptpipeError(
                 f"{path}: not a Parquet file ({err}); allowed: a Parquet file"
