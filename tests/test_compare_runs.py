@@ -23,6 +23,7 @@ def _git_commit(repo, message: str) -> None:
     run_cmd(["git", "commit", "-q", "-m", message], repo)
 
 
+@pytest.mark.timeout(900)  # whole tiny pipelines, several minutes on a busy machine
 def test_experiment_then_compare_two_commits(tmp_path, tiny_corpus):
     repo = make_dvc_repo(tmp_path / "repo", TINY)
     tiny_corpus.rename(repo / "corpus")
@@ -102,6 +103,7 @@ def _rows(output: str) -> dict[str, str]:
             if line.startswith(("evaluate", "reward.", "sft.", "rlhf."))}
 
 
+@pytest.mark.timeout(900)  # whole tiny pipelines, several minutes on a busy machine
 def test_compare_a_run_with_itself_and_with_an_experiment(baseline):
     repo = baseline
     rows = _rows(run_cmd(["gptpipe", "compare", "HEAD", "HEAD"], repo).stdout)
@@ -139,6 +141,7 @@ def test_compare_a_run_with_itself_and_with_an_experiment(baseline):
     run_cmd(["dvc", "checkout", "-q", "--force"], repo)
 
 
+@pytest.mark.timeout(900)  # whole tiny pipelines, several minutes on a busy machine
 def test_compare_refuses_what_it_cannot_read_in_one_line(baseline):
     repo = baseline
     for args, message in (
@@ -152,6 +155,7 @@ def test_compare_refuses_what_it_cannot_read_in_one_line(baseline):
         assert not (repo / "bad.md").exists()
 
 
+@pytest.mark.timeout(900)  # whole tiny pipelines, several minutes on a busy machine
 def test_replicates_queued_as_dvc_experiments(baseline):
     """The recipe: queue one experiment per seed, run the queue, aggregate the seeds."""
     import time
