@@ -56,6 +56,7 @@ COMMANDS: dict[str, str] = {
     "sft": "pipeline.stages.sft",
     "rlhf": "pipeline.stages.rlhf",
     "export": "pipeline.stages.export",
+    "compare": "pipeline.compare.command",
     "lm-eval-tasks": "pipeline.lm.lm_eval_tasks",
     "generate": "pipeline.lm.generate",
 }

@@ -263,7 +263,8 @@ def test_stage_writes_the_reward_model_and_metrics(setup, tmp_path):
     assert sorted(metrics) == sorted([
         "gpt.train_accuracy", "gpt.heldout_accuracy", "gpt.heldout_margin", "gpt.train_loss",
         "baseline.train_accuracy", "baseline.heldout_accuracy", "baseline.heldout_margin",
-        "pairs.train", "pairs.heldout"])
+        "pairs.train", "pairs.heldout", *(f"{model}.heldout_{key}" for model in (
+            "gpt", "baseline") for key in ("accuracy_lo", "accuracy_hi", "margin_se"))])
     assert metrics["pairs.train"] + metrics["pairs.heldout"] == 160
     assert metrics["gpt.heldout_accuracy"] > 0.8
     assert metrics["baseline.heldout_accuracy"] > 0.8

@@ -444,7 +444,10 @@ def test_stage_writes_loadable_models_metrics_and_plots(stage_inputs, algo):
         "gold_before", "gold_after", "rm_pretrained", "rm_before", "rm_after",
         "reward_before", "reward_after", "win_rate", "win_rate_vs_start", "kl_best",
         "kl_final", "val_bpb_pretrained", "val_bpb_before", "val_bpb_after",
-        "val_bpb_change_pct"}
+        "val_bpb_change_pct"} | {f"{key}_se" for key in (
+        "gold_pretrained", "gold_before", "gold_after", "rm_pretrained", "rm_before",
+        "rm_after", "reward_before", "reward_after", "win_rate", "win_rate_vs_start",
+        "kl_best", "val_bpb_pretrained", "val_bpb_before", "val_bpb_after")}
     assert metrics["algo"] == algo and metrics["steps"] == 4
     assert 0.0 <= metrics["win_rate"] <= 1.0
     assert metrics["gold_after"] >= metrics["gold_before"]  # best by gold; step 0 competes

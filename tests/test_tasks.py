@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import BIN, synthetic_documents
@@ -30,7 +31,7 @@ from pipeline.lm.evaluation import BigramModel
 from pipeline.lm.model import GPT, GPTConfig
 from pipeline.lm.tasks import (
     Item,
-    _accuracies,
+    _answers,
     _row,
     choice_loglikelihoods,
     next_sentence_items,
@@ -221,7 +222,10 @@ def test_accuracies_by_hand():
     # acc: item 1 picks b (wrong), item 2 x (wrong), item 3 ties: the first, p (wrong).
     # acc_norm (per byte): -2 vs -3 right; -2 vs -1.5 right; tie again wrong.
     # acc_pmi: 5 vs 0 right; 0 vs 3 right; 0 vs 1 right.
-    assert _accuracies(items, given, alone) == {"acc": 0.0, "acc_norm": 2 / 3, "acc_pmi": 1.0}
+    answers = _answers(items, given, alone)
+    assert {rule: right.tolist() for rule, right in answers.items()} == {
+        "acc": [False, False, False], "acc_norm": [True, True, False],
+        "acc_pmi": [True, True, True]}
 
 
 def _topic_documents(count: int, seed: int) -> list[str]:
@@ -369,3 +373,58 @@ def test_a_bad_task_file_stops_the_stage_in_one_line_and_writes_nothing(stage_in
     assert result.stderr.count("\n") == 1
     assert f"{task}: line 2: label = 5; allowed: an integer in 0 .. 1" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_stage_writes_what_its_figures_average(stage_inputs, tmp_path):
+    """Per-document rows that add up to val and test's figures, per-item answers that
+    make the task accuracies, and an interval beside every figure."""
+    import pyarrow.parquet as pq
+
+    from pipeline.core.item_scores import text_hash
+    from pipeline.data.doctable import iter_batches
+
+    params = _write_params(tmp_path / "params.yaml", task="both")
+    args = [*_evaluate_args(stage_inputs, tmp_path, params, stage_inputs / "task.jsonl"),
+            "--splits", str(stage_inputs / "split"),
+            "--document-scores", str(tmp_path / "documents.parquet"),
+            "--task-scores", str(tmp_path / "tasks.parquet")]
+    result = _gptpipe(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "evaluate.json").read_text())
+    documents = pq.read_table(tmp_path / "documents.parquet").to_pandas()
+    for split in ("val", "test"):
+        rows = documents[documents.split == split]
+        table = pa.concat_tables(pa.Table.from_batches([b]) for b in iter_batches(
+            stage_inputs / "split" / split))
+        assert len(rows) == table.num_rows == metrics[f"{split}.documents"]
+        assert rows.tokens.sum() == metrics[f"{split}.tokens"]
+        assert rows.bytes.sum() == pytest.approx(metrics[f"{split}.bytes"], rel=1e-9)
+        assert rows.nats.sum() / rows.tokens.sum() == pytest.approx(
+            metrics[f"{split}.loss"], abs=2e-6)
+        texts = table.column("text").to_pylist()
+        assert rows.text_sha256.tolist() == [text_hash(texts[i]) for i in rows.document]
+        assert rows.source.tolist() == [table.column("source")[i].as_py()
+                                        for i in rows.document]
+        for key in ("loss", "ppl", "bpb", "acc"):
+            assert 0 < metrics[f"{split}.{key}_se"] < metrics[f"{split}.{key}"]
+    tasks = pq.read_table(tmp_path / "tasks.parquet").to_pandas()
+    for task, items in (("next_sentence", 30), ("task_file", 10)):
+        rows = tasks[tasks.task == task]
+        assert len(rows) == items == rows.item_sha256.nunique()
+        for rule in ("acc", "acc_norm", "acc_pmi", "bigram_acc"):
+            assert rows[rule].mean() == pytest.approx(metrics[f"{task}.{rule}"], abs=1e-6)
+        for rule in ("acc", "acc_norm", "acc_pmi"):
+            assert (metrics[f"{task}.{rule}_lo"] <= metrics[f"{task}.{rule}"]
+                    <= metrics[f"{task}.{rule}_hi"])
+    assert "+- " in result.stdout  # the bits per byte are printed with their interval
+
+
+def test_no_task_writes_an_empty_item_table(stage_inputs, tmp_path):
+    import pyarrow.parquet as pq
+
+    params = _write_params(tmp_path / "params.yaml", task="none")
+    args = [*_evaluate_args(stage_inputs, tmp_path, params, tmp_path / "not-read.jsonl"),
+            "--task-scores", str(tmp_path / "tasks.parquet")]
+    assert _gptpipe(args, tmp_path).returncode == 0
+    table = pq.read_table(tmp_path / "tasks.parquet")
+    assert table.num_rows == 0 and "item_sha256" in table.column_names

@@ -24,8 +24,11 @@ from pipeline.alignment.rollout import (
     score_with_components,
     split_ids,
 )
+from pipeline.data.shards import TokenStream, windows
+from pipeline.data.tokenizer import EOS_ID
 from pipeline.lm.model import GPT
 from pipeline.lm.sampling import SamplingConfig, sample_batch
+from pipeline.lm.unit_scores import document_starts
 
 
 class Judge(Protocol):
@@ -111,12 +114,44 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float | None]:
     return float(np.mean(array)), error
 
 
+@dataclass
+class PromptScores:
+    """One model's fresh sample of each evaluation prompt, scored, prompt by prompt."""
+
+    reward: np.ndarray  # (E,) float64: what RL maximizes (rlhf.reward)
+    rm_score: np.ndarray  # (E,) the reward model's score
+    gold_score: np.ndarray  # (E,) the gold judge's
+    kl: np.ndarray  # (E,) KL to the reference, nats per sequence (exact per position)
+    entropy: float  # mean per-token entropy over every sampled token
+    completions: list[list[int]] = field(repr=False)  # ids, cut before <eos>
+    # name -> each completion's score by that reward of a weighted list (else empty)
+    components: dict[str, list[float]] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> PolicyEval:
+        """The means :class:`PolicyEval` keeps."""
+        return PolicyEval(
+            reward=float(np.mean(self.reward)), rm_score=float(np.mean(self.rm_score)),
+            gold_score=float(np.mean(self.gold_score)), kl=float(np.mean(self.kl)),
+            entropy=self.entropy, completions=self.completions, components=self.components,
+        )
+
+
 @torch.no_grad()
 def evaluate_policy(
     gpt: GPT, reference: GPT, prompts: torch.Tensor, config: SamplingConfig, seed: int,
     scorer: Scorer, gold: GoldScorer, batch_size: int, rm_scorer: Scorer | None = None,
 ) -> PolicyEval:
-    """Sample one completion per (P, T0) prompt and score them.
+    """The means of :func:`score_prompts` (the same arguments)."""
+    return score_prompts(gpt, reference, prompts, config, seed, scorer, gold, batch_size,
+                         rm_scorer).summary()
+
+
+@torch.no_grad()
+def score_prompts(
+    gpt: GPT, reference: GPT, prompts: torch.Tensor, config: SamplingConfig, seed: int,
+    scorer: Scorer, gold: GoldScorer, batch_size: int, rm_scorer: Scorer | None = None,
+) -> PromptScores:
+    """Sample one completion per (P, T0) prompt and score each.
 
     Sampling uses ``config`` (the rollout temperature, not greedy: what the policy is
     trained to produce; the KL and entropy are at that temperature too) from a generator
@@ -124,10 +159,10 @@ def evaluate_policy(
     same samples and evaluations of different policies are compared on the same random
     draws. ``batch_size`` prompts at a time
     (part of what fixes the draws: the generator serves a batch's rows together).
-    Returns the means of ``scorer`` (what RL maximizes), of ``rm_scorer`` (the reward
-    model; None: the scorer is the reward model), of the gold score, of the KL to
-    ``reference`` (:func:`sequence_kl`) and of the entropy, and the completions (and,
-    for a weighted list of rewards, each component's per-completion scores).
+    Returns, per prompt, the score of ``scorer`` (what RL maximizes), of ``rm_scorer``
+    (the reward model; None: the scorer is the reward model), the gold score and the KL
+    to ``reference`` (:func:`sequence_kl`); the mean entropy, the completions and, for a
+    weighted list of rewards, each component's per-completion scores.
     """
     temperature = sampling_temperature(config)
     device = gpt.lm_head.weight.device
@@ -158,27 +193,53 @@ def evaluate_policy(
         gold_scores += [float(gold(p, c)) for p, c in zip(prompt_ids, completion_ids,
                                                           strict=True)]
         completions += completion_ids
-    return PolicyEval(
-        reward=float(np.mean(rewards)), rm_score=float(np.mean(rm_scores)),
-        gold_score=float(np.mean(gold_scores)),
-        kl=float(np.mean(kls)), entropy=sum(entropies) / max(sum(counts), 1.0),
-        completions=completions, components=components,
+    return PromptScores(
+        reward=np.array(rewards, np.float64), rm_score=np.array(rm_scores, np.float64),
+        gold_score=np.array(gold_scores, np.float64), kl=np.array(kls, np.float64),
+        entropy=sum(entropies) / max(sum(counts), 1.0), completions=completions,
+        components=components,
     )
 
 
 def win_rate(judge: Judge, prompts: Sequence[str], completions_a: Sequence[str],
              completions_b: Sequence[str], rng: np.random.Generator) -> float:
-    """The fraction of prompts where ``judge`` prefers completion a over completion b.
-
-    A tie (the same text, or equal gold scores) counts 0.5 and draws nothing; otherwise
-    ``judge.prefer`` decides, with ``rng`` (so its Bradley-Terry noise, if any, applies).
-    """
+    """The fraction of prompts where ``judge`` prefers completion a over completion b
+    (the mean of :func:`win_outcomes`; 0.5 without a prompt)."""
     if not prompts:
         return 0.5
-    wins = 0.0
+    outcomes = win_outcomes(judge, prompts, completions_a, completions_b, rng)
+    return sum(outcomes) / len(prompts)
+
+
+def win_outcomes(judge: Judge, prompts: Sequence[str], completions_a: Sequence[str],
+                 completions_b: Sequence[str], rng: np.random.Generator) -> list[float]:
+    """Per prompt, 1.0 when ``judge`` prefers completion a over completion b, else 0.0.
+
+    A tie (the same text, or equal gold scores) is 0.5 and draws nothing; otherwise
+    ``judge.prefer`` decides, with ``rng`` (so its Bradley-Terry noise, if any, applies).
+    """
+    outcomes = []
     for prompt, a, b in zip(prompts, completions_a, completions_b, strict=True):
         if a == b or judge.score(prompt, a) == judge.score(prompt, b):
-            wins += 0.5
+            outcomes.append(0.5)
         else:
-            wins += 1.0 - judge.prefer(prompt, a, b, rng)
-    return wins / len(prompts)
+            outcomes.append(1.0 - judge.prefer(prompt, a, b, rng))
+    return outcomes
+
+
+def opening_prompts(tokens: TokenStream, length: int, count: int) -> torch.Tensor:
+    """(F, 1 + length) int64: ``<bos>`` and the first ``length`` ids of the first
+    ``count`` documents of a token stream (``<bos> ids <eos>`` each) that have that many,
+    each distinct opening once: prompts that need no preference pair, for a final
+    evaluation larger than the held-out pairs allow."""
+    starts = document_starts(tokens)
+    starts = starts[starts + length + 1 <= len(tokens)]
+    found: dict[tuple[int, ...], None] = {}
+    for first in range(0, len(starts), 1024):
+        rows = windows(tokens, starts[first : first + 1024], length + 1).astype(np.int64)
+        for row in rows.tolist():
+            if EOS_ID not in row[1:]:  # the document holds length tokens
+                found.setdefault(tuple(row), None)
+                if len(found) == count:
+                    return torch.tensor(list(found), dtype=torch.long)
+    return torch.tensor(list(found), dtype=torch.long).reshape(len(found), length + 1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -267,15 +268,39 @@ def _train(model, tokenizer, train_pairs, params, device, on_epoch) -> dict[str,
 def evaluate_reward_model(model: RewardModel, tokenizer: TextTokenizer,
                           pairs: Sequence[Pair], batch_size: int = 32) -> dict[str, float]:
     """accuracy: how often r(chosen) > r(rejected); mean_margin: mean r(chosen) - r(rejected)."""
+    return pair_rewards(model, tokenizer, pairs, batch_size).summary()
+
+
+@dataclass(frozen=True)
+class PairRewards:
+    """The reward model's scores of each pair's two completions ((N,) float32 each)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        """accuracy (a tie counts half) and mean_margin; both 0 without a pair."""
+        if not len(self.chosen):
+            return {"accuracy": 0.0, "mean_margin": 0.0}
+        return {
+            "accuracy": float(pairwise_accuracy(self.chosen, self.rejected)),
+            "mean_margin": float((self.chosen - self.rejected).mean()),
+        }
+
+    def outcomes(self) -> np.ndarray:
+        """(N,) float64 per pair: 1 when chosen scores above rejected, 0.5 on a tie, 0."""
+        chosen, rejected = self.chosen.double().numpy(), self.rejected.double().numpy()
+        return np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
+
+
+def pair_rewards(model: RewardModel, tokenizer: TextTokenizer, pairs: Sequence[Pair],
+                 batch_size: int = 32) -> PairRewards:
+    """Both completions of every pair scored by ``model`` (on the CPU)."""
     if not pairs:
-        return {"accuracy": 0.0, "mean_margin": 0.0}
+        return PairRewards(torch.zeros(0), torch.zeros(0))
     chosen, rejected = encode_pairs(tokenizer, pairs, model.config.context)
-    chosen_rewards = model.score_sequences(chosen, batch_size).cpu()
-    rejected_rewards = model.score_sequences(rejected, batch_size).cpu()
-    return {
-        "accuracy": float(pairwise_accuracy(chosen_rewards, rejected_rewards)),
-        "mean_margin": float((chosen_rewards - rejected_rewards).mean()),
-    }
+    return PairRewards(model.score_sequences(chosen, batch_size).cpu(),
+                       model.score_sequences(rejected, batch_size).cpu())
 
 
 # -------------------------------------------------------------------------- baseline

@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.alignment.chat import conversational_example, is_conversation
 from pipeline.alignment.gradients import finite_gradient_norm
@@ -142,6 +144,29 @@ def sft_loss(model: GPT, examples: Sequence[EncodedExample],
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def example_losses(model: GPT, examples: Sequence[EncodedExample],
+                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, the summed response-token nats ((N,) float64) and the response
+    tokens counted ((N,) int64): what :func:`sft_loss` averages, kept apart so that the
+    held-out loss gets a standard error and two runs compare example by example."""
+    device = model.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    nats, tokens = [], []
+    try:
+        with torch.no_grad():
+            for first in range(0, len(examples), batch_size):
+                inputs, targets, response = _batch(examples[first : first + batch_size], device)
+                logits, _ = model(inputs)
+                per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                            reduction="none").view(targets.shape)  # (B, T)
+                nats += (per_token * response).double().sum(dim=1).cpu().tolist()
+                tokens += response.sum(dim=1).cpu().tolist()
+    finally:
+        model.train(was_training)
+    return np.array(nats, np.float64), np.array(tokens, np.int64)
 
 
 def train_sft(model: GPT, examples: Sequence[EncodedExample], params: SftParams,

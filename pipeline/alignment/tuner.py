@@ -41,7 +41,7 @@ from torch import nn
 
 from pipeline.alignment.inputs import EncodedPair
 from pipeline.alignment.policy import PolicyWithValue, frozen_copy, kl_controller, make_optimizer
-from pipeline.alignment.policy_eval import PolicyEval, evaluate_policy
+from pipeline.alignment.policy_eval import PolicyEval, PromptScores, evaluate_policy, score_prompts
 from pipeline.alignment.rollout import GoldScorer, Scorer, collect_rollout
 from pipeline.alignment.updates import (
     check_kl,
@@ -248,6 +248,15 @@ class Tuner:
         return evaluate_policy(gpt, self.reference, self.eval_prompts, self.config,
                                rlhf.seed + _EVAL_SEED, self.scorer, self.gold,
                                rlhf.batch_size, self.rm_scorer)
+
+    def score_model(self, gpt: GPT, prompts: torch.Tensor) -> PromptScores:
+        """``gpt`` sampled once on each of ``prompts`` and scored prompt by prompt, as the
+        evaluations are (their seed, scorers and reference): on the evaluation prompts,
+        their very samples."""
+        rlhf = self.rlhf
+        return score_prompts(gpt, self.reference, prompts, self.config,
+                             rlhf.seed + _EVAL_SEED, self.scorer, self.gold,
+                             rlhf.batch_size, self.rm_scorer)
 
     def _evaluate(self, step: int) -> PolicyEval:
         rlhf = self.rlhf

@@ -43,6 +43,13 @@ from pipeline.core.io import sha256_file
 from pipeline.data.doctable import iter_texts
 from pipeline.data.shards import TokenFile, TokenStream, windows
 from pipeline.data.units import opening
+from pipeline.lm.unit_scores import (
+    ScoreLedger,
+    UnitSums,
+    document_starts,
+    resampling_units,
+    split_errors,
+)
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens: int, text_bytes: int) -> float:
@@ -130,10 +137,18 @@ def iter_windows(tokens: TokenStream, plan: ScoringPlan, batch_size: int
                  ) -> Iterator[np.ndarray]:
     """The plan's windows, (B, T + 1) arrays of at most ``batch_size`` rows, then the
     tail as a (1, L) array."""
+    for _, batch in iter_placed_windows(tokens, plan, batch_size):
+        yield batch
+
+
+def iter_placed_windows(tokens: TokenStream, plan: ScoringPlan, batch_size: int
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`iter_windows`' batches with the (B,) stream positions they start at."""
     for first in range(0, len(plan.starts), batch_size):
-        yield windows(tokens, plan.starts[first : first + batch_size], plan.context + 1)
+        starts = plan.starts[first : first + batch_size]
+        yield starts, windows(tokens, starts, plan.context + 1)
     if plan.tail is not None:
-        yield np.asarray(tokens[plan.tail :])[None, :]
+        yield np.array([plan.tail], np.int64), np.asarray(tokens[plan.tail :])[None, :]
 
 
 def score_tokens(
@@ -144,6 +159,7 @@ def score_tokens(
     device: torch.device | str,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     plan: ScoringPlan | None = None,
+    ledger: ScoreLedger | None = None,
 ) -> TokenScores:
     """Mean cross-entropy and top-1 accuracy of ``model`` on the windows of ``plan``
     (default: every token of ``tokens`` but the first, :func:`scoring_plan`).
@@ -152,6 +168,8 @@ def score_tokens(
     ``training.mean_loss``. The sum is accumulated in float64: millions of float32
     additions would drift. ``autocast`` is a callable returning a context manager
     (``runtime.autocast``). The model's train/eval mode is restored afterwards.
+    ``ledger``, when given, also receives every target's nats and hit (per-document
+    sums, :mod:`pipeline.lm.unit_scores`).
     """
     plan = plan or scoring_plan(len(tokens), context)
     if batch_size < 1:
@@ -161,27 +179,33 @@ def score_tokens(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in iter_windows(tokens, plan, batch_size):
-                nats, hits = _score_windows(model, batch, device, autocast)
-                total_nats += nats
-                correct += hits
+            for starts, batch in iter_placed_windows(tokens, plan, batch_size):
+                per_target, per_hit = _score_windows(model, batch, device, autocast)
+                total_nats += per_target.sum().item()
+                correct += int(per_hit.sum().item())
+                if ledger is not None:
+                    shape = (batch.shape[0], batch.shape[1] - 1)
+                    ledger.add(starts, batch, per_target.numpy().reshape(shape),
+                               per_hit.numpy().reshape(shape))
     finally:
         model.train(was_training)
     predicted = plan.predicted
     return TokenScores(tokens=predicted, loss=total_nats / predicted, correct=correct)
 
 
-def _score_windows(model, batch: np.ndarray, device, autocast) -> tuple[float, int]:
-    """Summed nats and top-1 hits over the targets of (B, T + 1) windows."""
+def _score_windows(model, batch: np.ndarray, device, autocast
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B*T,) nats (float64, on the CPU) and top-1 hits of the targets of (B, T + 1)
+    windows."""
     ids = torch.from_numpy(batch.astype(np.int64)).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
     with autocast():
         logits, _ = model(inputs)  # (B, T, V)
     logits = logits.float()
     nats = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), reduction="none")  # (B*T,)
-    hits = (logits.argmax(dim=-1) == targets).sum()
+    hits = (logits.argmax(dim=-1) == targets).reshape(-1)  # (B*T,)
     # float64 on the CPU: MPS has no float64, and B*T floats are a small copy.
-    return nats.cpu().double().sum().item(), int(hits.item())
+    return nats.cpu().double(), hits.cpu()
 
 
 def scored_bytes(tokens: TokenStream, plan: ScoringPlan, split_bytes: int,
@@ -223,10 +247,51 @@ def evaluate_split(
     ``split_bytes`` is meta["splits"][split]["bytes"]; ``max_tokens`` the budget
     (:func:`scoring_plan`), with ``byte_lengths`` and ``split_token_bytes`` to count the
     bytes of a subset (:func:`scored_bytes`)."""
+    return score_split(model, tokens, split_bytes, context, batch_size, device, autocast,
+                       max_tokens, byte_lengths, split_token_bytes).metrics
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """:func:`evaluate_split`'s metrics with the per-document and per-window sums they
+    are ratios of (:mod:`pipeline.lm.unit_scores`)."""
+
+    metrics: dict[str, float]
+    documents: UnitSums
+    windows: UnitSums
+    documents_in_stream: int  # the <bos> tokens of the split, scored or not
+
+    def errors(self, resamples: int, seed: int) -> dict[str, float]:
+        """Bootstrap standard errors of loss, ppl, bpb and acc (``loss_se`` ...) over
+        the scored documents (``documents``: how many), or over windows (``windows``:
+        how many) when the documents are too few to resample."""
+        name, units = resampling_units(self.documents, self.windows)
+        errors = split_errors(units, float(self.metrics["bytes"]), resamples, seed)
+        counts = {"documents": len(self.documents)}
+        if name == "windows":
+            counts["windows"] = len(units)
+        return {**errors, **counts}
+
+
+def score_split(
+    model: nn.Module,
+    tokens: TokenStream,
+    split_bytes: int,
+    context: int,
+    batch_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    max_tokens: int | None = None,
+    byte_lengths: np.ndarray | None = None,
+    split_token_bytes: int | None = None,
+) -> SplitScores:
+    """:func:`evaluate_split`, keeping what each document and window contributed."""
     plan = scoring_plan(len(tokens), context, max_tokens)
-    scores = score_tokens(model, tokens, context, batch_size, device, autocast, plan)
+    starts = document_starts(tokens)
+    ledger = ScoreLedger(starts, byte_lengths)
+    scores = score_tokens(model, tokens, context, batch_size, device, autocast, plan, ledger)
     size = scored_bytes(tokens, plan, split_bytes, byte_lengths, split_token_bytes)
-    return {
+    metrics = {
         "loss": scores.loss,
         "ppl": scores.perplexity,
         "bpb": bits_per_byte(scores.loss, scores.tokens, size),
@@ -236,6 +301,7 @@ def evaluate_split(
         # baselines divide by the same figure).
         "bytes": int(split_bytes) if plan.whole else size,
     }
+    return SplitScores(metrics, ledger.documents(), ledger.windows(), len(starts))
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -248,12 +248,13 @@ def _bigram_loglikelihood(bigram: BigramModel, previous: int, choice: list[int])
     return float(np.log(bigram.token_probabilities(np.array([previous, *choice]))).sum())
 
 
-def _accuracies(items: Sequence[Item], given: np.ndarray, alone: np.ndarray
-                ) -> dict[str, float]:
-    """acc (the highest log-likelihood given the context wins), acc_norm (per UTF-8 byte
-    of the choice) and acc_pmi (given minus alone: how much the context raised it); the
-    first of equal scores wins."""
-    right = {"acc": 0, "acc_norm": 0, "acc_pmi": 0}
+def _answers(items: Sequence[Item], given: np.ndarray, alone: np.ndarray
+             ) -> dict[str, np.ndarray]:
+    """Per item, whether each rule picks the right choice ((N,) bool each): acc (the
+    highest log-likelihood given the context wins), acc_norm (per UTF-8 byte of the
+    choice) and acc_pmi (given minus alone: how much the context raised it); the first
+    of equal scores wins."""
+    right = {"acc": [], "acc_norm": [], "acc_pmi": []}
     at = 0
     for item in items:
         n = len(item.choices)
@@ -262,8 +263,17 @@ def _accuracies(items: Sequence[Item], given: np.ndarray, alone: np.ndarray
                   "acc_pmi": given[at : at + n] - alone[at : at + n]}
         at += n
         for key, values in scores.items():
-            right[key] += int(np.argmax(values) == item.label)
-    return {key: count / len(items) for key, count in right.items()}
+            right[key].append(bool(np.argmax(values) == item.label))
+    return {key: np.array(flags, dtype=bool) for key, flags in right.items()}
+
+
+@dataclass(frozen=True)
+class TaskScores:
+    """A task's figures (:func:`score_task`) and, per item, which rules answered right:
+    ``answers[rule]`` is (N,) bool for acc, acc_norm, acc_pmi and their bigram_*."""
+
+    metrics: dict[str, float]
+    answers: dict[str, np.ndarray]
 
 
 def score_task(model: GPT, tokenizer: TextTokenizer, items: Sequence[Item],
@@ -273,6 +283,16 @@ def score_task(model: GPT, tokenizer: TextTokenizer, items: Sequence[Item],
     """The model's and the bigram's accuracies on ``items``, with chance beside them:
     ``items``, ``acc``, ``acc_norm``, ``acc_pmi``, ``bigram_acc``, ``bigram_acc_norm``,
     ``bigram_acc_pmi``, ``chance`` (the module docstring says what each means)."""
+    return score_task_items(model, tokenizer, items, bigram, batch_size, device,
+                            autocast).metrics
+
+
+def score_task_items(model: GPT, tokenizer: TextTokenizer, items: Sequence[Item],
+                     bigram: BigramModel, batch_size: int, device: torch.device | str,
+                     autocast: Callable[[], AbstractContextManager] = nullcontext
+                     ) -> TaskScores:
+    """:func:`score_task`, keeping each item's answers (for intervals and paired
+    comparisons)."""
     context = model.config.context
     contexts = [[BOS_ID, *ids] for ids in tokenizer.encode_batch([i.context for i in items])]
     choices = tokenizer.encode_batch([c for item in items for c in item.choices])
@@ -290,7 +310,10 @@ def score_task(model: GPT, tokenizer: TextTokenizer, items: Sequence[Item],
     bigram_given = np.array([_bigram_loglikelihood(bigram, contexts[i][-1], ids)
                              for i, ids in zip(owner, choices, strict=True)])
     bigram_alone = np.array([_bigram_loglikelihood(bigram, BOS_ID, ids) for ids in choices])
-    ours = _accuracies(items, model_given, model_alone)
-    baseline = _accuracies(items, bigram_given, bigram_alone)
-    return {"items": len(items), **ours, **{f"bigram_{k}": v for k, v in baseline.items()},
-            "chance": float(np.mean([1 / len(item.choices) for item in items]))}
+    answers = {**_answers(items, model_given, model_alone),
+               **{f"bigram_{k}": v for k, v in
+                  _answers(items, bigram_given, bigram_alone).items()}}
+    accuracies = {rule: int(right.sum()) / len(items) for rule, right in answers.items()}
+    metrics = {"items": len(items), **accuracies,
+               "chance": float(np.mean([1 / len(item.choices) for item in items]))}
+    return TaskScores(metrics, answers)

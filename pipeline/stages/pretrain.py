@@ -4,11 +4,13 @@ Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.js
          train.init_from: a model folder to continue (its weights; its shape must be the
          model section's and its tokenizer the data's), or data/builtin/random.init
 Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from),
-         evaluate.max_tokens (the most val tokens the final bits per byte score)
+         evaluate.max_tokens (the most val tokens the final bits per byte score),
+         evaluate.resamples and evaluate.resample_seed (their standard errors)
 Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
-         metrics/pretrain.json (best val loss, val bits per byte, tokens seen, ...);
+         metrics/pretrain.json (best val loss, val loss and bits per byte with their
+         bootstrap standard errors over documents, tokens seen, ...);
          metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
 
 Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
@@ -47,7 +49,7 @@ from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_tokenizer
 from pipeline.lm.checkpoint import base_model, check_same_shape
-from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.evaluation import score_split
 from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPTConfig
 from pipeline.lm.training import StepLog, Trainer
@@ -93,11 +95,14 @@ def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path
     val = meta["splits"]["val"]
 
     def score_val(model) -> dict:
-        """The final val metrics: every token, or evaluate.max_tokens of them."""
-        return evaluate_split(model, val_tokens, val["bytes"], trainer.config.context,
-                              train.batch_size, runtime.device, runtime.autocast,
-                              params.evaluate.budget, text_tokenizer.byte_lengths(),
-                              val.get("token_bytes"))
+        """The final val metrics: every token, or evaluate.max_tokens of them, with
+        their bootstrap standard errors over documents (loss_se, bpb_se, ...)."""
+        scores = score_split(model, val_tokens, val["bytes"], trainer.config.context,
+                             train.batch_size, runtime.device, runtime.autocast,
+                             params.evaluate.budget, text_tokenizer.byte_lengths(),
+                             val.get("token_bytes"))
+        return {**scores.metrics, **scores.errors(params.evaluate.resamples,
+                                                  params.evaluate.resample_seed)}
 
     return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
 
@@ -198,7 +203,9 @@ def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, st
         "best_val_loss": round(trainer.best_val_loss, 6),
         "best_step": trainer.best_step,
         "val_loss": round(val_loss, 6),
+        "val_loss_se": round(scores["loss_se"], 6),
         "val_bpb": round(bits_per_byte, 6),
+        "val_bpb_se": round(scores["bpb_se"], 6),
         "val_tokens_scored": scores["tokens"],
         "steps": trainer.step,
         "tokens_seen": trainer.step * trainer.tokens_per_step,

@@ -5,17 +5,21 @@ Reads:   --model (models/sft: the policy RL starts from, also its frozen KL refe
          --pretrained (models/pretrain/best: what the tuned policy is judged against, and
          the likelihood reward's scorer), --reward (models/reward: the reward model),
          --pairs (data/preferences: train.jsonl's prompts and DPO's pairs, heldout.jsonl's
-         evaluation prompts), --tokens (data/tokens: the val split, for bits per byte),
-         and a python: reward's file (rlhf.reward_module)
+         evaluation prompts), --tokens (data/tokens: the val split, for bits per byte,
+         and the test split, whose document openings are the final evaluation's
+         prompts), and a python: reward's file (rlhf.reward_module)
 Params:  rlhf (algorithm, reward, budget, sampling, optimizer, KL penalty, evaluation,
-         selection, seed, device), gold (the judge), evaluate.max_tokens
+         selection, final evaluation, seed, device), gold (the judge),
+         evaluate.max_tokens, evaluate.resamples and evaluate.resample_seed
 Writes:  --out (models/rlhf/): best/ and last/ model checkpoints; --checkpoint
          (checkpoints/rlhf/: the resumable snapshot, a DVC persist output); --live
          (dvclive/rlhf/: per-step plots); --metrics (metrics/rlhf.json: the gold,
          reward-model and reward scores, win rates, KL and val bits per byte of the
-         pretrained, starting and best policies, defined in pipeline/alignment/report.py;
-         with a weighted list of rewards, each one's mean and standard error before and
-         after, pipeline/alignment/policy_eval.component_metrics)
+         pretrained, starting and best policies, each with its standard error, defined
+         in pipeline/alignment/report.py; with a weighted list of rewards, each one's mean
+         and standard error before and after, pipeline/alignment/policy_eval.
+         component_metrics); --prompt-scores (evaluation/rlhf_prompts.parquet: the final
+         evaluation, one row per prompt)
 
 Refuses, in one line with nothing written: inputs made with another tokenizer than
 --model's, a prompt + completion longer than the context, a python: reward that cannot
@@ -35,16 +39,28 @@ import torch
 
 from pipeline.alignment.gold import GoldJudge
 from pipeline.alignment.inputs import RolloutPrompts, encode_pairs, prompt_tensors
-from pipeline.alignment.policy_eval import component_metrics
+from pipeline.alignment.policy_eval import component_metrics, opening_prompts
 from pipeline.alignment.preference_data import Pair, read_pairs_dir, visible_text
 from pipeline.alignment.preference_data import made_with as pairs_made_with
-from pipeline.alignment.report import BitsPerByte, rlhf_metrics, summary_line, win_rates
+from pipeline.alignment.report import (
+    BitsPerByte,
+    FinalEvaluation,
+    final_errors,
+    prompt_table,
+    prompt_texts,
+    rlhf_metrics,
+    summary_line,
+    win_rates,
+    with_final_scores,
+)
 from pipeline.alignment.reward_model import RewardModel, load_reward_model
 from pipeline.alignment.rewards import TextReward, load_functions, make_reward
 from pipeline.alignment.rollout import GoldScorer
 from pipeline.alignment.tuner import Tuner, TuneResult
 from pipeline.core.device import pick_device
+from pipeline.core.errors import GptpipeError
 from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.item_scores import optional_paths, write_item_scores
 from pipeline.core.live import finish_live, start_live
 from pipeline.core.params import Params, RlhfParams
 from pipeline.core.progress import progress
@@ -54,14 +70,14 @@ from pipeline.data.shards import made_with as shards_made_with
 from pipeline.data.shards import read_meta, read_tokens, require_splits
 from pipeline.data.tokenizer import MadeWith, TextTokenizer, require_tokenizer
 from pipeline.lm.checkpoint import TOKENIZER, write_model_files
-from pipeline.lm.evaluation import evaluate_split
+from pipeline.lm.evaluation import score_split
 from pipeline.lm.folder import ModelFolder
 from pipeline.lm.model import GPT, GPTConfig
 
 
 def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: Path,
-        tokens: Path, out: Path, checkpoint: Path, live: Path,
-        metrics: Path) -> dict[str, Any]:
+        tokens: Path, out: Path, checkpoint: Path, live: Path, metrics: Path,
+        prompt_scores: Path | None = None) -> dict[str, Any]:
     """Tune the policy (resuming from ``checkpoint`` when it can); write every output."""
     rlhf = params.rlhf
     device = pick_device(rlhf.device, key="rlhf.device")
@@ -71,6 +87,7 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
         inputs.tokenizer, [p.prompt for p in inputs.train_pairs],
         [p.prompt for p in inputs.heldout_pairs], inputs.config.context,
         rlhf.max_new_tokens, rlhf.eval_prompts, pairs, need_train=rlhf.algo != "dpo")
+    final_prompts = _final_prompts(rlhf, tokens, inputs, prompts)
     val_bpb = _val_bpb(params, tokens, inputs)
     fingerprint = _fingerprint(params, device.type, model=model, pretrained=pretrained,
                                reward=reward, pairs=pairs)
@@ -92,25 +109,61 @@ def run(params: Params, *, model: Path, pretrained: Path, reward: Path, pairs: P
     tuner = Tuner(policy, rlhf, scorer, gold, prompts.train, prompts.heldout, encoded,
                   checkpoint, fingerprint, rm_scorer)
     result = _tune(tuner, live)
-    # The pretrained model on the same prompts and random draws: what RLHF is judged
-    # against (the starting policy is the SFT model, its KL reference).
-    pretrained_eval = tuner.evaluate_model(base)
-    del reward_model
 
     provenance = {"tokenizer_sha256": inputs.tokenizer.sha256,
                   "vocab_kind": inputs.raw.get("vocab_kind")}
     best = _write_models(out, result, policy, model / TOKENIZER, provenance, rlhf.algo)
-    bpb = BitsPerByte(val_bpb_pretrained, val_bpb_before, val_bpb(best))
-    wins = win_rates(judge, inputs.tokenizer, prompts.heldout, result, pretrained_eval,
-                     rlhf.seed)
+    # The pretrained model, the starting policy (the SFT model, the KL reference) and the
+    # best policy on the final prompts, with the same random draws: what RLHF is judged by.
+    final = _final_evaluation(tuner, judge, inputs.tokenizer, final_prompts,
+                              {"pretrained": base, "start": tuner.reference, "best": best})
+    del reward_model
+    val_bpb_after = val_bpb(best)
+    bpb = BitsPerByte(val_bpb_pretrained[0], val_bpb_before[0], val_bpb_after[0],
+                      (val_bpb_pretrained[1], val_bpb_before[1], val_bpb_after[1]))
+    judged = with_final_scores(result, final)
+    summary = rlhf_metrics(rlhf, judged, final.pretrained.summary(), final.wins, bpb,
+                           final_errors(final, bpb))
     # A weighted list's "reward" is its one-line sum; each reward gets its own keys.
-    summary = rlhf_metrics(rlhf, result, pretrained_eval, wins, bpb)
     if rlhf.weighted:
         summary = {**summary, "reward": rlhf.reward_label(),
-                   **component_metrics(result.start, result.best)}
+                   **component_metrics(judged.start, judged.best)}
+    if prompt_scores is not None:
+        write_item_scores(prompt_scores, "rlhf prompts", prompt_table(final))
     write_json(metrics, summary)
     say("rlhf", summary_line(summary))
     return summary
+
+
+def _final_prompts(rlhf: RlhfParams, tokens: Path, inputs: _Inputs,
+                   prompts: RolloutPrompts) -> torch.Tensor:
+    """The final evaluation's (F, 1 + K) prompts: the openings of the first
+    rlhf.final_prompts test documents with K tokens (K: the rollout prompts' length), or
+    the periodic evaluation's held-out prompts when rlhf.final_prompts is 0."""
+    if not rlhf.final_prompts:
+        return prompts.heldout
+    require_splits(inputs.tokens_meta, tokens, "test")
+    found = opening_prompts(read_tokens(tokens / "test"), prompts.length, rlhf.final_prompts)
+    if not len(found):
+        raise GptpipeError(f"{tokens / 'test'}: no document of {prompts.length} tokens to "
+                           "open a final evaluation prompt; allowed: a larger test split, "
+                           "or rlhf.final_prompts: 0 (the held-out prompts)")
+    return found
+
+
+def _final_evaluation(tuner: Tuner, judge: GoldJudge, tokenizer: TextTokenizer,
+                      prompts: torch.Tensor, models: dict[str, GPT]) -> FinalEvaluation:
+    """Each model sampled once on every final prompt and scored as the periodic
+    evaluations are (their seed, scorers and KL reference), prompt by prompt. On the
+    held-out prompts (rlhf.final_prompts: 0) this repeats the periodic evaluations'
+    samples exactly; the best policy's win rates are judged with rlhf.seed, as ever."""
+    scores = {name: tuner.score_model(gpt, prompts) for name, gpt in models.items()}
+    summary = {name: s.summary() for name, s in scores.items()}
+    stand_in = TuneResult({}, 0, summary["start"], summary["best"], summary["best"], 0)
+    wins = win_rates(judge, tokenizer, prompts, stand_in, summary["pretrained"],
+                     tuner.rlhf.seed)
+    return FinalEvaluation(prompt_texts(tokenizer, prompts), scores["pretrained"],
+                           scores["start"], scores["best"], wins)
 
 
 @dataclass(frozen=True)
@@ -177,18 +230,21 @@ def _load_models(inputs: _Inputs, reward: Path, device: torch.device,
     return policy, base, load_reward_model(reward, device)
 
 
-def _val_bpb(params: Params, tokens: Path, inputs: _Inputs) -> Callable[[GPT], float]:
+def _val_bpb(params: Params, tokens: Path, inputs: _Inputs
+             ) -> Callable[[GPT], tuple[float, float]]:
     """A model's bits per byte on the val split (every token, or evaluate.max_tokens of
-    them), as a function of the model."""
+    them) and its bootstrap standard error over documents, as a function of the model."""
     val_tokens = read_tokens(tokens / "val")
     val = inputs.tokens_meta["splits"]["val"]
     byte_lengths = inputs.tokenizer.byte_lengths()
 
-    def val_bpb(model: GPT) -> float:
-        return evaluate_split(model, val_tokens, val["bytes"], model.config.context,
-                              params.rlhf.batch_size, model.lm_head.weight.device,
-                              max_tokens=params.evaluate.budget, byte_lengths=byte_lengths,
-                              split_token_bytes=val.get("token_bytes"))["bpb"]
+    def val_bpb(model: GPT) -> tuple[float, float]:
+        scores = score_split(model, val_tokens, val["bytes"], model.config.context,
+                             params.rlhf.batch_size, model.lm_head.weight.device,
+                             max_tokens=params.evaluate.budget, byte_lengths=byte_lengths,
+                             split_token_bytes=val.get("token_bytes"))
+        errors = scores.errors(params.evaluate.resamples, params.evaluate.resample_seed)
+        return scores.metrics["bpb"], errors["bpb_se"]
 
     return val_bpb
 
@@ -202,7 +258,9 @@ def _fingerprint(params: Params, device_type: str, **inputs: Path) -> str:
     per byte are recomputed at every start, never carried in a snapshot.
     """
     rlhf = params.rlhf
-    settings = {"rlhf": {k: v for k, v in asdict(rlhf).items() if k != "device"},
+    # rlhf.final_prompts sizes the evaluation after the run, never the run itself.
+    settings = {"rlhf": {k: v for k, v in asdict(rlhf).items()
+                         if k not in ("device", "final_prompts")},
                 "gold": asdict(params.gold), "device": device_type}
     if rlhf.python_rewards():
         inputs["reward_module"] = Path(rlhf.reward_module)
@@ -282,4 +340,6 @@ main = stage_command(
     out="The model folder to write (best/ and last/ model checkpoints).",
     checkpoint="", live="",
     metrics="",
+    prompt_scores="The Parquet table of the final evaluation's per-prompt scores to write.",
 )
+optional_paths(main, "prompt_scores")

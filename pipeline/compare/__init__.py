@@ -1,0 +1,1 @@
+"""``gptpipe compare``: which differences between runs are larger than their noise."""
