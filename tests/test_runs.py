@@ -330,16 +330,19 @@ def test_an_output_never_replaces_the_working_tree_or_a_repository(tmp_path, mon
 
 
 def test_stop_signals_ask_to_stop_once_then_abort():
+    # The handlers found before are put back (a test worker may have SIGINT ignored).
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGTERM)
         assert signals.requested == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the second signal: abort at once
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
     with StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.requested == "SIGINT"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
 
 
 def test_a_second_sigterm_ends_the_process():
