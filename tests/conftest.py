@@ -117,3 +117,18 @@ def save_tiny_checkpoint(root: Path, texts: list[str], kind: str, n_layer: int) 
     save_model(root / "model", GPT(config), config, {"tokenizer_sha256": tokenizer.sha256},
                root / "tokenizer.json")
     return root
+
+
+# The test files that take longest on 2 cores, longest first (measured with `make test`).
+# `make test` hands whole files to its two processes in collection order: starting these
+# first leaves the short files to even out the end, instead of one process running a long
+# file alone while the other waits.
+LONGEST_FILES = ("test_bench.py", "test_compare_runs.py", "test_pretrain.py",
+                 "test_pipeline_dvc.py", "test_determinism.py", "test_remote.py",
+                 "test_faults.py", "test_rlhf_resume.py", "test_lm_eval.py",
+                 "test_trl_formats.py", "test_docs.py", "test_model_card.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: place for place, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))

