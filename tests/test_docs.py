@@ -116,7 +116,8 @@ def check_gptpipe(args: list[str]) -> None:
     missing = [p.opts[0] for p in command.params
                if p.required and isinstance(p, click.Option) and opts.get(p.name) is None]
     assert not missing, f"gptpipe {args[0]}: missing required {missing}"
-    takes = sum(p.nargs for p in command.params if isinstance(p, click.Argument))
+    arguments = [p.nargs for p in command.params if isinstance(p, click.Argument)]
+    takes = len(positional) if -1 in arguments else sum(arguments)  # -1: any number
     assert len(positional) <= takes, f"gptpipe {args[0]}: extra arguments {positional}"
 
 
@@ -134,7 +135,13 @@ def check_dvc(args: list[str]) -> None:
         assert target in stages, f"dvc {' '.join(args)}: no stage {target!r} in dvc.yaml"
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for setting in getattr(parsed, "set_param", None) or []:
-        section, _, key = setting.split("=", 1)[0].partition(".")
+        dotted = setting.split("=", 1)[0]
+        section, _, key = dotted.lstrip("+").partition(".")
+        mapping, _, entry = key.partition(".")
+        if dotted.startswith("+") and entry:  # adds an entry to a mapping param
+            assert isinstance(params.get(section, {}).get(mapping), dict), (
+                f"-S {setting}: {section}.{mapping} is not a mapping in params.yaml")
+            continue
         assert key in params.get(section, {}), f"-S {setting}: no such param in params.yaml"
 
 

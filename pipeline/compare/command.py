@@ -30,11 +30,11 @@ import click
 from pipeline.compare.curves import pictures, write_pictures
 from pipeline.compare.differences import Difference, compare_headline
 from pipeline.compare.headlines import (
-    HEADLINES,
     METRICS_FILES,
     SPLIT_FINGERPRINT,
     TOKENIZER_FINGERPRINT,
     headline,
+    headlines_of,
 )
 from pipeline.compare.sources import WORKSPACE, RunSource, experiments_of, open_sources
 from pipeline.compare.tables import (
@@ -81,7 +81,7 @@ def compare_pair(old: RunSource, new: RunSource, fail_on: list[str]
                 raise GptpipeError(f"compare: --fail-on {name}: {source.label} has no "
                                    f"{head.key} in {head.file}")
     differences = []
-    for head in HEADLINES:
+    for head in headlines_of([old_files, new_files]):
         before, after = old_files.get(head.file, {}), new_files.get(head.file, {})
         if not _number(before.get(head.key)) or not _number(after.get(head.key)):
             continue

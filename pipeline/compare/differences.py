@@ -27,6 +27,7 @@ from pipeline.core.stats import (
     percentile_interval,
     verdict,
 )
+from pipeline.data.sources import source_name
 
 RESAMPLES = 2000
 SEED = 0
@@ -99,6 +100,9 @@ def read_units(source: RunSource, items: Items) -> Units | None:
     if items.where is not None:
         column, value = items.where
         rows = columns[column] == value
+    if items.source is not None:
+        rows &= np.array([source_name(str(path)) == items.source
+                          for path in columns["source"]], dtype=bool)
     numerator = columns[items.numerator][rows].astype(np.float64)
     denominator = (columns[items.denominator][rows].astype(np.float64)
                    if items.denominator else np.ones(int(rows.sum())))

@@ -12,6 +12,7 @@ two column sums (a mean is a ratio over a column of ones).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 
@@ -29,6 +30,7 @@ class Items:
     where: tuple[str, str] | None = None
     scale: float = 1.0
     unit: str = "items"
+    source: str | None = None  # only the documents of this corpus source (data.sources)
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,52 @@ SPLIT_FINGERPRINT = ("fingerprint.corpus", "fingerprint.split")
 TOKENIZER_FINGERPRINT = "fingerprint.tokenizer"
 
 
+# A per-source figure of an evaluate stage (data.sources: subfolders).
+_SOURCE_KEY = re.compile(r"(val|test)\.sources\.(.+)\.bpb")
+_EVALUATE_STAGES = {"metrics/evaluate.json": "", "metrics/evaluate_rlhf.json": "_rlhf"}
+
+
+def _source_headline(file: str, key: str) -> Headline | None:
+    """The headline of a per-source bits per byte key, paired on that source's
+    documents; None for any other key."""
+    found = _SOURCE_KEY.fullmatch(key)
+    if found is None or file not in _EVALUATE_STAGES:
+        return None
+    split, source = found.groups()
+    return Headline(file, key, False, "se",
+                    Items(f"evaluation/documents{_EVALUATE_STAGES[file]}.parquet",
+                          "documents", "text_sha256", "nats", "bytes", ("split", split),
+                          1 / math.log(2), "documents", source=source))
+
+
+def headlines_of(runs: list[dict[str, dict]]) -> list[Headline]:
+    """The fixed headlines and, after them, each per-source figure any of ``runs``
+    (metrics file -> metrics) reports, in the order the first run that has it wrote it."""
+    extra: dict[tuple[str, str], Headline] = {}
+    for files in runs:
+        for file in _EVALUATE_STAGES:
+            for key in files.get(file, {}):
+                head = _source_headline(file, key)
+                if head is not None:
+                    extra.setdefault((file, key), head)
+    return [*HEADLINES, *extra.values()]
+
+
 def headline(name: str) -> Headline:
-    """The headline ``name`` (``evaluate.test.bpb``); one line listing them otherwise."""
+    """The headline ``name`` (``evaluate.test.bpb``, ``evaluate.val.sources.code.bpb``);
+    one line listing them otherwise."""
     from pipeline.core.errors import GptpipeError
 
     for found in HEADLINES:
         if found.name == name:
             return found
+    stem, _, key = name.partition(".")
+    per_source = _source_headline(f"metrics/{stem}.json", key)
+    if per_source is not None:
+        return per_source
     raise GptpipeError(f"compare: --fail-on {name}: no such headline metric; allowed: "
-                       + ", ".join(h.name for h in HEADLINES))
+                       + ", ".join(h.name for h in HEADLINES)
+                       + " (and evaluate.<split>.sources.<source>.bpb with data.sources)")
 
 
 def within_run_se(head: Headline, metrics: dict) -> float | None:

@@ -64,10 +64,10 @@ class Spread:
 
 def spreads(runs: list[dict[str, dict]]) -> list[Spread]:
     """Each headline over the runs (metrics file -> metrics, per run) that report it."""
-    from pipeline.compare.headlines import HEADLINES
+    from pipeline.compare.headlines import headlines_of
 
     found = []
-    for head in HEADLINES:
+    for head in headlines_of(runs):
         present = [files[head.file] for files in runs
                    if files.get(head.file) and isinstance(files[head.file].get(head.key),
                                                           int | float)]

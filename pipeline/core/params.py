@@ -72,6 +72,11 @@ class DataParams(_Section):
     # Reading processes (files, and stretches of big text and JSONL files, side by side);
     # 0 = one per core. The raw table is the same for any number.
     workers: int = 0
+    # one: the corpus is one source. subfolders: each top-level entry of a folder corpus
+    # (a subfolder, or a file beside them) is a source of its own: evaluate reports val
+    # and test per source as well as overall, and train.source_weights up- or
+    # down-samples each in pretraining (pipeline/data/sources.py).
+    sources: Literal["one", "subfolders"] = "one"
 
     def validate(self) -> None:
         self.require_non_negative("workers")
@@ -366,8 +371,18 @@ class TrainParams(_Section):
     # A resumable checkpoint every checkpoint_every steps.
     checkpoint_every: int = 100
     log_every: int = 1
+    # With data.sources: subfolders, source name -> weight: a source's share of the
+    # training windows is its share of the train tokens times its weight, renormalized
+    # (2: twice as often, 0: never). Unnamed sources weigh 1; all equal: plain sampling.
+    source_weights: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
+        for name, weight in self.source_weights.items():
+            if not name.strip():
+                raise self.fail("source_weights", name, "source names (top-level entries "
+                                "of the corpus folder)")
+            if weight < 0:
+                raise self.fail(f"source_weights.{name}", weight, "a weight >= 0")
         self.require_positive(
             "batch_size", "grad_accum", "eval_every", "eval_windows", "checkpoint_every",
             "log_every", "lr", "nproc_per_node",
@@ -838,6 +853,9 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(repr(a) for a in get_args(annotation))
     if get_origin(annotation) is list:
         return f"a list of {_type_name(get_args(annotation)[0])}"
+    if get_origin(annotation) is dict:
+        key, value = get_args(annotation)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     if dataclasses.is_dataclass(annotation):
         names = ", ".join(f"{f.name}: ..." for f in dataclasses.fields(annotation))
         return "{" + names + "}"
@@ -886,6 +904,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         (item_type,) = get_args(annotation)
         if isinstance(value, list):
             return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        key_type, value_type = get_args(annotation)
+        if isinstance(value, dict):
+            return {_coerce(k, key_type, where): _coerce(v, value_type, f"{where}.{k}")
+                    for k, v in value.items()}
     elif dataclasses.is_dataclass(annotation):
         if isinstance(value, dict):
             return _record(annotation, value, where)
@@ -977,6 +1000,11 @@ def parse_params(raw: Any, file: str = "params.yaml") -> Params:
             object.__setattr__(obj, "_where", file)
             object.__setattr__(obj, "_name", section.name)
             _validate(obj)
+    if params.train.source_weights and params.data.sources == "one":
+        raise GptpipeError(
+            f"{file}: train.source_weights = {params.train.source_weights!r} with "
+            "data.sources = 'one'; allowed: {} (set data.sources: subfolders to weight "
+            "the corpus folder's subfolders)")
     return params
 
 

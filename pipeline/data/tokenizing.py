@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -18,22 +19,34 @@ from pipeline.core.errors import GptpipeError
 from pipeline.core.progress import progress
 from pipeline.data.doctable import count_documents, iter_batches, table_path
 from pipeline.data.shards import ShardWriter
+from pipeline.data.sources import SpanRecorder
 from pipeline.data.tokenizer import TextTokenizer
 
 
 def tokenize_split(
-    tokenizer: TextTokenizer, split_dir: Path, writer: ShardWriter, batch_documents: int
+    tokenizer: TextTokenizer, split_dir: Path, writer: ShardWriter, batch_documents: int,
+    spans: SpanRecorder | None = None,
 ) -> dict[str, int]:
     """Stream one split's documents through the tokenizer into ``writer``; its counts:
     documents, tokens, the text's UTF-8 bytes, shards, and ``token_bytes``, the sum of
     the bytes each token stands for (``TextTokenizer.byte_lengths``), which evaluation
-    needs to count the bytes of a subset of the split."""
+    needs to count the bytes of a subset of the split. ``spans`` (several sources)
+    records where each document's source lies in the stream."""
     documents = size = token_bytes = 0
     lengths = tokenizer.byte_lengths()
+    columns = ("text", "source") if spans is not None else ("text",)
     with progress(total=count_documents(split_dir), desc=split_dir.name, unit="doc") as bar:
-        for batch in iter_batches(split_dir, columns=("text",), batch_size=batch_documents):
+        for batch in iter_batches(split_dir, columns=columns, batch_size=batch_documents):
             column = batch.column(0)
             ids = tokenizer.encode_documents(column.to_pylist(), writer.dtype)
+            if spans is not None:
+                # Every document is <bos> ids <eos>: its length runs to the next <bos>.
+                opens = np.flatnonzero(ids == tokenizer.bos_id)
+                if len(opens) != batch.num_rows:
+                    raise GptpipeError(f"{split_dir}: a document's text encodes to the "
+                                       "<bos> token; the sources cannot be placed")
+                spans.add(batch.column(1).to_pylist(), np.diff(opens, append=len(ids)),
+                          writer.tokens)
             writer.append(ids)
             token_bytes += int(lengths[ids].sum())
             documents += batch.num_rows

@@ -7,7 +7,9 @@ same global batch, and the generator's state (saved in checkpoints) is the whole
 position: a resumed run continues with the very next batch.
 
 Random windows (rather than epochs of shuffled chunks) because a budget rarely covers
-whole epochs here, and every offset stays equally likely to be seen.
+whole epochs here, and every offset stays equally likely to be seen; with weighted
+sources (``train.source_weights``), equally likely within its source, each source drawn
+at its weighted share.
 
 The stream may be an array in memory or a split's flat file on disk
 (:class:`pipeline.data.shards.TokenFile`): the same offsets give the same windows, and
@@ -22,6 +24,7 @@ import torch
 
 from pipeline.core.errors import GptpipeError
 from pipeline.data.shards import TokenStream, windows
+from pipeline.data.sources import WeightedStarts
 from pipeline.lm.model import GPTConfig
 
 
@@ -36,6 +39,7 @@ class WindowSampler:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        by_source: WeightedStarts | None = None,
     ) -> None:
         # Kept as stored (uint16 for most vocabularies, on disk for a split's flat file):
         # only a batch is read and widened.
@@ -44,6 +48,9 @@ class WindowSampler:
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
+        # Weighted sources (pipeline/data/sources.py) draw the starts by source; None:
+        # uniformly over the stream.
+        self.by_source = by_source
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
         if len(self.tokens) < context + 1:
@@ -60,9 +67,11 @@ class WindowSampler:
         ``.to(device, non_blocking=True)`` overlaps the copy with work already queued.
         """
         high = len(self.tokens) - self.context  # x = tokens[i : i + T], y shifted by one
-        offsets = torch.randint(
-            high, (self.world_size * self.batch_size,), generator=self.generator
-        )
+        count = self.world_size * self.batch_size
+        if self.by_source is None:
+            offsets = torch.randint(high, (count,), generator=self.generator)
+        else:
+            offsets = torch.from_numpy(self.by_source.draw(count, self.generator))
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         window = torch.from_numpy(  # (B, T + 1)
             windows(self.tokens, mine.numpy(), self.context + 1).astype(np.int64))

@@ -45,6 +45,8 @@ def pretrain_run_id(model: ModelParams, train: TrainParams, world_size: int,
     process count, and the bytes of ``inputs`` (token shards, tokenizer, base model)."""
     steady = {key: value for key, value in asdict(train).items()
               if key not in CADENCE_PARAMS + EXECUTION_PARAMS}
+    if not train.source_weights:  # unweighted: the identity runs had before weights
+        del steady["source_weights"]
     return run_fingerprint({"model": asdict(model), "train": steady, "world_size": world_size},
                            inputs)
 

@@ -36,6 +36,7 @@ from pipeline.core.io import atomic_dir
 from pipeline.core.machine import describe_machine
 from pipeline.core.params import ModelParams, TrainParams
 from pipeline.core.runs import Run
+from pipeline.data.sources import SourceSpans, weighted_starts
 from pipeline.lm.batching import (
     WindowSampler,
     batch_too_large,
@@ -119,12 +120,13 @@ class Trainer:
                  train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int,
                  inputs: dict[str, Path], state_dir: Path, provenance: dict[str, Any],
                  init_from: ModelFolder | Path | None = None,
-                 shared_settings: dict[str, Any] | None = None) -> None:
+                 shared_settings: dict[str, Any] | None = None,
+                 train_spans: SourceSpans | None = None) -> None:
         self.train, self.runtime, self.provenance = train, runtime, provenance
         # Up to the first collective, set-up can fail in one process only (its machine's
         # files, memory): through together(), it then stops them all.
         together(runtime, lambda: self._build(model_params, vocab_size, train_tokens,
-                                              val_tokens, inputs, init_from))
+                                              val_tokens, inputs, init_from, train_spans))
         machine = {**describe_machine(runtime.device, runtime.dtype), "compile": train.compile}
         self.run = Run("pretrain", state_dir, self.identity, self.total_steps, self.model,
                        runtime, settings=settings_of(train), machine=machine,
@@ -141,8 +143,9 @@ class Trainer:
 
     def _build(self, model_params: ModelParams, vocab_size: int, train_tokens: np.ndarray,
                val_tokens: np.ndarray, inputs: dict[str, Path],
-               init_from: ModelFolder | Path | None) -> None:
-        """This process's own set-up: the run's identity, model, optimizer, data."""
+               init_from: ModelFolder | Path | None, train_spans: SourceSpans | None) -> None:
+        """This process's own set-up: the run's identity, model, optimizer, data
+        (``train_spans``: where each source lies, for train.source_weights)."""
         train, runtime = self.train, self.runtime
         self.config = GPTConfig(vocab_size=vocab_size, **asdict(model_params))
         self.total_steps = total_steps(train, self.config.context, runtime.world_size)
@@ -159,8 +162,11 @@ class Trainer:
             load_weights(self.model, init_from)
         self.model.to(runtime.device)
         self.optimizer = _optimizer(self.model, train, runtime)
+        by_source = (None if train_spans is None else weighted_starts(
+            train_spans, train.source_weights, len(train_tokens) - self.config.context))
         self.sampler = WindowSampler(train_tokens, self.config.context, train.batch_size,
-                                     train.seed + 1, runtime.rank, runtime.world_size)
+                                     train.seed + 1, runtime.rank, runtime.world_size,
+                                     by_source)
         self.val_windows = eval_windows(val_tokens, self.config.context, train.eval_windows)
         # float16 needs its gradients scaled (GPUs without bfloat16); its state is resumed.
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=(

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.core.stats import MIN_UNITS, bootstrap_sums, spread
 from pipeline.data.shards import TokenFile, TokenStream
+from pipeline.data.sources import source_name
 from pipeline.data.tokenizer import BOS_ID
 
 
@@ -121,3 +122,35 @@ def split_errors(units: UnitSums, scored_bytes: float, resamples: int,
         "bpb_se": spread(sums[:, 0] / sums[:, 3] * per_weight / math.log(2)),
         "acc_se": spread(sums[:, 2] / sums[:, 1]),
     }
+
+
+def source_figures(rows: dict[str, list], resamples: int, seed: int) -> dict[str, float]:
+    """Bits per byte and loss of each source of each split, with their bootstrap standard
+    errors over the source's documents, from the per-document rows
+    (:func:`pipeline.lm.score_tables.document_rows`), as flat keys
+    ``<split>.sources.<source>.<figure>``. A source of one scored document has no spread
+    to show: its figures come without ``*_se``."""
+    splits = np.asarray(rows["split"], dtype=object)
+    names = np.asarray([source_name(source) for source in rows["source"]], dtype=object)
+    tokens = np.asarray(rows["tokens"], np.int64)
+    nats = np.asarray(rows["nats"], np.float64)
+    weight = np.asarray(rows["bytes"], np.float64)  # scaled to the split's scored bytes
+    correct = np.asarray(rows["correct"], np.int64)
+    found: dict[str, float] = {}
+    for split in dict.fromkeys(splits.tolist()):
+        for name in sorted(set(names[splits == split].tolist())):
+            chosen = np.flatnonzero((splits == split) & (names == name))
+            units = UnitSums(chosen, tokens[chosen], nats[chosen], correct[chosen],
+                             weight[chosen])
+            scored_bytes = float(units.weight.sum())
+            prefix = f"{split}.sources.{name}."
+            found[prefix + "bpb"] = float(units.nats.sum()) / scored_bytes / math.log(2)
+            found[prefix + "loss"] = float(units.nats.sum() / units.tokens.sum())
+            if len(units) >= 2:
+                errors = split_errors(units, scored_bytes, resamples, seed)
+                found[prefix + "bpb_se"] = errors["bpb_se"]
+                found[prefix + "loss_se"] = errors["loss_se"]
+            found[prefix + "documents"] = len(units)
+            found[prefix + "tokens"] = int(units.tokens.sum())
+            found[prefix + "bytes"] = round(scored_bytes)
+    return found

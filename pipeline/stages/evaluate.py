@@ -9,12 +9,13 @@ Reads:   --model (a model folder: models/pretrain/best), --tokens (data/tokens: 
          evaluate.task is file or both)
 Params:  evaluate (batch size, device, token budget, tasks, prompts, temperatures, seed,
          sampling limits, bootstrap resamples and seed), split (seed and ratios,
-         recorded in the fingerprint)
+         recorded in the fingerprint), data.sources (figures per source)
 Writes:  --metrics (metrics/evaluate.json): flat keys per split (val.*, test.*: loss,
          ppl, bpb, acc, each with its standard error *_se, tokens, bytes, documents,
-         unigram_bpb, bigram_bpb), per task (next_sentence.*, task_file.*: items, acc,
-         acc_norm, acc_pmi, each with its 95% interval *_lo and *_hi, the bigram's
-         bigram_acc*, chance) and fingerprint.* (what the numbers depend on);
+         unigram_bpb, bigram_bpb; with several sources, <split>.sources.<name>.*: bpb
+         and loss with their *_se, documents, tokens, bytes), per task (next_sentence.*,
+         task_file.*: items, acc, acc_norm, acc_pmi, each with its 95% interval *_lo
+         and *_hi, the bigram's bigram_acc*, chance) and fingerprint.* (what the numbers depend on);
          --document-scores (evaluation/documents.parquet): one row per scored document
          of val and test (split, its row in the split table, id, text_sha256, source,
          tokens, bytes, nats, correct); --task-scores (evaluation/tasks.parquet): one row
@@ -65,6 +66,7 @@ from pipeline.lm.tasks import (
     read_task_file,
     score_task_items,
 )
+from pipeline.lm.unit_scores import source_figures
 
 SCORED_SPLITS = ("val", "test")
 
@@ -180,9 +182,14 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
     prompts = settings.prompts or document_openings(
         prompts_from, settings.num_prompts, settings.prompt_words)
     rows = sample_rows(network, tokenizer, prompts, settings)
+    by_source = params.data.sources != "one"
+    documents = (document_rows(splits or prompts_from.parent, scored)
+                 if document_scores is not None or by_source else None)
+    if by_source:
+        result.update(_rounded(source_figures(documents, settings.resamples,
+                                              settings.resample_seed)))
     if document_scores is not None:
-        write_item_scores(document_scores, "documents",
-                          document_rows(splits or prompts_from.parent, scored))
+        write_item_scores(document_scores, "documents", documents)
     if task_scores is not None:
         write_item_scores(task_scores, "tasks", task_rows(answered))
     with atomic_path(samples) as tmp:
@@ -194,6 +201,13 @@ def run(params: Params, *, model: Path, tokens: Path, prompts_from: Path, clean:
                         f"(bigram {result[f'{split}.bigram_bpb']:.4f}, unigram "
                         f"{result[f'{split}.unigram_bpb']:.4f}), ppl "
                         f"{result[f'{split}.ppl']:.2f}, top-1 {result[f'{split}.acc']:.3f}")
+    for key, value in result.items():
+        if ".sources." in key and key.endswith(".bpb"):
+            spread = result.get(f"{key}_se")
+            say("evaluate", f"{key.removesuffix('.bpb').replace('.sources.', ' source ')}: "
+                            f"{value:.4f}" + (f" +- {Z95 * spread:.4f}" if spread is not None
+                                              else " (one document: no interval)")
+                            + " bits/byte")
     for name in ("next_sentence", "task_file"):
         if f"{name}.acc" in result:
             figures = {key: result[f"{name}.{key}"] for key in (

@@ -4,7 +4,8 @@ Reads:  ``data.corpus``, a file or a folder of text files (any suffix; jsonl, js
         and parquet by field; each optionally .gz or .zst), or a builtin pointer such as
         data/builtin/wikipedia-en.corpus (see :mod:`pipeline.data.corpus`).
 Params: the ``data`` section of params.yaml (:class:`pipeline.core.params.DataParams`:
-        corpus, include, text_field, txt_unit, encoding, workers).
+        corpus, include, text_field, txt_unit, encoding, workers, sources; with
+        sources: subfolders, train.source_weights must name the corpus folder's entries).
 Writes: the raw document table (``--out``, data/raw: id, source, text, invalid_bytes;
         ids count from 0 in corpus order) and flat JSON metrics (``--metrics``,
         metrics/ingest.json: files_read, files_skipped_binary, text_files_whole,
@@ -28,6 +29,7 @@ from pipeline.core.stage import say, stage_command
 from pipeline.data.corpus.planning import RANGE_BYTES, CorpusStats, auto_unit_reason
 from pipeline.data.corpus.reading import corpus_bytes, iter_documents
 from pipeline.data.doctable import RAW_SCHEMA, DocumentWriter
+from pipeline.data.sources import check_weight_names, corpus_sources
 
 
 def run(params: Params, *, out: Path, metrics: Path,
@@ -39,6 +41,9 @@ def run(params: Params, *, out: Path, metrics: Path,
     needs the usual ``if __name__ == "__main__":`` guard.
     """
     data = params.data
+    if data.sources != "one":  # before any reading: a weight naming no source is a typo
+        check_weight_names(params.train.source_weights, corpus_sources(data.corpus),
+                           data.corpus)
     workers = data.workers or usable_cores()
     stats = CorpusStats()
     # The total needs a second walk over a folder corpus; only a visible bar is worth it.

@@ -3,14 +3,16 @@
 Reads:   data/tokens (train and val shards + meta.json), data/vocab/tokenizer.json, and
          train.init_from: a model folder to continue (its weights; its shape must be the
          model section's and its tokenizer the data's), or data/builtin/random.init
-Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from),
-         evaluate.max_tokens (the most val tokens the final bits per byte score),
-         evaluate.resamples and evaluate.resample_seed (their standard errors)
+Params:  model (the network's shape), train (optimizer, budget, device, cadence, init_from,
+         source_weights), data.sources (whether data/tokens/train/sources.parquet says
+         where each source lies), evaluate.max_tokens (the most val tokens the final
+         bits per byte score), evaluate.resamples and evaluate.resample_seed (their standard errors)
 Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenizer.json);
          checkpoints/pretrain/ (the resumable training state, a DVC `persist` output);
          dvclive/pretrain/ (per-step train loss, val loss, lr, tokens/s);
          metrics/pretrain.json (best val loss, val loss and bits per byte with their
-         bootstrap standard errors over documents, tokens seen, ...);
+         bootstrap standard errors over documents, tokens seen, ...; with several
+         sources, each one's train tokens, weight and share of the training windows);
          metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
 
 Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
@@ -47,6 +49,7 @@ from pipeline.core.progress import progress
 from pipeline.core.runs import one_writer_per_folder
 from pipeline.core.stage import say, stage_command
 from pipeline.data.shards import made_with, read_meta, read_tokens, require_splits
+from pipeline.data.sources import check_weight_names, read_spans, source_shares
 from pipeline.data.tokenizer import TextTokenizer, load_tokenizer, require_tokenizer
 from pipeline.lm.checkpoint import base_model, check_same_shape
 from pipeline.lm.evaluation import score_split
@@ -78,7 +81,7 @@ def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path
               checkpoint: Path, live: Path, metrics: Path, speed: Path) -> dict:
     train = params.train
     # Each machine checks its own checkout; one that fails stops every process.
-    meta, text_tokenizer, base, train_tokens, val_tokens = together(
+    meta, text_tokenizer, base, train_tokens, val_tokens, spans = together(
         runtime, lambda: _read_inputs(params, tokens, tokenizer))
     inputs = {"tokens": tokens, "tokenizer": tokenizer,
               **({"init_from": base.path} if base else {})}
@@ -91,7 +94,8 @@ def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path
     runtime = one_writer_per_folder(runtime, checkpoint)
     trainer = Trainer(params.model, train, runtime, train_tokens, val_tokens,
                       int(meta["vocab_size"]), inputs, checkpoint, provenance, base,
-                      shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens})
+                      shared_settings={"evaluate.max_tokens": params.evaluate.max_tokens},
+                      train_spans=spans)
     val = meta["splits"]["val"]
 
     def score_val(model) -> dict:
@@ -104,18 +108,31 @@ def _pretrain(params: Params, runtime: Runtime, *, tokens: Path, tokenizer: Path
         return {**scores.metrics, **scores.errors(params.evaluate.resamples,
                                                   params.evaluate.resample_seed)}
 
-    return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed)
+    shares = source_shares(spans, train.source_weights, trainer.sampler.by_source)
+    if shares and runtime.is_main:
+        say("pretrain", "sources (share of the training windows): " + ", ".join(
+            f"{name} {found['window_share']:.3f}" for name, found in shares.items()))
+    return _train_and_report(trainer, score_val, tokenizer, out, live, metrics, speed,
+                             shares)
 
 
 def _read_inputs(params: Params, tokens: Path, tokenizer: Path) -> tuple:
-    """(meta, tokenizer, base model or None, train tokens, val tokens), each checked."""
+    """(meta, tokenizer, base model or None, train tokens, val tokens, the train
+    split's source spans or None), each checked."""
     meta = read_meta(tokens)
     text_tokenizer = load_tokenizer(tokenizer)
     require_tokenizer(text_tokenizer, made_with(meta, tokens))
     require_splits(meta, tokens, "train", "val")
     base = _check_base_model(params, text_tokenizer, int(meta["vocab_size"]))
+    spans = None
+    if params.data.sources != "one":
+        spans = read_spans(tokens / "train")
+        if spans is None:
+            raise GptpipeError(f"{tokens / 'train'}: no source spans, but data.sources = "
+                               f"{params.data.sources!r}; run dvc repro tokenize")
+        check_weight_names(params.train.source_weights, spans.sources(), str(tokens / "train"))
     return (meta, text_tokenizer, base, read_tokens(tokens / "train"),
-            read_tokens(tokens / "val"))
+            read_tokens(tokens / "val"), spans)
 
 
 def _check_base_model(params: Params, tokenizer: TextTokenizer,
@@ -139,7 +156,8 @@ def _check_base_model(params: Params, tokenizer: TextTokenizer,
 
 
 def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Path,
-                      live_dir: Path, metrics: Path, speed: Path) -> dict:
+                      live_dir: Path, metrics: Path, speed: Path,
+                      shares: dict[str, dict[str, float]]) -> dict:
     runtime = trainer.runtime
     # Every machine's first process writes the outputs (see Runtime.writes_files).
     live = start_live(live_dir, trainer.resumed_from) if runtime.writes_files else None
@@ -186,10 +204,12 @@ def _train_and_report(trainer: Trainer, score_val, tokenizer_path: Path, out: Pa
         return {}
     finish_live(live)
     steady = timed["tokens"] / timed["seconds"] if timed["seconds"] > 0 else None
-    return _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady)
+    return _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady,
+                          shares)
 
 
-def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady) -> dict:
+def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, steady,
+                   shares) -> dict:
     runtime = trainer.runtime
     # The best checkpoint, scored on the val split (the periodic evals use a few windows).
     best = ModelFolder.open(out / "best").load_model(runtime.device)
@@ -211,6 +231,8 @@ def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, st
         "tokens_seen": trainer.step * trainer.tokens_per_step,
         "parameters": trainer.model.num_parameters(),
     }
+    if shares:
+        result["sources"] = shares
     write_json(metrics, result)
     trained = steps_run > 0  # else a finished snapshot was only written out: no speed
     write_json(speed, {

@@ -3,15 +3,17 @@
 Reads:  the split document tables (``--input``, data/split/{train,val,test}) and the
         tokenizer (``--tokenizer``, data/vocab/tokenizer.json).
 Params: the ``tokenize`` section of params.yaml (:class:`pipeline.core.params.TokenizeParams`:
-        shard_tokens, batch_documents, workers).
+        shard_tokens, batch_documents, workers) and ``data.sources``.
 Writes: ``--out`` (data/tokens): ``<split>/shard-NNNNN.parquet`` files holding each
         split's token stream (every document as ``<bos> ids <eos>``, at most
         ``shard_tokens`` per file), the same stream flat in ``<split>/tokens.bin`` (what
         training and evaluation read window by window, :class:`pipeline.data.shards.
         TokenFile`), and ``meta.json`` (tokenizer sha256, kind, vocab_size, dtype,
         bos_id, eos_id and per split: documents, tokens, UTF-8 bytes, shards,
-        token_bytes); and flat JSON metrics (``--metrics``, metrics/tokenize.json) with,
-        per split, documents, tokens, bytes and bytes_per_token.
+        token_bytes); with ``data.sources: subfolders``, ``<split>/sources.parquet`` (the
+        token spans of each source, :mod:`pipeline.data.sources`); and flat JSON metrics
+        (``--metrics``, metrics/tokenize.json) with, per split, documents, tokens, bytes
+        and bytes_per_token (and per source: documents and tokens).
 
 The engine is :mod:`pipeline.data.tokenizing`; the shard layout :mod:`pipeline.data.shards`.
 """
@@ -26,6 +28,7 @@ from pipeline.core.params import Params
 from pipeline.core.stage import say, stage_command
 from pipeline.data.doctable import table_path
 from pipeline.data.shards import ShardWriter, token_dtype, write_meta
+from pipeline.data.sources import SpanRecorder
 from pipeline.data.splitting import SPLITS
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.data.tokenizing import check_disk, tokenize_split
@@ -42,11 +45,17 @@ def run(params: Params, *, input: Path, tokenizer: Path, out: Path,
     dtype = token_dtype(tokenizer.vocab_size)
     check_disk(split_dirs, Path(out), dtype.itemsize)
     counts: dict[str, dict[str, int]] = {}
+    by_source: dict[str, dict[str, dict[str, int]]] = {}
     with atomic_dir(out) as tmp:
         for name, split_dir in split_dirs.items():
             (tmp / name).mkdir()
             writer = ShardWriter(tmp / name, dtype, settings.shard_tokens)
-            counts[name] = tokenize_split(tokenizer, split_dir, writer, settings.batch_documents)
+            spans = SpanRecorder() if params.data.sources != "one" else None
+            counts[name] = tokenize_split(tokenizer, split_dir, writer, settings.batch_documents,
+                                          spans)
+            if spans is not None:
+                spans.write(tmp / name)
+                by_source[name] = spans.counts()
         write_meta(
             tmp,
             {
@@ -70,6 +79,8 @@ def run(params: Params, *, input: Path, tokenizer: Path, out: Path,
         }
         for name, c in counts.items()
     }
+    for name, found in by_source.items():
+        result[name]["sources"] = found
     write_json(metrics, result)
     summary = ", ".join(f"{name} {result[name]['tokens']}" for name in SPLITS)
     say("tokenize", f"tokens: {summary} -> {out}")
