@@ -1,4 +1,5 @@
-"""dvclive logs: what gptpipe rewrites in them is written atomically."""
+"""The training logs in dvclive's layout: the files it writes, and what it rewrites
+written atomically."""
 
 from __future__ import annotations
 
@@ -45,17 +46,39 @@ def test_trimming_a_plot_file_keeps_it_whole_when_the_write_fails(tmp_path):
     assert len(tsv.read_text().splitlines()) == 1 + 51
 
 
-def test_the_summary_is_dvclives_layout_then_rebuilt_sorted_at_the_end(tmp_path):
+def test_the_log_is_dvclives_layout_and_its_summary_is_rebuilt_sorted(tmp_path):
     live = start_live(tmp_path / "live", resumed_from=None)
-    live.log_metric("train/loss", 2.5)
-    live.log_metric("lr", 0.1)
-    live.next_step()
-    summary = tmp_path / "live" / "metrics.json"
-    # Written at each step as dvclive writes it (its order, indent 4)...
-    assert summary.read_text() == json.dumps(
-        {"train": {"loss": 2.5}, "lr": 0.1, "step": 0}, indent=4) + "\n"
-    assert not [p for p in summary.parent.iterdir() if ".tmp-" in p.name]
+    for step in (1, 2):
+        live.step = step
+        live.log_metric("train/loss", 2.5 / step)
+        live.log_metric("lr", 0.1)
+    plots = tmp_path / "live" / "plots" / "metrics"
+    # dvclive's rows: a header naming the step and the metric, then one row per step.
+    assert (plots / "train" / "loss.tsv").read_text() == "step\tloss\n1\t2.5\n2\t1.25\n"
+    assert (plots / "lr.tsv").read_text() == "step\tlr\n1\t0.1\n2\t0.1\n"
     finish_live(live)
-    # ...and rebuilt from the plot files at the end, sorted.
-    assert json.loads(summary.read_text()) == {"lr": 0.1, "step": 0, "train": {"loss": 2.5}}
+    summary = tmp_path / "live" / "metrics.json"
+    assert json.loads(summary.read_text()) == {"lr": 0.1, "step": 2, "train": {"loss": 1.25}}
     assert list(json.loads(summary.read_text())) == ["lr", "step", "train"]
+    assert not [p for p in summary.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_fresh_log_deletes_only_what_a_log_wrote_and_a_resume_keeps_its_rows(tmp_path):
+    live_dir = tmp_path / "live"
+    live = start_live(live_dir, resumed_from=None)
+    for step in (1, 2, 3):
+        live.step = step
+        live.log_metric("val/loss", float(step))
+    finish_live(live)
+    (live_dir / "notes.txt").write_text("mine")
+    # A resume from step 2 drops step 3's row and appends after step 2.
+    live = start_live(live_dir, resumed_from=2)
+    live.step = 3
+    live.log_metric("val/loss", 30.0)
+    finish_live(live)
+    assert (live_dir / "plots/metrics/val/loss.tsv").read_text() == (
+        "step\tloss\n1\t1.0\n2\t2.0\n3\t30.0\n")
+    # A fresh run empties the log, and leaves the user's file.
+    start_live(live_dir, resumed_from=None)
+    assert not (live_dir / "plots").exists() and not (live_dir / "metrics.json").exists()
+    assert (live_dir / "notes.txt").read_text() == "mine"

@@ -1,64 +1,61 @@
-"""dvclive logs for the training stages (pretrain, rlhf), resumable and reproducible.
+"""The training stages' logs (pretrain, rlhf) in dvclive's layout, resumable and
+reproducible.
 
 A resumed run must leave the same files as an uninterrupted one: rows logged after the
 snapshot being resumed are dropped (a step must not appear twice), and the summary
 (``metrics.json``) is rebuilt at the end from the last row of every plot file, with
-sorted keys. dvclive's own summary holds only what this process logged, in the order it
-was first logged, so a resumed run (or one that found its run finished and logged
-nothing) would get another summary.
+sorted keys, so a resumed run (or one that found its run finished and logged nothing)
+gets the summary of an uninterrupted one.
 
 Files that are rewritten (the trimmed plot files, the summary) are written atomically, so
-a kill never cuts a log that a resume needs; dvclive itself only appends rows, and a row
-a kill cut short is dropped on resume.
+a kill never cuts a log that a resume needs; logging only appends rows, and a row a
+kill cut short is dropped on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import GptpipeError
-from pipeline.core.io import read_json, write_json, write_text
+from pipeline.core.io import write_json, write_text
 
 
-def start_live(live_dir: Path, resumed_from: int | None) -> Any:
-    """A dvclive ``Live`` on ``live_dir``: emptied for a fresh run, trimmed for a resume."""
-    from dvclive.plots import NumpyEncoder
-    from scmrepo.exceptions import SCMError
+class LiveLog:
+    """dvclive's file layout, written by gptpipe: every ``log_metric(name, value)``
+    appends the row ``step<TAB>value`` to ``plots/metrics/<name>.tsv`` (a ``/`` in the
+    name is a subfolder; the header ``step<TAB><last part of name>``), which ``dvc plots``
+    and Studio read as dvclive's own; :func:`finish_live` writes ``metrics.json``.
 
-    from dvclive import Live
+    Not dvclive's ``Live``: it looks up the git revision when it starts and fails in a
+    repository without a commit (the set-up of ``make pipeline`` and of the tests), its
+    public API has no way to skip that lookup, and it may even ``dvc init`` a git
+    repository it finds without DVC. Appending rows and writing one summary is all the
+    training stages need of it."""
 
-    class _Live(Live):
-        def _init_dvc(self) -> None:
-            # dvclive reads the git revision to name experiments; a repository with no
-            # commit yet has none, and gptpipe logs plots only, so carry on without it.
-            try:
-                super()._init_dvc()
-            except SCMError:
-                self._dvc_repo = None
-                self._dvc_file = "dvc.yaml"
+    def __init__(self, directory: Path) -> None:
+        self.dir = str(directory)
+        self.metrics_file = Path(directory) / "metrics.json"
+        self.step = 0
 
-        def make_summary(self) -> None:
-            # dvclive rewrites the summary in place at every step; the same bytes, atomically.
-            if self._step is not None:
-                self.summary["step"] = self.step
-            write_text(self.metrics_file,
-                       json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n")
+    def log_metric(self, name: str, value: float) -> None:
+        path = Path(self.dir) / "plots" / "metrics" / f"{name}.tsv"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as out:
+                out.write(f"step\t{name.rsplit('/', 1)[-1]}\n")
+        with path.open("a", encoding="utf-8") as out:
+            out.write(f"{self.step}\t{value}\n")
 
+
+def start_live(live_dir: Path, resumed_from: int | None) -> LiveLog:
+    """The training log in ``live_dir``: emptied for a fresh run, trimmed for a resume."""
     if resumed_from is None:
         clear_live(live_dir)
     else:
         truncate_live(live_dir, resumed_from)
-        summary = Path(live_dir) / "metrics.json"
-        try:  # dvclive reads it on resume; a kill may have cut it (rebuilt at the end)
-            read_json(summary)
-        except (OSError, GptpipeError):
-            summary.unlink(missing_ok=True)
-    # dvcyaml=None: dvc.yaml declares the plots itself; dvclive must not rewrite it.
-    return _Live(str(live_dir), resume=resumed_from is not None, dvcyaml=None,
-                 save_dvc_exp=False, report=None)
+    Path(live_dir).mkdir(parents=True, exist_ok=True)
+    return LiveLog(Path(live_dir))
 
 
 def clear_live(live_dir: Path) -> None:
@@ -105,9 +102,8 @@ def truncate_live(live_dir: Path, step: int) -> None:
         write_text(tsv, "\n".join([header, *kept]) + "\n")
 
 
-def finish_live(live: Any) -> None:
-    """End the log and rebuild its summary from the plot files (see the module doc)."""
-    live.end()
+def finish_live(live: LiveLog) -> None:
+    """Write the log's summary, rebuilt from the plot files (see the module doc)."""
     summary = summary_from_plots(Path(live.dir))
     if summary:
         write_json(live.metrics_file, summary)
