@@ -126,7 +126,8 @@ def save_tiny_checkpoint(root: Path, texts: list[str], kind: str, n_layer: int) 
 LONGEST_FILES = ("test_bench.py", "test_compare_runs.py", "test_pretrain.py",
                  "test_pipeline_dvc.py", "test_determinism.py", "test_remote.py",
                  "test_faults.py", "test_rlhf_resume.py", "test_lm_eval.py",
-                 "test_trl_formats.py", "test_docs.py", "test_model_card.py")
+                 "test_trl_formats.py", "test_sources.py", "test_docs.py",
+                 "test_model_card.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -165,3 +165,29 @@ def test_replicate_spread_by_hand():
     # A proportion's within-run error is its Wilson interval's half-width over 1.96.
     proportion = Spread(found.headline, [0.5, 0.6], [])
     assert proportion.mean_within is None and proportion.ratio is None
+
+
+def test_runs_computed_by_other_kernels_are_said_so_with_the_measured_drift(tmp_path):
+    nats, bytes_ = documents()
+    old = write_run(tmp_path / "old", nats, bytes_)
+    new = write_run(tmp_path / "new", nats, bytes_)
+    cpu = "cpu on x86_64, AVX2 kernels, float32, torch 2.13.0+cpu"
+    for root, kernels in ((old.root, cpu), (new.root, cpu)):
+        (root / "metrics/pretrain_speed.json").write_text(json.dumps({"kernels": kernels}))
+    assert compare_pair(old, new, [])[1] == []  # the same kernels: nothing to say
+    gpu = "NVIDIA H100 80GB HBM3 on x86_64, AVX2 kernels, bfloat16, torch 2.13.0"
+    (new.root / "metrics/pretrain_speed.json").write_text(json.dumps({"kernels": gpu}))
+    new = RunSource("new", "new", new.root)  # a source reads each file once
+    (note,) = compare_pair(old, new, [])[1]
+    assert f"({cpu} there, {gpu} here)" in note and "0.0012 in val bits per byte" in note
+
+
+def test_a_runs_kernels_name_what_decides_its_bits():
+    from pipeline.core.machine import describe_machine, kernels_summary
+
+    found = kernels_summary(describe_machine("cpu"))
+    assert found.startswith("cpu on ") and " kernels, float32, torch " in found
+    assert kernels_summary({"device": "cuda", "gpu": "NVIDIA H100", "machine": "x86_64",
+                            "cpu_capability": "AVX512", "precision": "bfloat16",
+                            "torch": "2.13.0"}) == (
+        "NVIDIA H100 on x86_64, AVX512 kernels, bfloat16, torch 2.13.0")

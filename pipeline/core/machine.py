@@ -118,3 +118,13 @@ def machine_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{key} {old.get(key)!r} there, {new.get(key)!r} here" for key in keys
             if old.get(key) != new.get(key)]
+
+
+def kernels_summary(described: dict[str, Any]) -> str:
+    """One line naming what decides a float result's bits in a :func:`describe_machine`
+    record: the device (the GPU's name), the processor architecture, torch's CPU kernels,
+    the precision and torch's version. Two runs of one configuration whose summaries
+    differ are not expected to give the same bits."""
+    device = described.get("gpu") or described.get("device", "cpu")
+    return (f"{device} on {described.get('machine')}, {described.get('cpu_capability')} "
+            f"kernels, {described.get('precision')}, torch {described.get('torch')}")

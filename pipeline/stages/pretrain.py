@@ -13,7 +13,8 @@ Writes:  models/pretrain/{best,last}/ (model.safetensors, gptpipe.json, tokenize
          metrics/pretrain.json (best val loss, val loss and bits per byte with their
          bootstrap standard errors over documents, tokens seen, ...; with several
          sources, each one's train tokens, weight and share of the training windows);
-         metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine).
+         metrics/pretrain_speed.json (wall time, tokens/s, GFLOP/s: these vary by machine;
+         and the kernels that computed the run: device, architecture, precision, torch).
 
 Runs unchanged under `torchrun` (DDP: nccl on GPU, gloo on CPU), on one machine or
 several: the first process of each machine writes the outputs (one per shared folder).
@@ -43,6 +44,7 @@ from pipeline.core.device import Runtime, setup_runtime, teardown, together
 from pipeline.core.errors import GptpipeError
 from pipeline.core.io import write_json
 from pipeline.core.live import finish_live, start_live
+from pipeline.core.machine import describe_machine, kernels_summary
 from pipeline.core.params import Params
 from pipeline.core.peers import COLLECTIVE_MARGIN_SECONDS, watched
 from pipeline.core.progress import progress
@@ -242,6 +244,8 @@ def _write_metrics(trainer, score_val, out, metrics, speed, wall, start_step, st
         "gflops_per_second": round(trainer.model.flops_per_token() * tokens_per_second / 1e9, 2)
         if trained else None,
         "world_size": runtime.world_size,
+        # What decides the bits (gptpipe compare says when two runs' kernels differ).
+        "kernels": kernels_summary(describe_machine(runtime.device, runtime.dtype)),
     })
     speed_note = f"{tokens_per_second:,.0f} tokens/s" if trained else "no step trained"
     say("pretrain", f"val loss {val_loss:.4f} nats/token, {bits_per_byte:.4f} bits/byte "
