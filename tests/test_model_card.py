@@ -88,6 +88,16 @@ def test_the_metadata_block_parses_as_yaml_with_the_hubs_keys():
         {"type": "acc", "value": 0.26, "name": "next_sentence.acc"}]
 
 
+def test_a_figure_per_source_is_text_generation_on_that_source():
+    per_source = {**EVALUATE, "test.sources.code.bpb": 2.1, "test.sources.code.bpb_se": 0.05}
+    meta = _metadata(model_card(_inputs(figures={"evaluate.json": per_source})))
+    [entry] = meta["model-index"]
+    found = {r["dataset"]["name"]: r for r in entry["results"]}
+    code = found["wikipedia-en (test split, source code)"]
+    assert code["task"]["type"] == "text-generation" and code["dataset"]["split"] == "test"
+    assert code["metrics"] == [{"type": "bpb", "value": 2.1, "name": "test.sources.code.bpb"}]
+
+
 def test_the_hubs_own_parser_reads_the_card():
     huggingface_hub = pytest.importorskip("huggingface_hub")
     card = huggingface_hub.ModelCard(model_card(_inputs()))

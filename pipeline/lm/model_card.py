@@ -155,10 +155,12 @@ def uncertainty(flat: dict[str, Any], key: str) -> str:
 def _result(group: str, corpus_name: str) -> dict[str, Any]:
     """The task and dataset of one model-index result: a split of the corpus is scored as
     text generation, anything else (a multiple-choice task) as the task it names."""
-    if group in SPLITS:
+    split, per_source, source = group.partition(".sources.")  # data.sources: subfolders
+    if split in SPLITS and (per_source or split == group):
+        what = f"{split} split, source {source}" if per_source else f"{split} split"
         return {"task": {"type": "text-generation", "name": "Text Generation"},
-                "dataset": {"type": corpus_name, "name": f"{corpus_name} ({group} split)",
-                            "split": group}}
+                "dataset": {"type": corpus_name, "name": f"{corpus_name} ({what})",
+                            "split": split}}
     return {"task": {"type": "multiple-choice", "name": group},
             "dataset": {"type": group, "name": group}}
 
