@@ -14,10 +14,13 @@ widest vector instructions the CPU has, and AVX-512 sums in another order than A
 from __future__ import annotations
 
 import ast
+import atexit
+import contextlib
 import importlib
 import importlib.util
 import os
 import platform
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -131,7 +134,13 @@ def physical_cores() -> int:
     return min(filter(None, (usable, psutil.cpu_count(logical=False), os.cpu_count(), 1 << 16)))
 
 
+# The exit status of the command that ran, once click has ended it (see main).
+_EXIT_STATUS: list[int] = []
+
+
 def main() -> None:
+    # First, so that it runs last at exit, after every clean-up registered later.
+    atexit.register(_exit_before_native_teardown)
     # DVC is driven from our tests and scripts; never send its usage analytics.
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
@@ -139,7 +148,27 @@ def main() -> None:
     except GptpipeError as error:  # raised before click runs: print it as click would
         error.show()
         raise SystemExit(error.exit_code) from None
-    cli()
+    try:
+        cli()
+    except SystemExit as done:  # click ends every command so, with its exit status
+        code = done.code
+        _EXIT_STATUS.append(0 if code is None else code if isinstance(code, int) else 1)
+        raise
+
+
+def _exit_before_native_teardown() -> None:
+    """At exit, once Python has joined its threads and run every other clean-up: end
+    the process with the command's status, skipping the native libraries' teardown.
+    Arrow's thread pools can abort the process there (SIGABRT, "terminate called
+    without an active exception", apache/arrow#34314), seldom and under load, which
+    turned a finished stage (for DVC, a failed one) or a compare into a crash. A command
+    that ended any other way (a traceback) exits as Python would."""
+    if not _EXIT_STATUS:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(_EXIT_STATUS[-1])
 
 
 if __name__ == "__main__":

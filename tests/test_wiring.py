@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +228,28 @@ def test_every_param_of_the_schema_is_written_in_params_yaml():
             assert field.name in (PARAMS.get(section) or {}), (
                 f"params.yaml lacks {section}.{field.name} (the schema's default is used "
                 "unseen; write it in params.yaml)")
+
+
+# A teardown that aborts after the command is done, as Arrow's thread pools sometimes do
+# at interpreter exit: registered before gptpipe starts, so it would run after its clean-up.
+_ABORT_AT_TEARDOWN = """
+import atexit, os, sys
+atexit.register(os.abort)
+from pipeline.cli import main
+sys.argv = ["gptpipe", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(("args", "status"), [(["--help"], 0), (["nosuch"], 2),
+                                              (["compare", "--replicates", "HEAD"], 2)])
+def test_a_finished_command_exits_with_its_status_before_native_teardown(tmp_path, args,
+                                                                        status):
+    result = subprocess.run([sys.executable, "-c", _ABORT_AT_TEARDOWN, *args], cwd=tmp_path,
+                            capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == status, result.stderr
+    if status == 0:
+        assert "Usage: gptpipe" in result.stdout  # printed and flushed before the exit
+    else:
+        assert result.stderr.strip()
